@@ -1,0 +1,48 @@
+"""Configuration of one worker rank. Built by the launcher from its Settings; nothing here reads env.
+
+A plain frozen dataclass (not pydantic) so the engine imports on machines with only torch installed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    model_dir: Path
+    dtype: str = "bfloat16"
+    device: str = "cpu"
+    block_size: int = 16
+    # KV cache size: an explicit block count wins; otherwise as many blocks as fit kv_cache_bytes.
+    num_blocks: int | None = None
+    kv_cache_bytes: int = 1 << 30
+    max_lora_rank: int = 64
+    max_adapters: int = 0  # resident adapter slots besides slot 0 ("no adapter"); 0 disables LoRA
+    rank: int = 0
+    world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if self.block_size < 1 or self.max_lora_rank < 1 or self.max_adapters < 0:
+            raise ValueError("block_size and max_lora_rank must be >= 1, max_adapters >= 0")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def torch_device(self) -> torch.device:
+        if self.device == "cuda":
+            return torch.device("cuda", self.rank % max(torch.cuda.device_count(), 1))
+        return torch.device(self.device)

@@ -1,0 +1,74 @@
+"""Attention over the paged KV cache (torch SDPA; grouped-query heads handled by SDPA itself)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.forward_batch import ForwardBatch
+
+
+class PagedAttention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim = num_heads, num_kv_heads, head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def forward(
+        self,
+        q: torch.Tensor,  # [num_tokens, num_heads, head_dim]
+        k: torch.Tensor,  # [num_tokens, num_kv_heads, head_dim]
+        v: torch.Tensor,
+        key_cache: torch.Tensor,  # [num_blocks, block_size, num_kv_heads, head_dim]
+        value_cache: torch.Tensor,
+        batch: ForwardBatch,
+    ) -> torch.Tensor:
+        flat = (-1, self.num_kv_heads, self.head_dim)
+        key_cache.view(flat).index_copy_(0, batch.slot_mapping, k)
+        value_cache.view(flat).index_copy_(0, batch.slot_mapping, v)
+        if batch.is_prefill:
+            out = self._prefill(q, k, v, batch.query_lens)
+        else:
+            out = self._decode(q, key_cache, value_cache, batch)
+        return out.reshape(q.shape[0], self.num_heads * self.head_dim)
+
+    def _prefill(self, q, k, v, query_lens: list[int]) -> torch.Tensor:
+        # Sequences are prefilled whole (no cached prefix), so each attends to its own new tokens only.
+        outs, start = [], 0
+        for n in query_lens:
+            qi, ki, vi = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D]
+            mask = None
+            if self.sliding_window is not None and n > self.sliding_window:
+                pos = torch.arange(n, device=q.device)
+                dist = pos[:, None] - pos[None, :]
+                mask = (dist >= 0) & (dist < self.sliding_window)
+            o = F.scaled_dot_product_attention(
+                qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
+            )
+            outs.append(o.squeeze(0).transpose(0, 1))  # [n, H, D]
+            start += n
+        return torch.cat(outs)
+
+    def _decode(self, q, key_cache, value_cache, batch: ForwardBatch) -> torch.Tensor:
+        num_seqs, max_blocks = batch.block_tables.shape
+        block_size = key_cache.shape[1]
+        span = max_blocks * block_size
+        # Gather each sequence's blocks into one padded [num_seqs, H_kv, span, D] view for a single SDPA call.
+        keys = key_cache[batch.block_tables].view(num_seqs, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        values = value_cache[batch.block_tables].view(num_seqs, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        pos = torch.arange(span, device=q.device)[None, :]
+        lens = batch.context_lens[:, None]
+        mask = pos < lens  # [num_seqs, span]
+        if self.sliding_window is not None:
+            mask &= pos >= lens - self.sliding_window
+        o = F.scaled_dot_product_attention(
+            q.unsqueeze(2),  # [num_seqs, H, 1, D]
+            keys,
+            values,
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+            enable_gqa=True,
+        )
+        return o.squeeze(2)  # [num_seqs, H, D]

@@ -1,0 +1,125 @@
+"""Tensor-parallel linear layers, each owning how its shard is read from the checkpoint.
+
+Column-parallel layers split the output features across ranks (no communication); row-parallel
+layers split the input features and all-reduce the partial outputs. Fused layers (qkv, gate_up) are
+column-parallel layers made of several checkpoint tensors ("sub-modules"), each split on its own, so a
+rank's fused weight is [q_shard; k_shard; v_shard].
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.lora.batch import LoraBatch
+from worker.lora.stacks import LoraLayout, LoraStack
+from worker.parallel import ParallelContext
+from worker.weights import CheckpointWeights
+
+
+class ColumnParallelLinear(nn.Module):
+    """y[:, local outputs] = x @ W_local.T (+ b_local) for the sub-modules `out_sizes` (name -> full size)."""
+
+    def __init__(
+        self,
+        h_in: int,
+        out_sizes: dict[str, int],
+        bias: bool,
+        ctx: ParallelContext,
+        dtype: torch.dtype,
+        device: torch.device,
+        lora_layout: LoraLayout | None = None,
+        lora_modules: tuple[str, ...] = (),
+    ):
+        super().__init__()
+        self.h_in = h_in
+        self.shards = {name: ctx.shard(size) for name, size in out_sizes.items()}  # name -> (start, len)
+        h_out_local = sum(length for _, length in self.shards.values())
+        self.weight = nn.Parameter(torch.empty(h_out_local, h_in, dtype=dtype, device=device), requires_grad=False)
+        self.bias = (
+            nn.Parameter(torch.empty(h_out_local, dtype=dtype, device=device), requires_grad=False) if bias else None
+        )
+        self.lora_stacks: list[LoraStack] = []
+        if lora_layout is not None:
+            offset = 0
+            for name, (start, length) in self.shards.items():
+                if name in lora_modules:
+                    self.lora_stacks.append(
+                        LoraStack.empty(name, offset, None, (start, length), h_in, length, lora_layout)
+                    )
+                offset += length
+
+    def load(self, weights: CheckpointWeights, prefixes: dict[str, str]) -> None:
+        """`prefixes`: sub-module name -> checkpoint prefix (e.g. 'model.layers.0.self_attn.q_proj')."""
+        parts = [weights.get_shard(f"{prefixes[n]}.weight", 0, *self.shards[n]) for n in self.shards]
+        self.weight.copy_(torch.cat(parts))
+        if self.bias is not None:
+            parts = [weights.get_shard(f"{prefixes[n]}.bias", 0, *self.shards[n]) for n in self.shards]
+            self.bias.copy_(torch.cat(parts))
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # [num_tokens, h_out_local]
+        if lora is not None and self.lora_stacks:
+            lora.apply(self.lora_stacks, x, out)
+        return out
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection; whole heads per rank, so the head counts must divide by the world size."""
+
+    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, bias, ctx, dtype, device, lora_layout=None):
+        for what, n in (("attention heads", num_heads), ("key/value heads", num_kv_heads)):
+            if n % ctx.world_size:
+                raise ValueError(f"{n} {what} do not divide across {ctx.world_size} tensor-parallel ranks")
+        sizes = {"q_proj": num_heads * head_dim, "k_proj": num_kv_heads * head_dim, "v_proj": num_kv_heads * head_dim}
+        super().__init__(hidden_size, sizes, bias, ctx, dtype, device, lora_layout, tuple(sizes))
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Fused gate/up projection of the MLP."""
+
+    def __init__(self, hidden_size, intermediate_size, ctx, dtype, device, lora_layout=None):
+        sizes = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
+        super().__init__(hidden_size, sizes, False, ctx, dtype, device, lora_layout, tuple(sizes))
+
+
+class RowParallelLinear(nn.Module):
+    """y = all_reduce(x_local @ W_local.T) + b, with x and W split along the input features."""
+
+    def __init__(
+        self,
+        name: str,
+        h_in: int,
+        h_out: int,
+        bias: bool,
+        ctx: ParallelContext,
+        dtype: torch.dtype,
+        device: torch.device,
+        lora_layout: LoraLayout | None = None,
+    ):
+        super().__init__()
+        self.ctx = ctx
+        self.in_shard = ctx.shard(h_in)
+        self.weight = nn.Parameter(
+            torch.empty(h_out, self.in_shard[1], dtype=dtype, device=device), requires_grad=False
+        )
+        self.bias = nn.Parameter(torch.empty(h_out, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.lora_stacks: list[LoraStack] = []
+        if lora_layout is not None:
+            self.lora_stacks.append(LoraStack.empty(name, 0, self.in_shard, None, self.in_shard[1], h_out, lora_layout))
+
+    def load(self, weights: CheckpointWeights, prefix: str) -> None:
+        self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, *self.in_shard))
+        if self.bias is not None:
+            self.bias.copy_(weights.get(f"{prefix}.bias"))
+
+    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+        out = F.linear(x, self.weight)  # [num_tokens, h_out], this rank's partial sum
+        if lora is not None and self.lora_stacks:
+            # The partial LoRA delta joins the partial base output; the all-reduce below sums both.
+            lora.apply(self.lora_stacks, x, out)
+        self.ctx.all_reduce(out)
+        if self.bias is not None:
+            out += self.bias  # once, after the reduce
+        return out

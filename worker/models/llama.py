@@ -1,0 +1,156 @@
+"""Llama-family decoder (Llama, Mistral, Qwen2) composed from tensor-parallel layers.
+
+The model never mentions ranks: the parallel layers own their sharding, and it only divides the head
+counts by the world size. Checkpoint names map to modules in `load`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from worker.forward_batch import ForwardBatch
+from worker.kv_cache import KVCache
+from worker.layers.attention import PagedAttention
+from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
+from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from worker.layers.norm import RMSNorm
+from worker.layers.rotary import RotaryEmbedding, apply_rotary
+from worker.lora.stacks import LoraLayout, LoraStack
+from worker.parallel import ParallelContext
+from worker.weights import CheckpointWeights
+
+# architecture -> whether q/k/v carry a bias. Anything else is refused by `model_class_for`.
+ARCHITECTURES = {"LlamaForCausalLM": False, "MistralForCausalLM": False, "Qwen2ForCausalLM": True}
+
+
+def check_architecture(config) -> str:
+    archs = getattr(config, "architectures", None) or []
+    for arch in archs:
+        if arch in ARCHITECTURES:
+            return arch
+    raise ValueError(
+        f"model architecture {', '.join(archs) or '(none given)'} is not supported; "
+        f"supported: {', '.join(ARCHITECTURES)}"
+    )
+
+
+def head_dim_of(config) -> int:
+    return getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+
+
+def sliding_window_of(config) -> int | None:
+    if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
+        return None
+    return getattr(config, "sliding_window", None)
+
+
+class Attention(nn.Module):
+    def __init__(self, config, ctx: ParallelContext, dtype, device, lora_layout, qkv_bias: bool):
+        super().__init__()
+        head_dim = head_dim_of(config)
+        self.num_heads = config.num_attention_heads // ctx.world_size
+        self.num_kv_heads = config.num_key_value_heads // ctx.world_size
+        self.head_dim = head_dim
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            qkv_bias,
+            ctx,
+            dtype,
+            device,
+            lora_layout,
+        )
+        self.o_proj = RowParallelLinear(
+            "o_proj", config.num_attention_heads * head_dim, config.hidden_size, False, ctx, dtype, device, lora_layout
+        )
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, sliding_window_of(config))
+
+    def forward(self, x, cos, sin, key_cache, value_cache, batch: ForwardBatch):
+        qkv = self.qkv_proj(x, batch.lora)  # [num_tokens, (H + 2 * H_kv) * D] on this rank
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
+        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
+        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        out = self.attn(q, k, v, key_cache, value_cache, batch)
+        return self.o_proj(out, batch.lora)
+
+
+class MLP(nn.Module):
+    def __init__(self, config, ctx, dtype, device, lora_layout):
+        super().__init__()
+        self.gate_up_proj = MergedColumnParallelLinear(
+            config.hidden_size, config.intermediate_size, ctx, dtype, device, lora_layout
+        )
+        self.down_proj = RowParallelLinear(
+            "down_proj", config.intermediate_size, config.hidden_size, False, ctx, dtype, device, lora_layout
+        )
+
+    def forward(self, x, lora):
+        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
+        return self.down_proj(F.silu(gate) * up, lora)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config, ctx, dtype, device, lora_layout, qkv_bias):
+        super().__init__()
+        eps = config.rms_norm_eps
+        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
+        self.self_attn = Attention(config, ctx, dtype, device, lora_layout, qkv_bias)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
+        self.mlp = MLP(config, ctx, dtype, device, lora_layout)
+
+    def forward(self, x, cos, sin, key_cache, value_cache, batch):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_cache, value_cache, batch)
+        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+
+    def lora_stacks(self) -> list[LoraStack]:
+        return [
+            *self.self_attn.qkv_proj.lora_stacks,
+            *self.self_attn.o_proj.lora_stacks,
+            *self.mlp.gate_up_proj.lora_stacks,
+            *self.mlp.down_proj.lora_stacks,
+        ]
+
+
+class LlamaForCausalLM(nn.Module):
+    def __init__(self, config, ctx: ParallelContext, dtype, device, lora_layout: LoraLayout | None):
+        super().__init__()
+        qkv_bias = ARCHITECTURES[check_architecture(config)]
+        self.config = config
+        self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx, dtype, device)
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, ctx, dtype, device, lora_layout, qkv_bias) for _ in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype, device)
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), device)
+
+    def load(self, weights: CheckpointWeights) -> None:
+        self.embed_tokens.load(weights, "model.embed_tokens.weight")
+        for i, layer in enumerate(self.layers):
+            p = f"model.layers.{i}"
+            layer.input_layernorm.load(weights, f"{p}.input_layernorm.weight")
+            layer.post_attention_layernorm.load(weights, f"{p}.post_attention_layernorm.weight")
+            attn = f"{p}.self_attn"
+            layer.self_attn.qkv_proj.load(weights, {m: f"{attn}.{m}" for m in ("q_proj", "k_proj", "v_proj")})
+            layer.self_attn.o_proj.load(weights, f"{attn}.o_proj")
+            mlp = f"{p}.mlp"
+            layer.mlp.gate_up_proj.load(weights, {m: f"{mlp}.{m}" for m in ("gate_proj", "up_proj")})
+            layer.mlp.down_proj.load(weights, f"{mlp}.down_proj")
+        self.norm.load(weights, "model.norm.weight")
+        tied = getattr(self.config, "tie_word_embeddings", False) or "lm_head.weight" not in weights
+        self.lm_head.load(weights, "model.embed_tokens.weight" if tied else "lm_head.weight")
+
+    def forward(self, token_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
+        """token_ids: [num_tokens] -> logits [len(batch.logits_indices), vocab] float32."""
+        x = self.embed_tokens(token_ids)  # [num_tokens, hidden]
+        cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv.key_caches[i], kv.value_caches[i], batch)
+        x = self.norm(x[batch.logits_indices])
+        return self.lm_head(x)

@@ -1,0 +1,293 @@
+"""The model runner of one rank: prepare a step's tensors, run the model, sample.
+
+The caller (the gRPC servicer, or a test) owns scheduling: it decides which sequences run, and which
+KV blocks and adapter slot each one uses. The runner keeps only per-sequence execution state (tokens in
+the cache, the last token, the sampling state), so a decode step carries just request ids. All ranks
+receive the same calls and stay in lockstep.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig
+
+from worker.config import WorkerConfig
+from worker.forward_batch import ForwardBatch
+from worker.kernels import select_lora_ops
+from worker.kv_cache import KVCache
+from worker.lora.adapter import LoraAdapter, ModuleShape
+from worker.lora.batch import LoraBatch
+from worker.lora.stacks import LoraLayout
+from worker.models.llama import LlamaForCausalLM, head_dim_of
+from worker.parallel import ParallelContext
+from worker.sampler import Sampler, SamplingParams, SequenceSamplingState, prompt_logprobs
+from worker.weights import CheckpointWeights
+
+log = logging.getLogger(__name__)
+
+
+class RequestError(ValueError):
+    """A request the runner cannot execute (unknown id, too few blocks, bad slot); names the request."""
+
+
+@dataclass
+class PrefillRequest:
+    request_id: int
+    token_ids: list[int]
+    block_table: list[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    lora_slot: int = 0
+    prompt_logprobs: bool = False
+
+
+@dataclass
+class TokenOutput:
+    request_id: int
+    token_id: int
+    logprob: float
+    top_token_ids: list[int]
+    top_logprobs: list[float]
+    prompt_logprobs: list[float] | None = None  # logprob of prompt token i+1 given tokens <= i
+
+
+@dataclass
+class _Sequence:
+    block_table: list[int]
+    lora_slot: int
+    params: SamplingParams
+    sampling: SequenceSamplingState
+    num_cached: int  # tokens whose K/V are in the cache
+    last_token: int  # sampled, not yet in the cache
+
+
+class ModelRunner:
+    def __init__(self, config: WorkerConfig, ctx: ParallelContext | None = None):
+        self.config = config
+        self.ctx = ctx or ParallelContext()
+        self.device = config.torch_device
+        self.dtype = config.torch_dtype
+        hf_config = AutoConfig.from_pretrained(config.model_dir)
+        self.hf_config = hf_config
+        self.lora_ops = select_lora_ops(self.device)
+        self.lora_layout = None
+        if config.max_adapters > 0:
+            self.lora_layout = LoraLayout(
+                num_slots=config.max_adapters + 1,
+                max_rank=config.max_lora_rank,
+                dtype=self.lora_ops.stack_dtype(self.dtype),
+                device=self.device,
+            )
+        self.model = LlamaForCausalLM(hf_config, self.ctx, self.dtype, self.device, self.lora_layout)
+        with torch.no_grad():
+            self.model.load(CheckpointWeights(config.model_dir, self.dtype, self.device))
+        num_kv_heads = hf_config.num_key_value_heads // self.ctx.world_size
+        head_dim = head_dim_of(hf_config)
+        num_layers = hf_config.num_hidden_layers
+        num_blocks = config.num_blocks or KVCache.blocks_for_budget(
+            config.kv_cache_bytes, num_layers, config.block_size, num_kv_heads, head_dim, self.dtype
+        )
+        self.kv = KVCache.allocate(
+            num_blocks, num_layers, config.block_size, num_kv_heads, head_dim, self.dtype, self.device
+        )
+        self.sampler = Sampler()
+        self.sequences: dict[int, _Sequence] = {}
+        self.adapters: dict[int, LoraAdapter] = {}  # slot -> adapter
+
+    # ---- adapters -------------------------------------------------------------------------------
+
+    def module_shapes(self) -> dict[str, ModuleShape]:
+        """Full (unsharded) shapes of the LoRA-capable base modules, for adapter validation."""
+        c = self.hf_config
+        hd = head_dim_of(c)
+        q, kv, h, m = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.hidden_size, c.intermediate_size
+        return {
+            "q_proj": ModuleShape(h, q),
+            "k_proj": ModuleShape(h, kv),
+            "v_proj": ModuleShape(h, kv),
+            "o_proj": ModuleShape(q, h),
+            "gate_proj": ModuleShape(h, m),
+            "up_proj": ModuleShape(h, m),
+            "down_proj": ModuleShape(m, h),
+        }
+
+    def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
+        """Write `adapter` into `slot` (1..max_adapters) of every layer's stacks."""
+        if self.lora_layout is None or not 1 <= slot < self.lora_layout.num_slots:
+            raise RequestError(f"adapter {adapter.name!r}: slot {slot} is not an adapter slot of this worker")
+        if adapter.rank > self.lora_layout.max_rank:
+            raise RequestError(
+                f"adapter {adapter.name!r}: rank {adapter.rank} exceeds the maximum LoRA rank "
+                f"{self.lora_layout.max_rank} (raise MAX_LORA_RANK)"
+            )
+        with torch.no_grad():
+            for i, layer in enumerate(self.model.layers):
+                for stack in layer.lora_stacks():
+                    w = adapter.weights.get((i, stack.module))
+                    if w is None:
+                        stack.clear_slot(slot)
+                    else:
+                        stack.set_slot(slot, w.a.to(self.device), w.b.to(self.device), w.scale)
+        self.adapters[slot] = adapter
+
+    def unload_adapter(self, slot: int) -> None:
+        with torch.no_grad():
+            for layer in self.model.layers:
+                for stack in layer.lora_stacks():
+                    stack.clear_slot(slot)
+        self.adapters.pop(slot, None)
+
+    # ---- steps ----------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def prefill(self, requests: list[PrefillRequest]) -> list[TokenOutput]:
+        """Run the whole prompt of each new sequence, then sample its first token."""
+        for r in requests:
+            self._check_new(r)
+        order = self._row_order([r.lora_slot for r in requests])
+        reqs = [requests[i] for i in order]
+        bs = self.kv.block_size
+        token_ids, positions, slots, row_slots, logits_rows = [], [], [], [], []
+        for r in reqs:
+            n = len(r.token_ids)
+            start = len(token_ids)
+            token_ids += r.token_ids
+            positions += range(n)
+            slots += [r.block_table[p // bs] * bs + p % bs for p in range(n)]
+            row_slots += [r.lora_slot] * n
+            logits_rows += range(start, start + n) if r.prompt_logprobs else [start + n - 1]
+        batch = ForwardBatch(
+            is_prefill=True,
+            positions=self._long(positions),
+            slot_mapping=self._long(slots),
+            query_lens=[len(r.token_ids) for r in reqs],
+            block_tables=None,
+            context_lens=None,
+            logits_indices=self._long(logits_rows),
+            lora=self._lora_batch(row_slots, is_prefill=True),
+        )
+        logits = self.model(self._long(token_ids), batch, self.kv)  # [len(logits_rows), vocab]
+        last_rows, prompt_lps, row = [], {}, 0
+        for r in reqs:
+            if r.prompt_logprobs:
+                n = len(r.token_ids)
+                nxt = self._long(r.token_ids[1:])
+                prompt_lps[r.request_id] = prompt_logprobs(logits[row : row + n - 1], nxt).tolist()
+                row += n
+            else:
+                row += 1
+            last_rows.append(row - 1)
+        for r in reqs:
+            self.sequences[r.request_id] = _Sequence(
+                block_table=list(r.block_table),
+                lora_slot=r.lora_slot,
+                params=r.params,
+                sampling=SequenceSamplingState(r.params, r.token_ids),
+                num_cached=len(r.token_ids),
+                last_token=-1,
+            )
+        outputs = self._sample(logits[last_rows], [r.request_id for r in reqs])
+        for out in outputs:
+            out.prompt_logprobs = prompt_lps.get(out.request_id)
+        return self._in_request_order(outputs, [r.request_id for r in requests])
+
+    @torch.inference_mode()
+    def decode(self, request_ids: list[int], block_tables: dict[int, list[int]] | None = None) -> list[TokenOutput]:
+        """One token for each running sequence. `block_tables` replaces the tables of sequences that grew."""
+        for rid, table in (block_tables or {}).items():
+            self._seq(rid).block_table = list(table)
+        seqs = [self._seq(rid) for rid in request_ids]
+        order = self._row_order([s.lora_slot for s in seqs])
+        ids = [request_ids[i] for i in order]
+        seqs = [seqs[i] for i in order]
+        bs = self.kv.block_size
+        positions, slots = [], []
+        for rid, s in zip(ids, seqs, strict=True):
+            p = s.num_cached
+            if p // bs >= len(s.block_table):
+                raise RequestError(f"request {rid}: its block table has no room for token {p + 1}")
+            positions.append(p)
+            slots.append(s.block_table[p // bs] * bs + p % bs)
+        max_blocks = max(len(s.block_table) for s in seqs)
+        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+        batch = ForwardBatch(
+            is_prefill=False,
+            positions=self._long(positions),
+            slot_mapping=self._long(slots),
+            query_lens=[1] * len(seqs),
+            block_tables=self._long(tables),
+            context_lens=self._long([p + 1 for p in positions]),
+            logits_indices=torch.arange(len(seqs), device=self.device),
+            lora=self._lora_batch([s.lora_slot for s in seqs], is_prefill=False),
+        )
+        logits = self.model(self._long([s.last_token for s in seqs]), batch, self.kv)
+        for s in seqs:
+            s.num_cached += 1
+        return self._in_request_order(self._sample(logits, ids), request_ids)
+
+    def release(self, request_ids: list[int]) -> None:
+        """Forget finished or cancelled sequences (their blocks are the caller's to reuse)."""
+        for rid in request_ids:
+            self.sequences.pop(rid, None)
+
+    # ---- helpers --------------------------------------------------------------------------------
+
+    def _sample(self, logits: torch.Tensor, ids: list[int]) -> list[TokenOutput]:
+        seqs = [self.sequences[rid] for rid in ids]
+        out = self.sampler(logits, [s.params for s in seqs], [s.sampling for s in seqs])
+        token_ids, logprobs = out.token_ids.tolist(), out.logprobs.tolist()
+        top_ids, top_lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
+        results = []
+        for i, (rid, s) in enumerate(zip(ids, seqs, strict=True)):
+            s.last_token = token_ids[i]
+            s.sampling.append(token_ids[i])
+            n = s.params.top_n_tokens
+            results.append(TokenOutput(rid, token_ids[i], logprobs[i], top_ids[i][:n], top_lps[i][:n]))
+        return results
+
+    def _row_order(self, slots: list[int]) -> list[int]:
+        """Sequences grouped by adapter slot (stable), so each adapter's rows form one segment."""
+        return sorted(range(len(slots)), key=slots.__getitem__)
+
+    def _lora_batch(self, row_slots: list[int], is_prefill: bool) -> LoraBatch | None:
+        if self.lora_layout is None or not any(row_slots):
+            return None
+        return LoraBatch.build(
+            self.lora_ops,
+            row_slots,
+            use_segments=is_prefill or self.lora_ops.decode_uses_segments,
+            max_rank=self.lora_layout.max_rank,
+            device=self.device,
+        )
+
+    def _check_new(self, r: PrefillRequest) -> None:
+        if r.request_id in self.sequences:
+            raise RequestError(f"request {r.request_id} is already running")
+        if not r.token_ids:
+            raise RequestError(f"request {r.request_id} has no input tokens")
+        if len(r.block_table) * self.kv.block_size < len(r.token_ids):
+            raise RequestError(
+                f"request {r.request_id}: {len(r.block_table)} blocks of {self.kv.block_size} cannot hold "
+                f"{len(r.token_ids)} tokens"
+            )
+        if r.lora_slot and r.lora_slot not in self.adapters:
+            raise RequestError(f"request {r.request_id}: no adapter is loaded in slot {r.lora_slot}")
+        vocab = self.hf_config.vocab_size
+        if min(r.token_ids) < 0 or max(r.token_ids) >= vocab:
+            raise RequestError(f"request {r.request_id}: token ids must lie in [0, {vocab})")
+
+    def _seq(self, rid: int) -> _Sequence:
+        try:
+            return self.sequences[rid]
+        except KeyError:
+            raise RequestError(f"request {rid} is not running on this worker") from None
+
+    def _long(self, values) -> torch.Tensor:
+        return torch.tensor(values, dtype=torch.long, device=self.device)
+
+    @staticmethod
+    def _in_request_order(outputs: list[TokenOutput], request_ids: list[int]) -> list[TokenOutput]:
+        by_id = {o.request_id: o for o in outputs}
+        return [by_id[rid] for rid in request_ids]
