@@ -241,8 +241,7 @@ class ModelRunner:
         top_ids, top_lps = out.top_token_ids.tolist(), out.top_logprobs.tolist()
         results = []
         for i, (rid, s) in enumerate(zip(ids, seqs, strict=True)):
-            s.last_token = token_ids[i]
-            s.sampling.append(token_ids[i])
+            s.last_token = token_ids[i]  # the sampler has already counted it in s.sampling
             n = s.params.top_n_tokens
             results.append(TokenOutput(rid, token_ids[i], logprobs[i], top_ids[i][:n], top_lps[i][:n]))
         return results

@@ -1,0 +1,124 @@
+"""A scripted multi-adapter scenario for the engine, shared by the peft-equality and TP tests.
+
+Sequences of different lengths and adapters are prefilled together, decoded, one leaves, two join (one
+reusing the blocks of the one that left), and decoding goes on. Every step records the chosen token and
+the full log-softmax distribution (top_n = vocab), so callers can compare with any reference.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from worker.config import WorkerConfig
+from worker.lora.adapter import load_peft_adapter
+from worker.parallel import ParallelContext
+from worker.runner import ModelRunner, PrefillRequest
+from worker.sampler import SamplingParams
+
+BLOCK_SIZE = 4
+
+
+@dataclass
+class Record:
+    adapter: str | None
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[torch.Tensor] = field(default_factory=list)  # each [vocab]
+
+
+def build_runner(model_dir: Path, adapters: dict[str, Path], dtype="float32", device="cpu", ctx=None, rank=0, ws=1):
+    config = WorkerConfig(
+        model_dir=model_dir,
+        dtype=dtype,
+        device=device,
+        block_size=BLOCK_SIZE,
+        num_blocks=96,
+        max_adapters=len(adapters),
+        max_lora_rank=64,
+        rank=rank,
+        world_size=ws,
+    )
+    runner = ModelRunner(config, ctx or ParallelContext())
+    slots = {}
+    for slot, (name, path) in enumerate(adapters.items(), start=1):
+        adapter = load_peft_adapter(name, path, runner.hf_config.num_hidden_layers, runner.module_shapes())
+        runner.load_adapter(slot, adapter)
+        slots[name] = slot
+    return runner, slots
+
+
+class _Blocks:
+    """The smallest block bookkeeping a caller needs: a free list and one table per sequence."""
+
+    def __init__(self, num_blocks: int):
+        self.free = list(range(num_blocks))
+        self.tables: dict[int, list[int]] = {}
+
+    def grow(self, rid: int, num_tokens: int) -> bool:
+        table = self.tables.setdefault(rid, [])
+        grew = False
+        while len(table) * BLOCK_SIZE < num_tokens:
+            table.append(self.free.pop(0))
+            grew = True
+        return grew
+
+    def release(self, rid: int) -> None:
+        self.free[:0] = self.tables.pop(rid)  # reused first, so stale cache contents would show
+
+
+def run_scenario(runner: ModelRunner, slots: dict[str, int], prompts: dict[int, tuple[str | None, list[int]]]):
+    """prompts: request id -> (adapter name or None, prompt). Ids 0..n-3 start together; the last two join."""
+    vocab = runner.hf_config.vocab_size
+    params = SamplingParams(top_n_tokens=vocab)
+    records = {rid: Record(a, p) for rid, (a, p) in prompts.items()}
+    blocks = _Blocks(runner.kv.num_blocks)
+    ids = list(prompts)
+    first, joiners, leaver = ids[:-2], ids[-2:], ids[2]
+
+    def record(outputs):
+        for o in outputs:
+            dist = torch.full((vocab,), -math.inf)
+            dist[torch.tensor(o.top_token_ids)] = torch.tensor(o.top_logprobs)
+            records[o.request_id].tokens.append(o.token_id)
+            records[o.request_id].logprobs.append(dist)
+
+    def prefill(rids):
+        reqs = []
+        for rid in rids:
+            adapter, prompt = prompts[rid]
+            blocks.grow(rid, len(prompt))
+            slot = slots[adapter] if adapter else 0
+            reqs.append(PrefillRequest(rid, prompt, blocks.tables[rid], params, slot))
+        record(runner.prefill(reqs))
+
+    def decode(rids):
+        grown = {}
+        for rid in rids:
+            if blocks.grow(rid, len(records[rid].prompt) + len(records[rid].tokens)):
+                grown[rid] = blocks.tables[rid]
+        record(runner.decode(rids, grown))
+
+    running = list(first)
+    prefill(first)
+    for _ in range(2):
+        decode(running)
+    running.remove(leaver)
+    runner.release([leaver])
+    blocks.release(leaver)
+    prefill(joiners)
+    running += joiners
+    for _ in range(3):
+        decode(running)
+    return records
+
+
+def scenario_prompts(vocab: int, adapters: list[str | None], lengths: list[int], seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        rid: (adapter, torch.randint(3, vocab, (n,), generator=gen).tolist())
+        for rid, (adapter, n) in enumerate(zip(adapters, lengths, strict=True))
+    }
