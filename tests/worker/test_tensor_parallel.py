@@ -1,0 +1,101 @@
+"""TP=N equals TP=1 on the mixed-adapter scenario, with N ranks in N processes over gloo.
+
+Covers world sizes that split vocab and MLP unevenly (tiny config: vocab 251, MLP 150 at N=2, 4) and
+N=3 on a config with 6 heads and 3 KV heads.
+"""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+from tests.adapter_factory import save_random_adapter, save_random_model, tiny_llama_config
+from tests.worker.engine_scenario import build_runner, run_scenario, scenario_prompts
+
+MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
+LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank, ws, port, model_dir, adapters, prompts, queue):
+    from worker.parallel import init_parallel
+
+    torch.set_num_threads(1)
+    ctx = init_parallel(rank, ws, "127.0.0.1", port, torch.device("cpu"))
+    try:
+        runner, slots = build_runner(model_dir, adapters, ctx=ctx, rank=rank, ws=ws)
+        records = run_scenario(runner, slots, prompts)
+        if rank == 0:
+            # Plain lists: tensors would be shared by file descriptor and vanish when this process exits.
+            queue.put({rid: (r.tokens, torch.stack(r.logprobs).tolist()) for rid, r in records.items()})
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def run_tp(ws, model_dir, adapters, prompts):
+    spawn = mp.get_context("spawn")
+    queue = spawn.Queue()
+    port = _free_port()
+    procs = [
+        spawn.Process(target=_rank_main, args=(r, ws, port, model_dir, adapters, prompts, queue)) for r in range(ws)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        # Read before joining: rank 0 blocks in put() until the parent drains the pipe.
+        result = queue.get(timeout=300)
+    finally:
+        for p in procs:
+            p.join(timeout=60)
+            if p.exitcode is None:
+                p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return {rid: (tokens, torch.tensor(lps)) for rid, (tokens, lps) in result.items()}
+
+
+def assert_same(tp_records, single):
+    for rid, rec in single.items():
+        tokens, logprobs = tp_records[rid]
+        assert tokens == rec.tokens, f"request {rid} ({rec.adapter}): tokens differ under TP"
+        diff = (logprobs - torch.stack(rec.logprobs)).abs().max().item()
+        assert diff <= 1e-4, f"request {rid} ({rec.adapter}): max |logprob diff| {diff:.2e}"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ws", [2, 4])
+def test_tp_equals_single_rank(ws, tiny_model_dir, tiny_adapters):
+    runner, slots = build_runner(tiny_model_dir, tiny_adapters)
+    prompts = scenario_prompts(runner.hf_config.vocab_size, MIX, LENGTHS)
+    single = run_scenario(runner, slots, prompts)
+    assert_same(run_tp(ws, tiny_model_dir, tiny_adapters, prompts), single)
+
+
+@pytest.mark.slow
+def test_tp3_heads_divisible_by_three(tmp_path):
+    config = tiny_llama_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=100)
+    model_dir = save_random_model(config, tmp_path / "m", seed=3)
+    adapters = {
+        "r8_all": save_random_adapter(model_dir, tmp_path / "a", r=8, alpha=16, seed=4),
+        "r4_qv": save_random_adapter(model_dir, tmp_path / "b", r=4, alpha=4, target_modules=("q_proj", "v_proj")),
+    }
+    runner, slots = build_runner(model_dir, adapters)
+    mix = [None, "r4_qv", "r8_all", "r8_all", "r4_qv", None]
+    prompts = scenario_prompts(config.vocab_size, mix, [4, 7, 2, 9, 3, 5])
+    single = run_scenario(runner, slots, prompts)
+    assert_same(run_tp(3, model_dir, adapters, prompts), single)
+
+
+def test_heads_not_divisible_is_refused(tiny_model_dir):
+    from worker.layers.linear import QKVParallelLinear
+    from worker.parallel import ParallelContext
+
+    with pytest.raises(ValueError, match="8 attention heads do not divide across 3"):
+        QKVParallelLinear(64, 8, 8, 4, False, ParallelContext(rank=0, world_size=3), torch.float32, "cpu")
