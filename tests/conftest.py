@@ -38,3 +38,13 @@ def tiny_adapters(tiny_model_dir, tmp_path_factory):
         name: save_random_adapter(tiny_model_dir, root / name, seed=i + 1, **spec)
         for i, (name, spec) in enumerate(specs.items())
     }
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """The default model converted from its GGUF once into the user cache (reused across runs)."""
+    from pathlib import Path
+
+    from worker.model_source import DEFAULT_CACHE_DIR, prepare_default_model
+
+    return prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
