@@ -9,7 +9,13 @@ STAMP := .make/installed
 
 .PHONY: install model test lint serve bench clean
 
-install: $(STAMP)
+PROTOS := $(wildcard proto/*.proto)
+STUBS := $(PROTOS:.proto=_pb2_grpc.py)
+
+install: $(STAMP) $(STUBS)
+
+proto/%_pb2_grpc.py: proto/%.proto $(STAMP)
+	$(PY) -m proto.generate_stubs
 
 $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
