@@ -1,0 +1,44 @@
+"""Router configuration: what the launcher hands to ``python -m router --config-json``."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict
+
+
+class AdapterSource(BaseModel):
+    """One LoRA adapter to load at startup."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    id: str
+    """The name requests use as ``adapter_id``."""
+    source: str
+    """What the user wrote (hub id or path), shown in /info."""
+    path: str
+    """Resolved local directory with adapter_config.json and adapter_model.safetensors."""
+
+
+class RouterConfig(BaseModel):
+    """Everything the router needs; limits left at None are derived from the workers' Info."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model_id: str
+    model_dir: str
+    hostname: str = "0.0.0.0"
+    port: int = 3000
+    worker_uds: list[str]
+    adapters: list[AdapterSource] = []
+    max_input_tokens: int | None = None
+    max_total_tokens: int | None = None
+    max_batch_prefill_tokens: int = 4096
+    max_batch_total_tokens: int | None = None
+    max_batch_size: int | None = None
+    max_concurrent_requests: int = 128
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_best_of: int = 2
+    waiting_served_ratio: float = 0.3
+    max_waiting_tokens: int = 20
+    shutdown_timeout_s: float = 30.0
+    worker_connect_timeout_s: float = 600.0
