@@ -32,7 +32,9 @@ def tiny_adapters(tiny_model_dir, tmp_path_factory):
         "r8_all": dict(r=8, alpha=8),
         "r16_mlp": dict(r=16, alpha=32, target_modules=("gate_proj", "up_proj", "down_proj")),
         "r64_rs": dict(r=64, alpha=16, use_rslora=True),
-        "r8_layer1": dict(r=8, alpha=16, target_modules=("q_proj", "o_proj", "down_proj"), layers_to_transform=[1]),
+        "r8_layer1": dict(
+            r=8, alpha=16, target_modules=("q_proj", "o_proj", "down_proj"), layers_to_transform=[1]
+        ),
     }
     return {
         name: save_random_adapter(tiny_model_dir, root / name, seed=i + 1, **spec)

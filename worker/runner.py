@@ -102,7 +102,12 @@ class ModelRunner:
         """Full (unsharded) shapes of the LoRA-capable base modules, for adapter validation."""
         c = self.hf_config
         hd = head_dim_of(c)
-        q, kv, h, m = c.num_attention_heads * hd, c.num_key_value_heads * hd, c.hidden_size, c.intermediate_size
+        q, kv, h, m = (
+            c.num_attention_heads * hd,
+            c.num_key_value_heads * hd,
+            c.hidden_size,
+            c.intermediate_size,
+        )
         return {
             "q_proj": ModuleShape(h, q),
             "k_proj": ModuleShape(h, kv),
@@ -194,7 +199,9 @@ class ModelRunner:
         return self._in_request_order(outputs, [r.request_id for r in requests])
 
     @torch.inference_mode()
-    def decode(self, request_ids: list[int], block_tables: dict[int, list[int]] | None = None) -> list[TokenOutput]:
+    def decode(
+        self, request_ids: list[int], block_tables: dict[int, list[int]] | None = None
+    ) -> list[TokenOutput]:
         """One token for each running sequence. `block_tables` replaces the tables of sequences that grew."""
         for rid, table in (block_tables or {}).items():
             self._seq(rid).block_table = list(table)

@@ -30,7 +30,9 @@ class Record:
     logprobs: list[torch.Tensor] = field(default_factory=list)  # each [vocab]
 
 
-def build_runner(model_dir: Path, adapters: dict[str, Path], dtype="float32", device="cpu", ctx=None, rank=0, ws=1):
+def build_runner(
+    model_dir: Path, adapters: dict[str, Path], dtype="float32", device="cpu", ctx=None, rank=0, ws=1
+):
     config = WorkerConfig(
         model_dir=model_dir,
         dtype=dtype,
@@ -70,7 +72,9 @@ class _Blocks:
         self.free[:0] = self.tables.pop(rid)  # reused first, so stale cache contents would show
 
 
-def run_scenario(runner: ModelRunner, slots: dict[str, int], prompts: dict[int, tuple[str | None, list[int]]]):
+def run_scenario(
+    runner: ModelRunner, slots: dict[str, int], prompts: dict[int, tuple[str | None, list[int]]]
+):
     """prompts: request id -> (adapter name or None, prompt). Ids 0..n-3 start together; the last two join."""
     vocab = runner.hf_config.vocab_size
     params = SamplingParams(top_n_tokens=vocab)

@@ -36,4 +36,6 @@ def assert_matches_reference(records, model, atol: float) -> None:
         assert finite.all(), f"request {rid}: missing logprobs"
         diff = (ours - ref).abs().max().item()
         assert diff <= atol, f"request {rid} (adapter {rec.adapter}): max |logprob diff| {diff:.2e} > {atol}"
-        assert rec.tokens == ref.argmax(-1).tolist(), f"request {rid}: greedy tokens differ from the reference"
+        assert rec.tokens == ref.argmax(-1).tolist(), (
+            f"request {rid}: greedy tokens differ from the reference"
+        )

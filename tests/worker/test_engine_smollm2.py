@@ -1,4 +1,4 @@
-"""The real default model (SmolLM2-135M, 9 heads / 3 KV heads, tied embeddings) against peft and under TP=3."""
+"""The real default model (SmolLM2-135M: 9 heads, 3 KV heads, tied embeddings) vs peft, and under TP=3."""
 
 from __future__ import annotations
 

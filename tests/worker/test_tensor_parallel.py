@@ -45,7 +45,8 @@ def run_tp(ws, model_dir, adapters, prompts):
     queue = spawn.Queue()
     port = _free_port()
     procs = [
-        spawn.Process(target=_rank_main, args=(r, ws, port, model_dir, adapters, prompts, queue)) for r in range(ws)
+        spawn.Process(target=_rank_main, args=(r, ws, port, model_dir, adapters, prompts, queue))
+        for r in range(ws)
     ]
     for p in procs:
         p.start()
@@ -80,11 +81,15 @@ def test_tp_equals_single_rank(ws, tiny_model_dir, tiny_adapters):
 
 @pytest.mark.slow
 def test_tp3_heads_divisible_by_three(tmp_path):
-    config = tiny_llama_config(hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=100)
+    config = tiny_llama_config(
+        hidden_size=48, num_attention_heads=6, num_key_value_heads=3, intermediate_size=100
+    )
     model_dir = save_random_model(config, tmp_path / "m", seed=3)
     adapters = {
         "r8_all": save_random_adapter(model_dir, tmp_path / "a", r=8, alpha=16, seed=4),
-        "r4_qv": save_random_adapter(model_dir, tmp_path / "b", r=4, alpha=4, target_modules=("q_proj", "v_proj")),
+        "r4_qv": save_random_adapter(
+            model_dir, tmp_path / "b", r=4, alpha=4, target_modules=("q_proj", "v_proj")
+        ),
     }
     runner, slots = build_runner(model_dir, adapters)
     mix = [None, "r4_qv", "r8_all", "r8_all", "r4_qv", None]

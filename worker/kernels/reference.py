@@ -80,7 +80,7 @@ def sgmv_shrink_ref(
     lora_ranks: torch.Tensor,
     y: torch.Tensor,
 ) -> None:
-    """Semantics: for each segment g with rows [p, q) = segment_indptr[g:g+2] and slot s = segment_slot_ids[g]:
+    """Semantics: for each segment g with rows [p, q) = segment_indptr[g:g+2], slot s = segment_slot_ids[g]:
     y[p:q, :r] = x[p:q] @ lora_a_stack[s, :r].T  with r = lora_ranks[s].
 
     x: [num_tokens, h_in]. segment_indptr: [num_segments + 1] int32 (non-decreasing, starts at 0).

@@ -38,7 +38,9 @@ class PagedAttention(nn.Module):
         # Sequences are prefilled whole (no cached prefix), so each attends to its own new tokens only.
         outs, start = [], 0
         for n in query_lens:
-            qi, ki, vi = (t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v))  # [1, H, n, D]
+            qi, ki, vi = (
+                t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v)
+            )  # [1, H, n, D]
             mask = None
             if self.sliding_window is not None and n > self.sliding_window:
                 pos = torch.arange(n, device=q.device)
@@ -56,8 +58,16 @@ class PagedAttention(nn.Module):
         block_size = key_cache.shape[1]
         span = max_blocks * block_size
         # Gather each sequence's blocks into one padded [num_seqs, H_kv, span, D] view for a single SDPA call.
-        keys = key_cache[batch.block_tables].view(num_seqs, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        values = value_cache[batch.block_tables].view(num_seqs, span, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        keys = (
+            key_cache[batch.block_tables]
+            .view(num_seqs, span, self.num_kv_heads, self.head_dim)
+            .transpose(1, 2)
+        )
+        values = (
+            value_cache[batch.block_tables]
+            .view(num_seqs, span, self.num_kv_heads, self.head_dim)
+            .transpose(1, 2)
+        )
         pos = torch.arange(span, device=q.device)[None, :]
         lens = batch.context_lens[:, None]
         mask = pos < lens  # [num_seqs, span]

@@ -36,9 +36,13 @@ class ColumnParallelLinear(nn.Module):
         self.h_in = h_in
         self.shards = {name: ctx.shard(size) for name, size in out_sizes.items()}  # name -> (start, len)
         h_out_local = sum(length for _, length in self.shards.values())
-        self.weight = nn.Parameter(torch.empty(h_out_local, h_in, dtype=dtype, device=device), requires_grad=False)
+        self.weight = nn.Parameter(
+            torch.empty(h_out_local, h_in, dtype=dtype, device=device), requires_grad=False
+        )
         self.bias = (
-            nn.Parameter(torch.empty(h_out_local, dtype=dtype, device=device), requires_grad=False) if bias else None
+            nn.Parameter(torch.empty(h_out_local, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
         )
         self.lora_stacks: list[LoraStack] = []
         if lora_layout is not None:
@@ -68,11 +72,17 @@ class ColumnParallelLinear(nn.Module):
 class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection; whole heads per rank, so the head counts must divide by the world size."""
 
-    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, bias, ctx, dtype, device, lora_layout=None):
+    def __init__(
+        self, hidden_size, head_dim, num_heads, num_kv_heads, bias, ctx, dtype, device, lora_layout=None
+    ):
         for what, n in (("attention heads", num_heads), ("key/value heads", num_kv_heads)):
             if n % ctx.world_size:
                 raise ValueError(f"{n} {what} do not divide across {ctx.world_size} tensor-parallel ranks")
-        sizes = {"q_proj": num_heads * head_dim, "k_proj": num_kv_heads * head_dim, "v_proj": num_kv_heads * head_dim}
+        sizes = {
+            "q_proj": num_heads * head_dim,
+            "k_proj": num_kv_heads * head_dim,
+            "v_proj": num_kv_heads * head_dim,
+        }
         super().__init__(hidden_size, sizes, bias, ctx, dtype, device, lora_layout, tuple(sizes))
 
 
@@ -104,10 +114,16 @@ class RowParallelLinear(nn.Module):
         self.weight = nn.Parameter(
             torch.empty(h_out, self.in_shard[1], dtype=dtype, device=device), requires_grad=False
         )
-        self.bias = nn.Parameter(torch.empty(h_out, dtype=dtype, device=device), requires_grad=False) if bias else None
+        self.bias = (
+            nn.Parameter(torch.empty(h_out, dtype=dtype, device=device), requires_grad=False)
+            if bias
+            else None
+        )
         self.lora_stacks: list[LoraStack] = []
         if lora_layout is not None:
-            self.lora_stacks.append(LoraStack.empty(name, 0, self.in_shard, None, self.in_shard[1], h_out, lora_layout))
+            self.lora_stacks.append(
+                LoraStack.empty(name, 0, self.in_shard, None, self.in_shard[1], h_out, lora_layout)
+            )
 
     def load(self, weights: CheckpointWeights, prefix: str) -> None:
         self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, *self.in_shard))

@@ -71,4 +71,6 @@ class LoraBatch:
                 )
             else:
                 self.ops.bgmv_shrink(x, st.lora_a_stack, self.slot_ids, st.lora_ranks, self.y)
-                self.ops.bgmv_expand(self.y, st.lora_b_stack, self.slot_ids, st.lora_ranks, out, st.out_offset)
+                self.ops.bgmv_expand(
+                    self.y, st.lora_b_stack, self.slot_ids, st.lora_ranks, out, st.out_offset
+                )

@@ -65,7 +65,14 @@ class Attention(nn.Module):
             lora_layout,
         )
         self.o_proj = RowParallelLinear(
-            "o_proj", config.num_attention_heads * head_dim, config.hidden_size, False, ctx, dtype, device, lora_layout
+            "o_proj",
+            config.num_attention_heads * head_dim,
+            config.hidden_size,
+            False,
+            ctx,
+            dtype,
+            device,
+            lora_layout,
         )
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, sliding_window_of(config))
 
@@ -124,7 +131,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx, dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, dtype, device, lora_layout, qkv_bias) for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, ctx, dtype, device, lora_layout, qkv_bias)
+            for _ in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype, device)

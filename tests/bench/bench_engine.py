@@ -1,0 +1,98 @@
+"""Decode throughput of the engine with no adapter, one adapter, and 8 distinct adapters of mixed ranks.
+
+Prints decode tokens/s at batch 1, 8 and 32 on SmolLM2-135M (bfloat16 by default) and the ratios
+against base-only, all measured in one run:
+
+    .venv/bin/python -m tests.bench.bench_engine [--steps 32] [--dtype bfloat16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from tests.adapter_factory import save_random_adapter
+from worker.config import WorkerConfig
+from worker.lora.adapter import load_peft_adapter
+from worker.model_source import DEFAULT_CACHE_DIR, prepare_default_model
+from worker.runner import ModelRunner, PrefillRequest
+
+RANKS = [8, 16, 32, 8, 16, 32, 8, 16]
+PROMPT_LEN = 32
+BLOCK_SIZE = 16
+
+
+def build(model_dir: Path, dtype: str, adapter_dirs: list[Path]) -> ModelRunner:
+    config = WorkerConfig(
+        model_dir=model_dir,
+        dtype=dtype,
+        block_size=BLOCK_SIZE,
+        num_blocks=32 * 8 + 8,
+        max_adapters=len(adapter_dirs),
+        max_lora_rank=max(RANKS),
+    )
+    runner = ModelRunner(config)
+    for slot, path in enumerate(adapter_dirs, start=1):
+        layers = runner.hf_config.num_hidden_layers
+        runner.load_adapter(slot, load_peft_adapter(f"a{slot}", path, layers, runner.module_shapes()))
+    return runner
+
+
+def decode_tps(runner: ModelRunner, slots: list[int], steps: int, warmup: int = 3) -> float:
+    """Decode tokens/s for one batch whose row i uses adapter slot slots[i]."""
+    gen = torch.Generator().manual_seed(0)
+    blocks_per_seq = (PROMPT_LEN + steps + warmup + BLOCK_SIZE) // BLOCK_SIZE
+    reqs = [
+        PrefillRequest(
+            i,
+            torch.randint(3, runner.hf_config.vocab_size, (PROMPT_LEN,), generator=gen).tolist(),
+            list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
+            lora_slot=s,
+        )
+        for i, s in enumerate(slots)
+    ]
+    runner.prefill(reqs)
+    ids = [r.request_id for r in reqs]
+    for _ in range(warmup):
+        runner.decode(ids)
+    start = time.perf_counter()
+    for _ in range(steps):
+        runner.decode(ids)
+    elapsed = time.perf_counter() - start
+    runner.release(ids)
+    return len(slots) * steps / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--batches", default="1,8,32")
+    args = parser.parse_args()
+    model_dir = prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
+    with tempfile.TemporaryDirectory() as tmp:
+        adapter_dirs = [
+            save_random_adapter(model_dir, Path(tmp) / f"a{i}", r=r, alpha=2 * r, seed=i, std=0.02)
+            for i, r in enumerate(RANKS)
+        ]
+        runner = build(model_dir, args.dtype, adapter_dirs)
+    print(
+        f"SmolLM2-135M {args.dtype}, {torch.get_num_threads()} threads, "
+        f"prompt {PROMPT_LEN}, {args.steps} steps"
+    )
+    print(
+        f"{'batch':>5} {'base tok/s':>11} {'1 adapter':>10} {'8 mixed':>9} {'1/base':>7} {'mixed/base':>10}"
+    )
+    for batch in [int(b) for b in args.batches.split(",")]:
+        base = decode_tps(runner, [0] * batch, args.steps)
+        one = decode_tps(runner, [1] * batch, args.steps)
+        mixed = decode_tps(runner, [1 + i % len(RANKS) for i in range(batch)], args.steps)
+        print(f"{batch:>5} {base:>11.1f} {one:>10.1f} {mixed:>9.1f} {one / base:>7.2f} {mixed / base:>10.2f}")
+
+
+if __name__ == "__main__":
+    main()
