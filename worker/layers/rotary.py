@@ -7,7 +7,7 @@ from torch import nn
 
 
 def rope_parameters(config) -> dict:
-    """Rope settings from a transformers 5 config (`rope_parameters`) or a 4 one (`rope_theta`, `rope_scaling`)."""
+    """Rope settings of a transformers 5 config (`rope_parameters`) or 4 (`rope_theta`, `rope_scaling`)."""
     params = getattr(config, "rope_parameters", None)
     if params:
         return dict(params)
