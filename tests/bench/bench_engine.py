@@ -24,6 +24,7 @@ from worker.runner import ModelRunner, PrefillRequest
 RANKS = [8, 16, 32, 8, 16, 32, 8, 16]
 PROMPT_LEN = 32
 BLOCK_SIZE = 16
+ROUNDS = 3
 
 
 def build(model_dir: Path, dtype: str, adapter_dirs: list[Path]) -> ModelRunner:
@@ -31,7 +32,7 @@ def build(model_dir: Path, dtype: str, adapter_dirs: list[Path]) -> ModelRunner:
         model_dir=model_dir,
         dtype=dtype,
         block_size=BLOCK_SIZE,
-        num_blocks=32 * 8 + 8,
+        num_blocks=32 * 16 + 8,
         max_adapters=len(adapter_dirs),
         max_lora_rank=max(RANKS),
     )
@@ -45,7 +46,7 @@ def build(model_dir: Path, dtype: str, adapter_dirs: list[Path]) -> ModelRunner:
 def decode_tps(runner: ModelRunner, slots: list[int], steps: int, warmup: int = 3) -> float:
     """Decode tokens/s for one batch whose row i uses adapter slot slots[i]."""
     gen = torch.Generator().manual_seed(0)
-    blocks_per_seq = (PROMPT_LEN + steps + warmup + BLOCK_SIZE) // BLOCK_SIZE
+    blocks_per_seq = (PROMPT_LEN + ROUNDS * steps + warmup + BLOCK_SIZE) // BLOCK_SIZE
     reqs = [
         PrefillRequest(
             i,
@@ -59,12 +60,15 @@ def decode_tps(runner: ModelRunner, slots: list[int], steps: int, warmup: int = 
     ids = [r.request_id for r in reqs]
     for _ in range(warmup):
         runner.decode(ids)
-    start = time.perf_counter()
-    for _ in range(steps):
-        runner.decode(ids)
-    elapsed = time.perf_counter() - start
+    # Best of a few timed rounds: the figure is the engine's speed, not the noise of a shared machine.
+    best = float("inf")
+    for _ in range(ROUNDS):
+        start = time.perf_counter()
+        for _ in range(steps):
+            runner.decode(ids)
+        best = min(best, time.perf_counter() - start)
     runner.release(ids)
-    return len(slots) * steps / elapsed
+    return len(slots) * steps / best
 
 
 def main() -> None:
