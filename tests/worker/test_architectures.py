@@ -1,0 +1,80 @@
+"""Mistral (sliding window) and Qwen2 (q/k/v bias) equal transformers + peft; others are refused."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.adapter_factory import save_random_adapter, save_random_model
+from tests.worker.engine_scenario import build_runner, run_scenario, scenario_prompts
+from tests.worker.peft_reference import assert_matches_reference, load_peft_model
+
+COMMON = dict(
+    vocab_size=199,
+    hidden_size=64,
+    intermediate_size=96,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    bos_token_id=1,
+    eos_token_id=2,
+    tie_word_embeddings=False,
+)
+
+
+def _config(arch: str):
+    if arch == "mistral":
+        from transformers import MistralConfig
+
+        # A window shorter than the prompts, so the sliding-window mask really cuts.
+        return MistralConfig(sliding_window=6, **COMMON)
+    from transformers import Qwen2Config
+
+    return Qwen2Config(use_sliding_window=False, **COMMON)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2"])
+def test_architecture_equals_peft(arch, tmp_path):
+    model_dir = save_random_model(_config(arch), tmp_path / "m", seed=5)
+    if arch == "qwen2":  # make sure the biases are really loaded and matter
+        from safetensors.torch import load_file
+
+        tensors = load_file(model_dir / "model.safetensors")
+        assert tensors["model.layers.0.self_attn.q_proj.bias"].abs().sum() > 0
+    adapters = {
+        "a": save_random_adapter(model_dir, tmp_path / "a", r=8, alpha=16, seed=6),
+        "b": save_random_adapter(
+            model_dir, tmp_path / "b", r=4, alpha=4, target_modules=["k_proj", "o_proj"]
+        ),
+    }
+    runner, slots = build_runner(model_dir, adapters)
+    mix = [None, "a", "b", "a", "b", None]
+    prompts = scenario_prompts(runner.hf_config.vocab_size, mix, [9, 12, 3, 7, 10, 5])
+    records = run_scenario(runner, slots, prompts)
+    assert_matches_reference(records, load_peft_model(model_dir, adapters), atol=1e-4)
+
+
+def test_unsupported_architecture_is_refused(tmp_path):
+    from transformers import GPT2Config
+
+    from worker.config import WorkerConfig
+    from worker.runner import ModelRunner
+
+    model_dir = save_random_model(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50), tmp_path / "g")
+    with pytest.raises(ValueError, match="GPT2LMHeadModel is not supported; supported: LlamaForCausalLM"):
+        ModelRunner(WorkerConfig(model_dir=model_dir, dtype="float32", num_blocks=4))
+
+
+def test_half_precision_runs_close_to_float32(tiny_model_dir, tiny_adapters):
+    """bf16 and fp16 serve the same batch; their distributions stay near the float32 ones."""
+    runner, slots = build_runner(tiny_model_dir, tiny_adapters)
+    mix = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
+    prompts = scenario_prompts(runner.hf_config.vocab_size, mix, [5, 9, 3, 12, 7, 1, 6, 4])
+    ref = run_scenario(runner, slots, prompts)
+    for dtype in ("bfloat16", "float16"):
+        half, half_slots = build_runner(tiny_model_dir, tiny_adapters, dtype=dtype)
+        records = run_scenario(half, half_slots, prompts)
+        first = torch.stack([r.logprobs[0] for r in records.values()])
+        expected = torch.stack([r.logprobs[0] for r in ref.values()])
+        assert (first.exp() - expected.exp()).abs().max() < 0.05, dtype
