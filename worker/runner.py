@@ -79,6 +79,7 @@ class ModelRunner:
                 max_rank=config.max_lora_rank,
                 dtype=self.lora_ops.stack_dtype(self.dtype),
                 device=self.device,
+                fuse_sub_modules=self.lora_ops.fuse_sub_modules,
             )
         self.model = LlamaForCausalLM(hf_config, self.ctx, self.dtype, self.device, self.lora_layout)
         with torch.no_grad():
@@ -130,11 +131,9 @@ class ModelRunner:
         with torch.no_grad():
             for i, layer in enumerate(self.model.layers):
                 for stack in layer.lora_stacks():
-                    w = adapter.weights.get((i, stack.module))
-                    if w is None:
-                        stack.clear_slot(slot)
-                    else:
-                        stack.set_slot(slot, w.a.to(self.device), w.b.to(self.device), w.scale)
+                    stack.set_slot(
+                        slot, {m: adapter.weights[(i, m)] for m in stack.modules if (i, m) in adapter.weights}
+                    )
         self.adapters[slot] = adapter
 
     def unload_adapter(self, slot: int) -> None:
@@ -264,7 +263,6 @@ class ModelRunner:
             self.lora_ops,
             row_slots,
             use_segments=is_prefill or self.lora_ops.decode_uses_segments,
-            max_rank=self.lora_layout.max_rank,
             device=self.device,
         )
 

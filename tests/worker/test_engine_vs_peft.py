@@ -15,8 +15,14 @@ MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_
 LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
 
 
-def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize("fuse", [True, False], ids=["fused-stacks", "per-module-stacks"])
+def test_mixed_batch_equals_peft(fuse, tiny_model_dir, tiny_adapters, monkeypatch):
+    from worker.kernels.torch_ops import TorchLoraOps
+
+    # The CPU ops fuse q/k/v and gate/up stacks; the CUDA ops keep one stack per module. Check both here.
+    monkeypatch.setattr(TorchLoraOps, "fuse_sub_modules", fuse)
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
+    assert len(runner.model.layers[0].self_attn.qkv_proj.lora_stacks) == (1 if fuse else 3)
     prompts = scenario_prompts(runner.hf_config.vocab_size, MIX, LENGTHS)
     records = run_scenario(runner, slots, prompts)
     assert all(len(r.tokens) >= 3 for r in records.values())

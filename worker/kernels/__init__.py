@@ -16,6 +16,8 @@ class LoraOps(Protocol):
 
     # True when decode batches should be passed as contiguous segments (sgmv) instead of per-row slots.
     decode_uses_segments: bool
+    # True when the sub-modules of a fused layer (q/k/v, gate/up) should share one stack (fewer calls).
+    fuse_sub_modules: bool
 
     def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """dtype of lora_a_stack / lora_b_stack for a model running in `model_dtype`."""

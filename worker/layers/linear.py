@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.lora.batch import LoraBatch
-from worker.lora.stacks import LoraLayout, LoraStack
+from worker.lora.stacks import LoraLayout, LoraPart, LoraStack, build_stacks
 from worker.parallel import ParallelContext
 from worker.weights import CheckpointWeights
 
@@ -44,15 +44,12 @@ class ColumnParallelLinear(nn.Module):
             if bias
             else None
         )
-        self.lora_stacks: list[LoraStack] = []
-        if lora_layout is not None:
-            offset = 0
-            for name, (start, length) in self.shards.items():
-                if name in lora_modules:
-                    self.lora_stacks.append(
-                        LoraStack.empty(name, offset, None, (start, length), h_in, length, lora_layout)
-                    )
-                offset += length
+        parts, column = [], 0
+        for name, (start, length) in self.shards.items():
+            if name in lora_modules:
+                parts.append(LoraPart(name, None, (start, length), column, length))
+            column += length
+        self.lora_stacks: list[LoraStack] = build_stacks(parts, h_in, lora_layout)
 
     def load(self, weights: CheckpointWeights, prefixes: dict[str, str]) -> None:
         """`prefixes`: sub-module name -> checkpoint prefix (e.g. 'model.layers.0.self_attn.q_proj')."""
@@ -119,11 +116,8 @@ class RowParallelLinear(nn.Module):
             if bias
             else None
         )
-        self.lora_stacks: list[LoraStack] = []
-        if lora_layout is not None:
-            self.lora_stacks.append(
-                LoraStack.empty(name, 0, self.in_shard, None, self.in_shard[1], h_out, lora_layout)
-            )
+        part = LoraPart(name, self.in_shard, None, 0, h_out)
+        self.lora_stacks: list[LoraStack] = build_stacks([part], self.in_shard[1], lora_layout)
 
     def load(self, weights: CheckpointWeights, prefix: str) -> None:
         self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, *self.in_shard))

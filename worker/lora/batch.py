@@ -20,12 +20,10 @@ class LoraBatch:
     segment_indptr: torch.Tensor  # [num_segments + 1] int32
     segment_slot_ids: torch.Tensor  # [num_segments] int32
     active_slots: tuple[int, ...]  # distinct slots with an adapter in this batch (host side)
-    y: torch.Tensor  # [num_tokens, max_rank] float32 scratch for the x@A intermediate
+    scratch: dict[int, torch.Tensor]  # stack rows -> [num_tokens, rows] float32 for the x@A intermediate
 
     @classmethod
-    def build(
-        cls, ops: LoraOps, row_slots: list[int], use_segments: bool, max_rank: int, device: torch.device
-    ) -> LoraBatch:
+    def build(cls, ops: LoraOps, row_slots: list[int], use_segments: bool, device: torch.device) -> LoraBatch:
         """`row_slots`: the slot of each token row, in row order."""
         indptr, seg_slots = [0], []
         for i, s in enumerate(row_slots):
@@ -45,7 +43,7 @@ class LoraBatch:
             segment_indptr=as_tensor(indptr),
             segment_slot_ids=as_tensor(seg_slots),
             active_slots=tuple(sorted({s for s in row_slots if s != 0})),
-            y=torch.empty(len(row_slots), max_rank, dtype=torch.float32, device=device),
+            scratch={},
         )
 
     def apply(self, stacks: list[LoraStack], x: torch.Tensor, out: torch.Tensor) -> None:
@@ -56,12 +54,16 @@ class LoraBatch:
         for st in stacks:
             if not any(st.ranks[s] for s in self.active_slots):
                 continue
+            rows = st.lora_a_stack.shape[1]
+            if rows not in self.scratch:  # one per stack height, reused by every layer of the step
+                self.scratch[rows] = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
+            y = self.scratch[rows]
             if self.use_segments:
                 self.ops.sgmv_shrink(
-                    x, st.lora_a_stack, self.segment_indptr, self.segment_slot_ids, st.lora_ranks, self.y
+                    x, st.lora_a_stack, self.segment_indptr, self.segment_slot_ids, st.lora_ranks, y
                 )
                 self.ops.sgmv_expand(
-                    self.y,
+                    y,
                     st.lora_b_stack,
                     self.segment_indptr,
                     self.segment_slot_ids,
@@ -70,7 +72,5 @@ class LoraBatch:
                     st.out_offset,
                 )
             else:
-                self.ops.bgmv_shrink(x, st.lora_a_stack, self.slot_ids, st.lora_ranks, self.y)
-                self.ops.bgmv_expand(
-                    self.y, st.lora_b_stack, self.slot_ids, st.lora_ranks, out, st.out_offset
-                )
+                self.ops.bgmv_shrink(x, st.lora_a_stack, self.slot_ids, st.lora_ranks, y)
+                self.ops.bgmv_expand(y, st.lora_b_stack, self.slot_ids, st.lora_ranks, out, st.out_offset)

@@ -1,15 +1,21 @@
-"""Stacked LoRA buffers of one base linear sub-module (q, k, v, o, gate, up or down) on one rank.
+"""Stacked LoRA buffers of one base linear layer on one rank.
 
 Slot 0 is the "no adapter" slot (rank 0); slot s > 0 holds the adapter loaded there. A and B are
-stored padded to `max_rank` rows, but ops read only each slot's true rank, so small adapters do not pay
+stored padded to a maximum rank, but ops read only each slot's true rank, so small adapters do not pay
 for the largest one's compute.
 
+A stack serves one sub-module (q, k, v, o, gate, up or down) or, when the LoRA ops prefer fewer and
+larger calls (the CPU path: per-call overhead dominates its small matmuls), all sub-modules of a fused
+layer (qkv, gate_up) at once. A fused stack packs each slot's parts consecutively: A rows
+[q rows; k rows; v rows] and a block-diagonal B whose q rows fill only the q output columns, and so on.
+Then one shrink and one expand cover the whole fused layer, with slot rank r_q + r_k + r_v.
+
 Tensor parallel: the stacks are sharded the way the base weight is. A column-parallel base (q/k/v/
-gate/up, output sharded) keeps A whole and B's output rows for this rank; a row-parallel base (o/down,
-input sharded) keeps A's input columns for this rank and B whole. Then x@A@B on each rank is exactly
-that rank's share of the base layer's output, so LoRA adds no collective of its own: the column case
-needs none, and the row case rides on the base layer's all-reduce (the sum of the partial deltas is
-the full delta, by linearity).
+gate/up, output sharded) keeps A whole and B's output columns for this rank; a row-parallel base (o/
+down, input sharded) keeps A's input columns for this rank and B whole. Then x@A@B on each rank is
+exactly that rank's share of the base layer's output, so LoRA adds no collective of its own: the column
+case needs none, and the row case rides on the base layer's all-reduce (the sum of the partial deltas
+is the full delta, by linearity).
 """
 
 from __future__ import annotations
@@ -24,56 +30,94 @@ class LoraLayout:
     """How big the stacks are: slot 0 (no adapter) plus one slot per resident adapter."""
 
     num_slots: int
-    max_rank: int
+    max_rank: int  # per sub-module
     dtype: torch.dtype  # the stack dtype the LoRA ops want (LoraOps.stack_dtype)
     device: torch.device
+    fuse_sub_modules: bool = False  # one stack per fused layer instead of one per sub-module
+
+
+@dataclass(frozen=True)
+class LoraPart:
+    """One sub-module's place in a stack."""
+
+    module: str  # q_proj, k_proj, ...
+    in_shard: tuple[int, int] | None  # (start, length) of A's columns kept on this rank, None = all
+    out_shard: tuple[int, int] | None  # (start, length) of B's rows kept on this rank, None = all
+    column: int  # first column of this part in the stack's B
+    width: int  # columns of this part (h_out on this rank)
 
 
 @dataclass
 class LoraStack:
-    module: str  # q_proj, k_proj, ...
-    out_offset: int  # first column of this sub-module in the layer's (local) output
-    in_shard: tuple[int, int] | None  # (start, length) of A's columns kept on this rank, None = all
-    out_shard: tuple[int, int] | None  # (start, length) of B's rows kept on this rank, None = all
-    lora_a_stack: torch.Tensor  # [num_slots, max_rank, h_in_local]
-    lora_b_stack: torch.Tensor  # [num_slots, max_rank, h_out_local]
+    parts: list[LoraPart]
+    out_offset: int  # first column of the stack's B in the layer's (local) output
+    lora_a_stack: torch.Tensor  # [num_slots, max_rank * len(parts), h_in_local]
+    lora_b_stack: torch.Tensor  # [num_slots, max_rank * len(parts), sum of part widths]
     lora_ranks: torch.Tensor  # [num_slots] int32, on the model's device
     ranks: list[int]  # host copy of lora_ranks, to skip work without a device sync
 
     @classmethod
-    def empty(cls, module, out_offset, in_shard, out_shard, h_in_local, h_out_local, layout: LoraLayout):
-        num_slots, max_rank = layout.num_slots, layout.max_rank
+    def empty(cls, parts: list[LoraPart], out_offset: int, h_in_local: int, layout: LoraLayout) -> LoraStack:
+        num_slots, rows = layout.num_slots, layout.max_rank * len(parts)
+        width = sum(p.width for p in parts)
         kw = dict(dtype=layout.dtype, device=layout.device)
         return cls(
-            module=module,
+            parts=parts,
             out_offset=out_offset,
-            in_shard=in_shard,
-            out_shard=out_shard,
-            lora_a_stack=torch.zeros(num_slots, max_rank, h_in_local, **kw),
-            lora_b_stack=torch.zeros(num_slots, max_rank, h_out_local, **kw),
+            lora_a_stack=torch.zeros(num_slots, rows, h_in_local, **kw),
+            lora_b_stack=torch.zeros(num_slots, rows, width, **kw),
             lora_ranks=torch.zeros(num_slots, dtype=torch.int32, device=layout.device),
             ranks=[0] * num_slots,
         )
 
-    def set_slot(self, slot: int, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
-        """Write one adapter's weights, a: [r, h_in] and b: [h_out, r] (full, unsharded), into `slot`."""
-        r = a.shape[0]
-        if r > self.lora_a_stack.shape[1]:
-            raise ValueError(f"rank {r} exceeds the maximum LoRA rank {self.lora_a_stack.shape[1]}")
-        if self.in_shard is not None:
-            a = a[:, self.in_shard[0] : self.in_shard[0] + self.in_shard[1]]
-        if self.out_shard is not None:
-            b = b[self.out_shard[0] : self.out_shard[0] + self.out_shard[1]]
-        # The scale is folded into B in float32, before any cast to the stack dtype.
-        b_t = (b.float() * scale).T  # [r, h_out_local]
+    @property
+    def modules(self) -> list[str]:
+        return [p.module for p in self.parts]
+
+    def set_slot(self, slot: int, weights: dict) -> None:
+        """Write one adapter into `slot`. weights: module -> object with `a` [r, h_in], `b` [h_out, r]
+        (full, unsharded) and `scale`; modules the adapter does not touch are absent."""
         self.clear_slot(slot)
-        self.lora_a_stack[slot, :r].copy_(a)
-        self.lora_b_stack[slot, :r].copy_(b_t)
-        self.lora_ranks[slot] = r
-        self.ranks[slot] = r
+        row = 0
+        max_rank = self.lora_a_stack.shape[1] // len(self.parts)
+        for part in self.parts:
+            w = weights.get(part.module)
+            if w is None:
+                continue
+            a, b, r = w.a, w.b, w.a.shape[0]
+            if r > max_rank:
+                raise ValueError(f"{part.module}: rank {r} exceeds the maximum LoRA rank {max_rank}")
+            if part.in_shard is not None:
+                a = a[:, part.in_shard[0] : part.in_shard[0] + part.in_shard[1]]
+            if part.out_shard is not None:
+                b = b[part.out_shard[0] : part.out_shard[0] + part.out_shard[1]]
+            # The scale is folded into B in float32, before any cast to the stack dtype.
+            self.lora_a_stack[slot, row : row + r].copy_(a)
+            self.lora_b_stack[slot, row : row + r, part.column : part.column + part.width].copy_(
+                (b.float() * w.scale).T
+            )
+            row += r
+        self.lora_ranks[slot] = row
+        self.ranks[slot] = row
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a_stack[slot].zero_()
         self.lora_b_stack[slot].zero_()
         self.lora_ranks[slot] = 0
         self.ranks[slot] = 0
+
+
+def build_stacks(parts: list[LoraPart], h_in_local: int, layout: LoraLayout | None) -> list[LoraStack]:
+    """The stacks of one layer: one for all parts when the layout fuses, else one per part."""
+    if layout is None or not parts:
+        return []
+    if layout.fuse_sub_modules:
+        start = parts[0].column
+        rebased = [LoraPart(p.module, p.in_shard, p.out_shard, p.column - start, p.width) for p in parts]
+        return [LoraStack.empty(rebased, start, h_in_local, layout)]
+    return [
+        LoraStack.empty(
+            [LoraPart(p.module, p.in_shard, p.out_shard, 0, p.width)], p.column, h_in_local, layout
+        )
+        for p in parts
+    ]
