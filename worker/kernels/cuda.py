@@ -110,6 +110,8 @@ class CudaLoraOps:
 
     # bgmv handles any slot order at full speed, so decode batches need no sorting into segments.
     decode_uses_segments = False
+    # Separate q/k/v (gate/up) stacks: fusing would make expand read block-diagonal zeros.
+    fuse_sub_modules = False
 
     def __init__(self, device: torch.device | str):
         import cupy
