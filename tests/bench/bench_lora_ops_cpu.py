@@ -6,12 +6,13 @@ order; sgmv gets them sorted by slot (what the runner builds for decode), one se
 gather+bmm gathers each row's full [max_rank, h] weights and multiplies at max_rank.
 
 Run: .venv/bin/python tests/bench/bench_lora_ops_cpu.py [--tokens 32] [--slots 8] [--max-rank 32]
-     [--threads N]
+     [--threads N] [--cpu-time]
 """
 
 from __future__ import annotations
 
 import argparse
+import time
 import timeit
 
 import torch
@@ -26,11 +27,11 @@ RANK_CYCLE = (8, 16, 32)
 LAYER = ((576, 576), (576, 192), (576, 192), (576, 576), (576, 1536), (576, 1536), (1536, 576))
 
 
-def per_call_us(fn, min_time: float = 0.1) -> float:
+def per_call_us(fn, timer=time.perf_counter, min_time: float = 0.1) -> float:
     """Best-of-5 mean time of fn() in microseconds, with enough calls per round to last min_time."""
     fn()
     number = max(1, int(min_time / max(timeit.timeit(fn, number=1), 1e-7)))
-    return min(timeit.repeat(fn, number=number, repeat=5)) / number * 1e6
+    return min(timeit.repeat(fn, number=number, repeat=5, timer=timer)) / number * 1e6
 
 
 def make_stack(num_slots: int, max_rank: int, h: int, ranks: list[int], g: torch.Generator) -> torch.Tensor:
@@ -58,9 +59,15 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--max-rank", type=int, default=32)
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="time with this process's CPU time on 1 thread: steadier than wall time on a loaded machine",
+    )
     args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    timer = time.process_time if args.cpu_time else time.perf_counter
+    if args.threads or args.cpu_time:
+        torch.set_num_threads(1 if args.cpu_time else args.threads)
     n, num_slots, max_rank = args.tokens, args.slots, args.max_rank
 
     g = torch.Generator().manual_seed(0)
@@ -74,7 +81,9 @@ def main() -> None:
     ops = TorchLoraOps()
 
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; {n} tokens, {num_slots} slots,")
-    print(f"ranks {sorted(set(ranks))}, max_rank {max_rank}, bf16 model dtype, fp32 stacks. us per call:")
+    clock = "CPU time" if args.cpu_time else "wall time"
+    print(f"ranks {sorted(set(ranks))}, max_rank {max_rank}, bf16 model dtype, fp32 stacks.")
+    print(f"Microseconds per call ({clock}, best of 5 rounds):")
     print(f"{'op':<28}{'TorchLoraOps':>14}{'reference':>12}{'gather+bmm':>12}")
 
     x = torch.randn(n, H_IN, generator=g).bfloat16()  # [n, h_in]
@@ -113,7 +122,8 @@ def main() -> None:
             ),
         ]
     for name, fast, ref, bmm in rows:
-        print(f"{name:<28}{per_call_us(fast):>14.1f}{per_call_us(ref, 0.05):>12.1f}{per_call_us(bmm):>12.1f}")
+        times = per_call_us(fast, timer), per_call_us(ref, timer, 0.05), per_call_us(bmm, timer)
+        print(f"{name:<28}{times[0]:>14.1f}{times[1]:>12.1f}{times[2]:>12.1f}")
 
     total = 0.0
     for h_in, h_out in LAYER:
@@ -123,9 +133,11 @@ def main() -> None:
             make_stack(num_slots, max_rank, h_out, ranks, g),
         )
         outl = torch.zeros(n, h_out, dtype=torch.bfloat16)
-        total += per_call_us(lambda xl=xl, al=al: ops.sgmv_shrink(xl, al, indptr, seg_slots, lora_ranks, y))
         total += per_call_us(
-            lambda bl=bl, outl=outl: ops.sgmv_expand(y, bl, indptr, seg_slots, lora_ranks, outl)
+            lambda xl=xl, al=al: ops.sgmv_shrink(xl, al, indptr, seg_slots, lora_ranks, y), timer
+        )
+        total += per_call_us(
+            lambda bl=bl, outl=outl: ops.sgmv_expand(y, bl, indptr, seg_slots, lora_ranks, outl), timer
         )
     print(f"one layer, 7 targets, sgmv shrink+expand: {total:.0f} us")
 

@@ -221,6 +221,43 @@ def test_fused_qkv_at_model_width(dtype, kind):
     _check_expand(out, out_ref, out_before, row_ranks, sum(h_outs), 0, dtype)
 
 
+@pytest.mark.parametrize("kind", ["bgmv", "bgmv_unsorted", "sgmv"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strided_views_as_operands(dtype, kind):
+    """Stacks, y and out that are views into larger buffers (offsets and strides not their own)."""
+    n = 13
+    g = _seed("views", dtype, kind)
+    lora_ranks = torch.tensor(RANKS, dtype=torch.int32)
+    a_big = torch.randn(len(RANKS) + 2, MAX_RANK + 3, H_IN + 5, generator=g) * H_IN**-0.5
+    b_big = torch.randn(len(RANKS) + 2, MAX_RANK + 3, H_OUT + 5, generator=g)
+    a, b = a_big[1:-1, 2:-1, 3:-2], b_big[1:-1, 2:-1, 3:-2]  # [num_slots, MAX_RANK, h], non-contiguous
+    x = _x(g, 2 * n, H_IN, dtype)[::2]  # [n, H_IN], row stride 2 * H_IN
+    pattern = "with_none" if kind == "bgmv_unsorted" else "sorted"
+    slot_ids = _slot_ids(pattern, n, g)
+    indptr, seg_slots = _segments("mixed", n, g)
+    out_t = _out(g, H_OUT + OUT_PAD, n + 2, dtype)
+    if kind == "sgmv":
+        index, shrink, expand = (indptr, seg_slots), ops.sgmv_shrink, ops.sgmv_expand
+        shrink_ref, expand_ref, row_ranks = (
+            sgmv_shrink_ref,
+            sgmv_expand_ref,
+            _row_ranks_sgmv(indptr, seg_slots),
+        )
+    else:
+        index, shrink, expand = (slot_ids,), ops.bgmv_shrink, ops.bgmv_expand
+        shrink_ref, expand_ref, row_ranks = bgmv_shrink_ref, bgmv_expand_ref, _row_ranks_bgmv(slot_ids)
+    y = torch.full((n + 1, MAX_RANK + 7), SENTINEL)[1:, 5:-2]  # [n, MAX_RANK] view
+    y_ref = torch.full((n, MAX_RANK), SENTINEL)
+    shrink(x, a, *index, lora_ranks, y)
+    shrink_ref(x, a, *index, lora_ranks, y_ref)
+    _check_shrink(y, y_ref, row_ranks)
+    out = out_t.T[2:]  # [n, H_OUT + OUT_PAD], column-major, storage offset 2
+    out_before, out_ref = out.clone(), out.clone()
+    expand(y, b, *index, lora_ranks, out, OFFSET)
+    expand_ref(y_ref, b, *index, lora_ranks, out_ref, OFFSET)
+    _check_expand(out, out_ref, out_before, row_ranks, H_OUT, OFFSET, dtype)
+
+
 def _dense(x, a, b, row_slots, out):
     """Independent float64 computation: per-row A/B gathered, masked to each slot's rank, einsum."""
     row_ranks = _row_ranks_bgmv(row_slots)
@@ -291,6 +328,29 @@ def test_rejects_wrong_dtype_and_sizes():
         ops.bgmv_shrink(torch.zeros(2, H_IN), a.bfloat16(), slot_ids, lora_ranks, y)
     with pytest.raises(ValueError, match="sizes disagree"):
         ops.bgmv_shrink(torch.zeros(2, H_IN + 1), a, slot_ids, lora_ranks, y)
+    with pytest.raises(ValueError, match="slot_ids has 3 entries"):
+        ops.bgmv_shrink(torch.zeros(2, H_IN), a, torch.zeros(3, dtype=torch.int32), lora_ranks, y)
+    with pytest.raises(ValueError, match="slot ids range"):
+        ops.bgmv_shrink(
+            torch.zeros(2, H_IN), a, torch.tensor([1, len(RANKS)], dtype=torch.int32), lora_ranks, y
+        )
+    with pytest.raises(ValueError, match="slot ids range"):
+        ops.sgmv_shrink(
+            torch.zeros(2, H_IN), a, torch.tensor([0, 2], dtype=torch.int32), -slot_ids[:1] - 1, lora_ranks, y
+        )
+    with pytest.raises(ValueError, match="segment_indptr"):
+        ops.sgmv_shrink(
+            torch.zeros(2, H_IN), a, torch.tensor([0, 3], dtype=torch.int32), slot_ids[:1], lora_ranks, y
+        )
+    with pytest.raises(ValueError, match="lora_ranks"):
+        ops.sgmv_shrink(
+            torch.zeros(2, H_IN),
+            a,
+            torch.tensor([0, 2], dtype=torch.int32),
+            slot_ids[:1],
+            lora_ranks + MAX_RANK,
+            y,
+        )
     with pytest.raises(ValueError, match="out"):
         ops.bgmv_expand(
             y, torch.zeros(len(RANKS), MAX_RANK, H_OUT), slot_ids, lora_ranks, torch.zeros(2, H_OUT), 1

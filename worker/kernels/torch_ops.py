@@ -27,14 +27,13 @@ _MAX_EXTRA_RUNS = 4
 Group = tuple[int, int, int, int]
 
 
-def _check(x_or_y: torch.Tensor, stack: torch.Tensor, y: torch.Tensor, in_dim: int, op: str) -> None:
-    """Raise ValueError unless stack and y are float32 and the feature sizes agree."""
+def _check(inp: torch.Tensor, stack: torch.Tensor, y: torch.Tensor, in_dim: int, op: str) -> None:
+    """Raise ValueError unless stack and y are float32 and the sizes of inp (x or y), stack, y agree."""
     if stack.dtype != torch.float32 or y.dtype != torch.float32:
         raise ValueError(f"{op}: stack and y must be float32 on CPU, got {stack.dtype} and {y.dtype}")
-    if x_or_y.shape[1] != stack.shape[in_dim] or y.shape[1] != stack.shape[1]:
+    if inp.shape[1] != stack.shape[in_dim] or y.shape[1] != stack.shape[1] or inp.shape[0] != y.shape[0]:
         raise ValueError(
-            f"{op}: sizes disagree: input {tuple(x_or_y.shape)}, stack {tuple(stack.shape)}, "
-            f"y {tuple(y.shape)}"
+            f"{op}: sizes disagree: input {tuple(inp.shape)}, stack {tuple(stack.shape)}, y {tuple(y.shape)}"
         )
 
 
@@ -47,9 +46,20 @@ def _check_out(out: torch.Tensor, num_rows: int, h_out: int, out_offset: int, op
         )
 
 
-def _groups(bounds: list[int], slots: list[int], ranks: list[int]) -> list[Group]:
-    """Non-empty groups with an adapter, from run/segment boundaries and their slots."""
-    groups = []
+def _groups(bounds: list[int], slots: list[int], ranks: list[int], num_rows: int, stack: torch.Tensor):
+    """Non-empty groups with an adapter, from run/segment boundaries and their slots.
+
+    Validates every index first: the group loops build views with as_strided, which does not check
+    them against the tensors' sizes.
+    """
+    num_slots, max_rank = stack.shape[0], stack.shape[1]
+    if len(ranks) != num_slots or (ranks and not 0 <= min(ranks) <= max(ranks) <= max_rank):
+        raise ValueError(f"lora_ranks {ranks} do not fit a stack of shape {tuple(stack.shape)}")
+    if slots and not 0 <= min(slots) <= max(slots) < num_slots:
+        raise ValueError(f"slot ids range over [{min(slots)}, {max(slots)}], outside [0, {num_slots})")
+    if len(bounds) != len(slots) + 1 or not 0 <= min(bounds) <= max(bounds) <= num_rows:
+        raise ValueError(f"segment_indptr {bounds} does not fit {len(slots)} segments of {num_rows} rows")
+    groups: list[Group] = []
     for g, s in enumerate(slots):
         p, q, r = bounds[g], bounds[g + 1], ranks[s]
         if r and q > p:
@@ -57,26 +67,41 @@ def _groups(bounds: list[int], slots: list[int], ranks: list[int]) -> list[Group
     return groups
 
 
-def _group_slots(slot_ids: torch.Tensor, ranks: list[int]) -> tuple[torch.Tensor | None, list[Group]]:
+def _group_slots(slot_ids: torch.Tensor, ranks: list[int], num_rows: int, stack: torch.Tensor):
     """Group bgmv rows by slot: (order, groups), rows order[p:q] share a slot.
 
     order is None when the rows already form few enough runs to compute in place (groups then index
     the original rows); otherwise it is the stable argsort of slot_ids and groups index sorted rows.
     """
+    if slot_ids.shape[0] != num_rows:
+        raise ValueError(f"slot_ids has {slot_ids.shape[0]} entries for {num_rows} rows")
     run_slots, run_counts = torch.unique_consecutive(slot_ids, return_counts=True)
     slots = run_slots.tolist()
     if len(slots) <= len(set(slots)) + _MAX_EXTRA_RUNS:
-        return None, _groups(list(accumulate(run_counts.tolist(), initial=0)), slots, ranks)
+        bounds = list(accumulate(run_counts.tolist(), initial=0))
+        return None, _groups(bounds, slots, ranks, num_rows, stack)
     sorted_slots, order = torch.sort(slot_ids, stable=True)
     run_slots, run_counts = torch.unique_consecutive(sorted_slots, return_counts=True)
     bounds = list(accumulate(run_counts.tolist(), initial=0))
-    return order, _groups(bounds, run_slots.tolist(), ranks)
+    return order, _groups(bounds, run_slots.tolist(), ranks, num_rows, stack)
+
+
+# The group loops below take each operand view with one as_strided call: tensor indexing such as
+# A[s, :r].T costs about 1 us per index on the CPU, more than the small matmul it feeds. Offsets are
+# absolute storage offsets, so the inputs may themselves be views.
 
 
 def _shrink_groups(xf: torch.Tensor, lora_a_stack: torch.Tensor, groups: list[Group], y: torch.Tensor):
     """y[p:q, :r] = xf[p:q] @ lora_a_stack[s, :r].T for each group; xf and y are float32."""
+    h_in = lora_a_stack.shape[2]
+    a_slot, a_row, a_col = lora_a_stack.stride()
+    a_off = lora_a_stack.storage_offset()
+    y_row, y_col = y.stride()
+    y_off = y.storage_offset()
     for p, q, s, r in groups:
-        torch.mm(xf[p:q], lora_a_stack[s, :r].T, out=y[p:q, :r])
+        a_t = lora_a_stack.as_strided((h_in, r), (a_col, a_row), a_off + s * a_slot)  # A[s, :r].T
+        y_g = y.as_strided((q - p, r), (y_row, y_col), y_off + p * y_row)  # y[p:q, :r]
+        torch.mm(xf[p:q], a_t, out=y_g)
 
 
 def _expand_groups(
@@ -85,19 +110,28 @@ def _expand_groups(
     """out[p:q, o:o+h_out] += y[p:q, :r] @ lora_b_stack[s, :r] per group, float32 sum rounded once."""
     if not groups:
         return
-    o = out_offset
     h_out = lora_b_stack.shape[2]
+    dst = None  # the half-precision rows to round the fp32 accumulator into at the end
     if out.dtype == torch.float32:
-        for p, q, s, r in groups:
-            out[p:q, o : o + h_out].addmm_(y[p:q, :r], lora_b_stack[s, :r])
-        return
-    # Half-precision out: accumulate the span of touched rows in fp32 and round once, as the spec does.
-    # Rows inside the span without an adapter round-trip half -> fp32 -> half, which is exact.
-    lo, hi = groups[0][0], groups[-1][1]
-    acc = out[lo:hi, o : o + h_out].float()  # [hi - lo, h_out] fp32
+        acc, first_row, first_col = out, 0, out_offset
+    else:
+        # Half-precision out: accumulate the span of touched rows in fp32 and round once, as the spec
+        # does. Rows inside the span without an adapter round-trip half -> fp32 -> half, which is exact.
+        first_row, hi = min(g[0] for g in groups), max(g[1] for g in groups)
+        dst = out[first_row:hi, out_offset : out_offset + h_out]  # [hi - first_row, h_out] view
+        acc, first_col = dst.float(), 0
+    b_slot, b_row, b_col = lora_b_stack.stride()
+    b_off = lora_b_stack.storage_offset()
+    y_row, y_col = y.stride()
+    y_off = y.storage_offset()
+    acc_row, acc_col = acc.stride()
+    acc_off = acc.storage_offset() + first_col * acc_col - first_row * acc_row
     for p, q, s, r in groups:
-        acc[p - lo : q - lo].addmm_(y[p:q, :r], lora_b_stack[s, :r])
-    out[lo:hi, o : o + h_out].copy_(acc)
+        b = lora_b_stack.as_strided((r, h_out), (b_row, b_col), b_off + s * b_slot)  # B[s, :r]
+        y_g = y.as_strided((q - p, r), (y_row, y_col), y_off + p * y_row)  # y[p:q, :r]
+        acc.as_strided((q - p, h_out), (acc_row, acc_col), acc_off + p * acc_row).addmm_(y_g, b)
+    if dst is not None:
+        dst.copy_(acc)
 
 
 class TorchLoraOps:
@@ -122,7 +156,7 @@ class TorchLoraOps:
         _check(x, lora_a_stack, y, 2, "bgmv_shrink")
         if x.shape[0] == 0:
             return
-        order, groups = _group_slots(slot_ids, lora_ranks.tolist())
+        order, groups = _group_slots(slot_ids, lora_ranks.tolist(), x.shape[0], lora_a_stack)
         if not groups:
             return
         # One cast per call: the stacks are fp32 (see stack_dtype), x arrives in the model dtype.
@@ -147,7 +181,7 @@ class TorchLoraOps:
         _check_out(out, y.shape[0], lora_b_stack.shape[2], out_offset, "bgmv_expand")
         if y.shape[0] == 0:
             return
-        order, groups = _group_slots(slot_ids, lora_ranks.tolist())
+        order, groups = _group_slots(slot_ids, lora_ranks.tolist(), y.shape[0], lora_b_stack)
         if order is None or not groups:
             _expand_groups(y, lora_b_stack, groups, out, out_offset)
             return
@@ -168,7 +202,8 @@ class TorchLoraOps:
         y: [num_tokens, max_rank] float32, changed in place in columns < r of each segment's rows.
         """
         _check(x, lora_a_stack, y, 2, "sgmv_shrink")
-        groups = _groups(segment_indptr.tolist(), segment_slot_ids.tolist(), lora_ranks.tolist())
+        bounds, slots, ranks = segment_indptr.tolist(), segment_slot_ids.tolist(), lora_ranks.tolist()
+        groups = _groups(bounds, slots, ranks, x.shape[0], lora_a_stack)
         if groups:
             # One cast per call: the stacks are fp32 (see stack_dtype), x arrives in the model dtype.
             _shrink_groups(x.float(), lora_a_stack, groups, y)
@@ -185,5 +220,6 @@ class TorchLoraOps:
         """
         _check(y, lora_b_stack, y, 1, "sgmv_expand")
         _check_out(out, y.shape[0], lora_b_stack.shape[2], out_offset, "sgmv_expand")
-        groups = _groups(segment_indptr.tolist(), segment_slot_ids.tolist(), lora_ranks.tolist())
+        bounds, slots, ranks = segment_indptr.tolist(), segment_slot_ids.tolist(), lora_ranks.tolist()
+        groups = _groups(bounds, slots, ranks, y.shape[0], lora_b_stack)
         _expand_groups(y, lora_b_stack, groups, out, out_offset)
