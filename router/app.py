@@ -1,0 +1,111 @@
+"""The aiohttp application: `create_app(config)` is the only entry point.
+
+Startup (a cleanup context, so `web.run_app` finishes it before it listens): wait for every worker rank
+to answer Health, read Info, forget stale sequences (ClearCache), derive the limits, load the tokenizer
+and the adapters, and start the scheduler task. Cleanup stops the scheduler, fails whatever is still in
+flight, and closes the worker channels it opened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+
+from aiohttp import web
+
+from router.adapters import AdapterRegistry
+from router.block_manager import BlockManager
+from router.client import ShardedClient
+from router.config import RouterConfig
+from router.limits import ConfigError, Limits
+from router.middleware import error_middleware
+from router.routes import setup_routes
+from router.scheduler import Scheduler
+from router.state import CONFIG, STATE, ConcurrencyLimit, State
+from router.tokenizer import ModelTokenizer
+from router.validation import Validator
+
+log = logging.getLogger(__name__)
+
+# TGI's default --payload-limit.
+PAYLOAD_LIMIT_BYTES = 2_000_000
+
+
+def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web.Application:
+    """The router app; `client` (tests) replaces the channels to `config.worker_uds`, and is not closed."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=PAYLOAD_LIMIT_BYTES)
+    app[CONFIG] = config
+    app.cleanup_ctx.append(_serving(client))
+    setup_routes(app)
+    return app
+
+
+def _serving(given: ShardedClient | None) -> Callable[[web.Application], AsyncIterator[None]]:
+    async def serving(app: web.Application) -> AsyncIterator[None]:
+        config = app[CONFIG]
+        client = given or ShardedClient(config.worker_uds)
+        try:
+            state = await start(config, client)
+            app[STATE] = state
+            task = asyncio.create_task(state.scheduler.run(), name="scheduler")
+            task.add_done_callback(_scheduler_died)
+            yield
+            task.remove_done_callback(_scheduler_died)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            await state.scheduler.close()
+        finally:
+            if given is None:
+                await client.close()
+
+    return serving
+
+
+async def start(config: RouterConfig, client: ShardedClient) -> State:
+    tokenizer = ModelTokenizer.from_model_dir(config.model_dir)
+    log.info("Waiting for %d worker rank(s): %s", client.world_size, ", ".join(client.uds_paths))
+    await client.wait_ready(config.worker_connect_timeout_s)
+    info = await client.info()
+    if info.world_size and info.world_size != client.world_size:
+        raise ConfigError(
+            f"the workers form a world of {info.world_size} ranks, "
+            f"but {client.world_size} worker sockets are configured"
+        )
+    await client.clear_cache()
+    limits = Limits.resolve(
+        config,
+        num_blocks=info.num_blocks,
+        block_size=info.block_size,
+        max_position=info.max_position_embeddings,
+    )
+    log.info(
+        "Workers: %s %s on %s, %d blocks of %d tokens, %d adapter slots; limits %s",
+        info.architecture,
+        info.dtype,
+        info.device_type,
+        info.num_blocks,
+        info.block_size,
+        info.num_adapter_slots,
+        limits,
+    )
+    adapters = await AdapterRegistry.load(client, config.model_id, config.adapters, info.num_adapter_slots)
+    scheduler = Scheduler(client, limits, BlockManager(info.num_blocks, info.block_size), tokenizer)
+    return State(
+        config=config,
+        client=client,
+        worker_info=info,
+        limits=limits,
+        tokenizer=tokenizer,
+        adapters=adapters,
+        validator=Validator(limits, tokenizer, adapters),
+        scheduler=scheduler,
+        concurrency=ConcurrencyLimit(limits.max_concurrent_requests),
+    )
+
+
+def _scheduler_died(task: asyncio.Task) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        log.critical("the scheduler stopped", exc_info=task.exception())

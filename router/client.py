@@ -1,0 +1,128 @@
+"""The sharded gRPC client: every RPC goes to every tensor-parallel rank at once; rank 0's reply is used.
+
+Ranks run each step in lockstep, so a call succeeds only when every rank answers. The first error from any
+rank fails the call at once (the other ranks' calls are cancelled) and is raised as `WorkerError`
+naming the rank, so a broken rank never leaves a request waiting on the others.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
+
+import grpc
+
+from proto import generate_pb2 as pb
+from proto.generate_pb2_grpc import TextGenerationServiceStub
+
+log = logging.getLogger(__name__)
+
+_CHANNEL_OPTIONS = [
+    # Prompt logprobs of long prompts exceed gRPC's 4 MiB default.
+    ("grpc.max_send_message_length", -1),
+    ("grpc.max_receive_message_length", -1),
+    # Workers take minutes to start; reconnect every second instead of backing off to 2 minutes.
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 1000),
+]
+
+
+class WorkerError(Exception):
+    """A rank failed an RPC (or could not be reached)."""
+
+    def __init__(self, method: str, rank: int, detail: str):
+        super().__init__(f"{method} failed on rank {rank}: {detail}")
+        self.method = method
+        self.rank = rank
+        self.detail = detail
+
+
+class ShardedClient:
+    def __init__(self, uds_paths: Sequence[str]):
+        if not uds_paths:
+            raise ValueError("at least one worker socket is needed")
+        self.uds_paths = list(uds_paths)
+        self._channels = [
+            grpc.aio.insecure_channel(f"unix://{path}", options=_CHANNEL_OPTIONS) for path in uds_paths
+        ]
+        self._stubs = [TextGenerationServiceStub(ch) for ch in self._channels]
+
+    @property
+    def world_size(self) -> int:
+        return len(self._stubs)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(ch.close() for ch in self._channels))
+
+    async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
+        """Send `request` to every rank; return rank 0's reply, or raise the first rank error."""
+        calls: list[Callable[..., Awaitable[Any]]] = [getattr(stub, method) for stub in self._stubs]
+        tasks = [asyncio.ensure_future(call(request, timeout=timeout)) for call in calls]
+        try:
+            pending = set(tasks)
+            while pending:
+                done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_EXCEPTION)
+                for task in done:
+                    if task.exception() is not None:
+                        raise self._error(method, tasks.index(task), task.exception())
+            return tasks[0].result()
+        finally:
+            for task in tasks:
+                task.cancel()
+
+    @staticmethod
+    def _error(method: str, rank: int, exc: BaseException) -> WorkerError:
+        if isinstance(exc, grpc.aio.AioRpcError):
+            detail = exc.details() or exc.code().name
+            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                detail = f"{exc.code().name}: {detail}"
+            return WorkerError(method, rank, detail)
+        return WorkerError(method, rank, repr(exc))
+
+    # ---- RPCs -----------------------------------------------------------------------------------
+
+    async def info(self) -> pb.InfoResponse:
+        return await self._call("Info", pb.InfoRequest())
+
+    async def health(self, timeout: float | None = None) -> None:
+        await self._call("Health", pb.HealthRequest(), timeout=timeout)
+
+    async def wait_ready(self, timeout: float, poll_s: float = 0.2) -> None:
+        """Poll Health until every rank answers; raise TimeoutError with the last failure after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            try:
+                await self.health(timeout=max(min(remaining, 5.0), 0.1))
+                return
+            except WorkerError as e:
+                if time.monotonic() + poll_s >= deadline:
+                    raise TimeoutError(f"workers not ready after {timeout:.0f} s ({e})") from None
+                log.debug("waiting for workers: %s", e)
+            await asyncio.sleep(poll_s)
+
+    async def load_adapter(self, slot: int, adapter_id: str, path: str) -> pb.LoadAdapterResponse:
+        return await self._call(
+            "LoadAdapter", pb.LoadAdapterRequest(slot=slot, adapter_id=adapter_id, path=path)
+        )
+
+    async def unload_adapter(self, slot: int) -> None:
+        await self._call("UnloadAdapter", pb.UnloadAdapterRequest(slot=slot))
+
+    async def prefill(self, sequences: Sequence[pb.NewSequence]) -> pb.StepResponse:
+        return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))
+
+    async def decode(
+        self, request_ids: Sequence[int], grown: Sequence[pb.BlockTable] = ()
+    ) -> pb.StepResponse:
+        return await self._call("Decode", pb.DecodeRequest(request_ids=request_ids, grown=grown))
+
+    async def release(self, request_ids: Sequence[int], timeout: float | None = None) -> None:
+        await self._call("Release", pb.ReleaseRequest(request_ids=request_ids), timeout=timeout)
+
+    async def clear_cache(self) -> None:
+        await self._call("ClearCache", pb.ClearCacheRequest())

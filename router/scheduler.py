@@ -1,0 +1,185 @@
+"""The continuous-batching loop: the one task that talks to the workers about sequences.
+
+Policy (TGI v3's loop without prefill chunking, and without preemption):
+
+- Requests wait in one FIFO queue. Admission takes sequences from the front while each fits:
+  `max_batch_size` running sequences, `max_batch_prefill_tokens` prompt tokens in this prefill,
+  `max_batch_total_tokens` reserved tokens (prompt + max_new_tokens) over the whole running batch, and
+  free KV blocks. The first sequence that does not fit stops admission, so nobody is overtaken.
+- A sequence gets all the KV blocks it can ever need when admitted, so decoding never runs out of cache
+  and nothing is ever preempted. Blocks return when it finishes, fails or is cancelled.
+- With nothing running, whatever fits is prefilled at once. While a batch is decoding, newcomers join
+  between two decode steps: their prefill runs (the others pause for it), then everybody decodes together
+  in one Decode call. To avoid pausing a large batch for a trickle of arrivals, joining waits until at
+  least `floor(running * waiting_served_ratio)` sequences can be admitted together, unless
+  `max_waiting_tokens` decode steps have passed since the last prefill.
+- Requests for different adapters share prefills and decode steps; each carries its adapter slot.
+- After every step, finished sequences (eos, stop sequence, length) leave at once: one Release call, then
+  their blocks are freed. Sequences whose client went away are released at the next step boundary (or
+  simply dropped from the queue if they had not started).
+- A worker error fails exactly the sequences of that step with a 424 generation error; the loop goes on.
+
+Each sequence reports its tokens as events on its own queue (see `router.sequence`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence as Seq
+
+from proto import generate_pb2 as pb
+from router.block_manager import BlockManager
+from router.client import ShardedClient, WorkerError
+from router.errors import GenerationError
+from router.limits import Limits
+from router.queue import RequestQueue
+from router.sequence import Sequence, SequenceParams, Status
+from router.tokenizer import ModelTokenizer
+
+log = logging.getLogger(__name__)
+
+# Release of finished sequences must not hold the loop for long if a worker hangs.
+_RELEASE_TIMEOUT_S = 30.0
+
+
+class Scheduler:
+    def __init__(
+        self, client: ShardedClient, limits: Limits, blocks: BlockManager, tokenizer: ModelTokenizer
+    ):
+        self.client = client
+        self.limits = limits
+        self.blocks = blocks
+        self.tokenizer = tokenizer
+        self.queue = RequestQueue(blocks)
+        self.running: list[Sequence] = []
+        self._wake = asyncio.Event()
+        self._next_id = 1
+        self._steps_since_prefill = 0
+
+    # ---- called by request handlers -------------------------------------------------------------
+
+    def submit(self, params: SequenceParams) -> Sequence:
+        seq = Sequence(self._next_id, params, self.tokenizer)
+        self._next_id += 1
+        self.queue.append(seq)
+        self._wake.set()
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """The client went away: drop a waiting sequence now, a running one at the next step boundary."""
+        if seq.status is Status.FINISHED:
+            return
+        seq.cancelled = True
+        if seq.status is Status.WAITING and self.queue.remove(seq):
+            seq.status = Status.FINISHED
+        self._wake.set()
+
+    # ---- the loop -------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        while True:
+            await self._release([s for s in self.running if s.cancelled])
+            if self.running:
+                new = self._admit(joining=True)
+                if new:
+                    await self._prefill(new)
+                if self.running:
+                    await self._decode()
+                continue
+            new = self._admit(joining=False)
+            if new:
+                await self._prefill(new)
+            elif self.queue:
+                self._fail_unschedulable()
+            else:
+                self._wake.clear()
+                await self._wake.wait()
+
+    async def close(self, reason: str = "the server is shutting down") -> None:
+        """Fail everything still queued or running (after the loop task was cancelled)."""
+        error = GenerationError(reason)
+        for seq in list(self.queue):
+            self.queue.remove(seq)
+            seq.fail(error)
+        for seq in self.running:
+            seq.fail(error)
+        # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races its result.
+        try:
+            async with asyncio.timeout(5.0):
+                await self._release(list(self.running))
+        except TimeoutError:
+            log.warning("workers did not answer Release at shutdown")
+
+    def _admit(self, joining: bool) -> list[Sequence]:
+        lim = self.limits
+        min_size = 0
+        if joining and self._steps_since_prefill < lim.max_waiting_tokens:
+            min_size = int(len(self.running) * lim.waiting_served_ratio)
+        max_size = None if lim.max_batch_size is None else lim.max_batch_size - len(self.running)
+        if max_size is not None and max_size <= 0:
+            return []
+        return self.queue.next_batch(
+            min_size=min_size,
+            max_size=max_size,
+            prefill_budget=lim.max_batch_prefill_tokens,
+            token_budget=lim.max_batch_total_tokens - sum(s.num_tokens for s in self.running),
+        )
+
+    def _fail_unschedulable(self) -> None:
+        # Validation bounds every request by limits an empty batch satisfies, so this means a bug; failing
+        # the head beats spinning on it forever.
+        seq = next(iter(self.queue))
+        self.queue.remove(seq)
+        log.error("request %d (%d tokens) does not fit an empty batch; failing it", seq.id, seq.num_tokens)
+        seq.fail(GenerationError(f"the request needs {seq.num_tokens} tokens of KV cache, which cannot fit"))
+
+    async def _prefill(self, new: list[Sequence]) -> None:
+        log.debug("prefill %s (running %d)", [s.id for s in new], len(self.running))
+        self.running.extend(new)
+        self._steps_since_prefill = 0
+        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
+
+    async def _decode(self) -> None:
+        seqs = list(self.running)
+        self._steps_since_prefill += 1
+        await self._step("Decode", seqs, self.client.decode([s.id for s in seqs]))
+
+    async def _step(self, method: str, seqs: list[Sequence], call) -> None:
+        """Run one step RPC and hand each sequence its token; failures fail exactly these sequences."""
+        try:
+            reply: pb.StepResponse = await call
+        except Exception as e:  # a worker error, or a bug: either way nobody may hang
+            if not isinstance(e, WorkerError):
+                log.exception("%s step failed", method)
+            for seq in seqs:
+                seq.fail(GenerationError(str(e)))
+            await self._release(seqs)
+            return
+        by_id = {g.request_id: g for g in reply.generations}
+        done = []
+        for seq in seqs:
+            gen = by_id.get(seq.id)
+            if seq.cancelled:
+                done.append(seq)
+            elif gen is None:
+                seq.fail(GenerationError(f"{method} returned no token for request {seq.id}"))
+                done.append(seq)
+            elif seq.on_generation(gen):
+                done.append(seq)
+        await self._release(done)
+
+    async def _release(self, seqs: Seq[Sequence]) -> None:
+        """Tell the workers to forget `seqs`, then free their blocks (even if the workers fail)."""
+        if not seqs:
+            return
+        ids = {s.id for s in seqs}
+        self.running = [s for s in self.running if s.id not in ids]
+        try:
+            await self.client.release(sorted(ids), timeout=_RELEASE_TIMEOUT_S)
+        except WorkerError as e:
+            log.warning("Release of %s failed: %s", sorted(ids), e)
+        for seq in seqs:
+            self.blocks.free(seq.blocks)
+            seq.blocks = []
+            seq.status = Status.FINISHED

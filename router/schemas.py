@@ -1,0 +1,120 @@
+"""TGI's request bodies as pydantic models, and the JSON shapes of its responses.
+
+Requests accept what real clients send: unknown keys are ignored (lorax's `adapter_source`, `api_token`,
+`merged_adapters`, ...) and an explicit `null` means "use the default". Types are strict (no "20" for
+20), as in TGI's serde types.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+from router.sequence import GenerationResult, Token
+
+
+def _drop_nulls(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: v for k, v in data.items() if v is not None}
+    return data
+
+
+class GenerateParameters(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    adapter_id: str | None = None
+    best_of: int | None = None
+    decoder_input_details: bool = False
+    details: bool = False
+    do_sample: bool = False
+    frequency_penalty: float | None = None
+    grammar: Any = None
+    max_new_tokens: int | None = None
+    repetition_penalty: float | None = None
+    return_full_text: bool | None = None
+    seed: int | None = None
+    stop: list[str] = []
+    temperature: float | None = None
+    top_k: int | None = None
+    top_n_tokens: int | None = None
+    top_p: float | None = None
+    truncate: int | None = None
+    typical_p: float | None = None
+    watermark: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_mean_default(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+# TGI: a body without `parameters` samples (`default_parameters()` sets do_sample), one with them does not.
+DEFAULT_PARAMETERS = GenerateParameters(do_sample=True)
+
+
+class GenerateRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+
+    inputs: str
+    parameters: GenerateParameters = DEFAULT_PARAMETERS
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_mean_default(cls, data: Any) -> Any:
+        return _drop_nulls(data)
+
+
+class CompatGenerateRequest(GenerateRequest):
+    """`POST /`: a GenerateRequest plus `stream`."""
+
+    stream: bool = False
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def _number(x: float | None) -> float | None:
+    """JSON has no NaN or infinity; such logprobs (e.g. the first prompt token's) become null."""
+    return x if x is not None and math.isfinite(x) else None
+
+
+def token_json(t: Token, with_special: bool = True) -> dict:
+    out: dict[str, Any] = {"id": t.id, "text": t.text, "logprob": _number(t.logprob)}
+    if with_special:
+        out["special"] = t.special
+    return out
+
+
+def details_json(r: GenerationResult, prefill: bool) -> dict:
+    out: dict[str, Any] = {
+        "finish_reason": r.finish_reason.value,
+        "generated_tokens": r.generated_tokens,
+        "seed": r.seed,
+        "prompt_tokens": r.prompt_tokens,  # not in TGI; lorax-client requires it
+        "prefill": [token_json(t, with_special=False) for t in r.prefill] if prefill else [],
+        "tokens": [token_json(t) for t in r.tokens],
+    }
+    if any(r.top_tokens):
+        out["top_tokens"] = [[token_json(t) for t in top] for top in r.top_tokens]
+    return out
+
+
+def generate_response_json(
+    best: GenerationResult,
+    others: list[GenerationResult],
+    *,
+    details: bool,
+    prefill: bool,
+    prefix: str = "",
+) -> dict:
+    """TGI's GenerateResponse; `prefix` is the prompt when return_full_text is set."""
+    out: dict[str, Any] = {"generated_text": prefix + best.generated_text}
+    if details:
+        out["details"] = details_json(best, prefill)
+        if others:
+            out["details"]["best_of_sequences"] = [
+                {"generated_text": prefix + r.generated_text, **details_json(r, prefill)} for r in others
+            ]
+    return out

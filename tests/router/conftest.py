@@ -1,0 +1,118 @@
+"""Router test fixtures: a tiny byte-level tokenizer, fake worker ranks, and the app under a test client."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+from router.app import create_app
+from router.client import ShardedClient
+from router.config import AdapterSource, RouterConfig
+from router.state import STATE, State
+from tests.router.fake_worker import FakeWorker, serve_fakes
+
+BASE_MODEL_ID = "tiny-base"
+ADAPTER_IDS = ("org/adapter-one", "adapter-two")
+# What each adapter slot generates before EOS (slot 0 = base model).
+SCRIPTS = {0: " hello world, said the base", 1: " one one one one one", 2: " two, two; two. two"}
+
+
+def build_tiny_tokenizer(out: Path) -> Path:
+    """Byte-level tokenizer: 3 special tokens, then one token per byte; BOS added via tokenizer_config."""
+    out.mkdir(parents=True, exist_ok=True)
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
+    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
+        vocab[ch] = len(vocab)
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    tok.save(str(out / "tokenizer.json"))
+    config = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "unk_token": "<unk>",
+        "add_bos_token": True,
+        "add_eos_token": False,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer_dir(tmp_path_factory) -> Path:
+    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def encode(tiny_tokenizer_dir):
+    tok = Tokenizer.from_file(str(tiny_tokenizer_dir / "tokenizer.json"))
+    return lambda text: tok.encode(text, add_special_tokens=False).ids
+
+
+@pytest.fixture
+def sock_dir():
+    # Unix socket paths are limited to ~108 bytes; pytest's tmp_path can be longer.
+    path = tempfile.mkdtemp(prefix="mlr-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@dataclass
+class Harness:
+    http: TestClient
+    fakes: list[FakeWorker]
+    config: RouterConfig
+
+    @property
+    def state(self) -> State:
+        return self.http.server.app[STATE]
+
+    async def settle(self, timeout: float = 5.0) -> None:
+        """Wait until nothing runs or waits and every KV block is free again (Release has returned)."""
+        sched = self.state.scheduler
+        async with asyncio.timeout(timeout):
+            while sched.running or len(sched.queue) or sched.blocks.num_free != sched.blocks.num_blocks:
+                await asyncio.sleep(0.005)
+
+    async def generate(self, inputs: str = "Hi", path: str = "/generate", **parameters):
+        return await self.http.post(path, json={"inputs": inputs, "parameters": parameters})
+
+
+@pytest.fixture
+async def start_router(tiny_tokenizer_dir, sock_dir, encode):
+    """`await start_router(world_size=2, fake={...}, **RouterConfig overrides)` -> Harness."""
+    async with contextlib.AsyncExitStack() as stack:
+
+        async def start(*, world_size: int = 2, fake: dict | None = None, adapters=ADAPTER_IDS, **overrides):
+            script = {slot: encode(text) for slot, text in SCRIPTS.items()}
+            fakes, paths = await stack.enter_async_context(
+                serve_fakes(sock_dir, world_size, script=script, **(fake or {}))
+            )
+            config = RouterConfig(
+                model_id=BASE_MODEL_ID,
+                model_dir=str(tiny_tokenizer_dir),
+                worker_uds=paths,
+                adapters=[AdapterSource(id=a, source=f"hub:{a}", path=f"/adapters/{a}") for a in adapters],
+                worker_connect_timeout_s=5.0,
+                **overrides,
+            )
+            client = ShardedClient(paths)
+            stack.push_async_callback(client.close)
+            http = TestClient(TestServer(create_app(config, client=client)))
+            await http.start_server()
+            stack.push_async_callback(http.close)
+            return Harness(http, fakes, config)
+
+        yield start
