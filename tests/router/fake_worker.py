@@ -64,6 +64,7 @@ class FakeWorker(TextGenerationServiceServicer):
         self.healthy = True
         self.fail_next: dict[str, str] = {}  # method -> error detail, for the next call only
         self.failing_adapters: set[str] = set()
+        self.drop_next: set[str] = set()  # methods whose next reply leaves the generations out
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -178,6 +179,9 @@ class FakeWorker(TextGenerationServiceServicer):
             if seq.num_cached + 1 > len(seq.block_table) * self.block_size:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
             out.append(self._next(seq))
+        if "Decode" in self.drop_next:
+            self.drop_next.remove("Decode")
+            out = []
         return pb.StepResponse(generations=out, forward_ns=1)
 
     async def Release(self, request, context):
