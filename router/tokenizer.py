@@ -1,9 +1,11 @@
 """The model's tokenizer in the router: encoding as `AutoTokenizer(text).input_ids`, streaming-safe decoding.
 
-Encoding uses the `tokenizers` library on `tokenizer.json` and reproduces what transformers (v5,
-`TokenizersBackend`) does on load: when `tokenizer_config.json` sets `add_bos_token`/`add_eos_token`
-explicitly, or `tokenizer.json` has no post-processor, the post-processor is replaced by a template that
-adds exactly the configured BOS/EOS. Named special tokens missing from `tokenizer.json` are added.
+Encoding uses the `tokenizers` library on `tokenizer.json` the way transformers (v5, `TokenizersBackend`)
+loads it: the file's post-processor decides which special tokens `tokenizer(text)` adds, and the
+`add_bos_token`/`add_eos_token` keys of `tokenizer_config.json` are ignored when `tokenizer.json` exists
+(transformers 5 drops them too; v4's LlamaTokenizerFast honoured them). Named special tokens of
+`tokenizer_config.json` that `tokenizer.json` lacks are added, as transformers does. Model classes that
+rebuild their pre-tokenizer in Python (Llama's Metaspace, CodeLlama) may differ in corner cases.
 
 Decoding follows TGI's prefix/read offsets: a token's text is the text that appears once it is appended,
 decoded together with a few tokens before it (so leading spaces and multi-byte characters come out right),
@@ -15,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer, processors
+from tokenizers import AddedToken, Tokenizer
 
 # Tokens of context decoded before a new token (TGI uses the same 5).
 PREFIX_TOKENS = 5
@@ -64,13 +66,6 @@ class ModelTokenizer:
         missing = [t for t in named.values() if t is not None and tok.token_to_id(t) is None]
         if missing:
             tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
-        explicit = "add_bos_token" in config or "add_eos_token" in config
-        if explicit or tok.post_processor is None:
-            tok.post_processor = _bos_eos_template(
-                tok,
-                named["bos_token"] if config.get("add_bos_token") else None,
-                named["eos_token"] if config.get("add_eos_token") else None,
-            )
         eos_ids = set()
         for name in ("generation_config.json", "config.json"):
             value = _read_json(model_dir / name).get("eos_token_id")
@@ -101,17 +96,6 @@ class ModelTokenizer:
 
     def is_special(self, token_id: int) -> bool:
         return token_id in self.special_ids
-
-
-def _bos_eos_template(tok: Tokenizer, bos: str | None, eos: str | None) -> processors.TemplateProcessing:
-    bos = bos if bos is not None and tok.token_to_id(bos) is not None else None
-    eos = eos if eos is not None and tok.token_to_id(eos) is not None else None
-    pre = f"{bos}:0 " if bos else ""
-    post = f" {eos}:0" if eos else ""
-    single = f"{pre}$A:0{post}"
-    pair = f"{single}{f' {bos}:1' if bos else ''} $B:1{f' {eos}:1' if eos else ''}"
-    special = [(t, tok.token_to_id(t)) for t in (bos, eos) if t]
-    return processors.TemplateProcessing(single=single, pair=pair, special_tokens=special)
 
 
 class IncrementalDetokenizer:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from router.app import create_app
 from router.client import ShardedClient
@@ -26,8 +26,8 @@ ADAPTER_IDS = ("org/adapter-one", "adapter-two")
 SCRIPTS = {0: " hello world, said the base", 1: " one one one one one", 2: " two, two; two. two"}
 
 
-def build_tiny_tokenizer(out: Path) -> Path:
-    """Byte-level tokenizer: 3 special tokens, then one token per byte; BOS added via tokenizer_config."""
+def build_tiny_tokenizer(out: Path, *, bos_template: bool = True, config: dict | None = None) -> Path:
+    """Byte-level tokenizer: 3 special tokens, then one token per byte; its post-processor adds BOS."""
     out.mkdir(parents=True, exist_ok=True)
     vocab = {"<unk>": 0, "<s>": 1, "</s>": 2}
     for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):
@@ -36,16 +36,19 @@ def build_tiny_tokenizer(out: Path) -> Path:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    if bos_template:
+        tok.post_processor = processors.TemplateProcessing(
+            single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", 1)]
+        )
     tok.save(str(out / "tokenizer.json"))
-    config = {
+    tokenizer_config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "bos_token": "<s>",
         "eos_token": "</s>",
         "unk_token": "<unk>",
-        "add_bos_token": True,
-        "add_eos_token": False,
+        **(config or {}),
     }
-    (out / "tokenizer_config.json").write_text(json.dumps(config))
+    (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
     (out / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return out
 
