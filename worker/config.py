@@ -5,11 +5,14 @@ A plain frozen dataclass (not pydantic) so the engine imports on machines with o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import torch
 
+# Field annotation (a string under `from __future__ import annotations`) -> accepted JSON value types.
+_JSON_TYPES = {"Path": (str,), "str": (str,), "int": (int,), "int | None": (int, type(None)), "bool": (bool,)}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -36,6 +39,32 @@ class WorkerConfig:
             raise ValueError("block_size and max_lora_rank must be >= 1, max_adapters >= 0")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
+
+    def to_json(self) -> str:
+        """The config as one JSON object (what the launcher passes to `python -m worker --config-json`)."""
+        return json.dumps({**asdict(self), "model_dir": str(self.model_dir)})
+
+    @classmethod
+    def from_json(cls, text: str) -> WorkerConfig:
+        """Parse `to_json` output; unknown fields, no `model_dir` or wrongly typed values raise ValueError."""
+        try:
+            raw = json.loads(text)
+        except ValueError as e:
+            raise ValueError(f"worker config is not valid JSON: {e}") from e
+        if not isinstance(raw, dict):
+            raise ValueError("worker config must be a JSON object")
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(raw) - set(known))
+        if unknown:
+            raise ValueError(f"unknown worker config fields: {', '.join(unknown)}")
+        if "model_dir" not in raw:
+            raise ValueError("worker config needs model_dir")
+        for name, value in raw.items():
+            expected = _JSON_TYPES[known[name].type]
+            # bool is an int subclass: accept it only where the field is a bool.
+            if not isinstance(value, expected) or isinstance(value, bool) != (bool in expected):
+                raise ValueError(f"worker config field {name!r} must be {known[name].type}, got {value!r}")
+        return cls(**{**raw, "model_dir": Path(raw["model_dir"])})
 
     @property
     def torch_dtype(self) -> torch.dtype:

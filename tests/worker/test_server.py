@@ -1,0 +1,549 @@
+"""The worker's gRPC server, driven through the generated stub over a unix socket.
+
+Steps served over gRPC must give the tokens and logprobs of a `ModelRunner` driven directly with the same
+calls; bad requests map to INVALID_ARGUMENT, internal failures to INTERNAL plus an unhealthy rank.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import grpc
+import pytest
+import torch
+
+from proto import generate_pb2 as pb
+from proto import generate_pb2_grpc as pb_grpc
+from worker import __main__ as worker_main
+from worker.config import WorkerConfig
+from worker.lora.adapter import load_peft_adapter
+from worker.runner import ModelRunner, PrefillRequest
+from worker.sampler import SamplingParams
+from worker.server import start_server, stop_server
+
+BLOCK_SIZE = 4
+NUM_BLOCKS = 64
+ADAPTERS = ("r4_qv", "r8_all", "r64_rs")  # slots 1, 2, 3
+
+
+def worker_config(model_dir: Path, **overrides) -> WorkerConfig:
+    kwargs = dict(
+        model_dir=model_dir,
+        dtype="float32",
+        block_size=BLOCK_SIZE,
+        num_blocks=NUM_BLOCKS,
+        max_adapters=len(ADAPTERS),
+        max_lora_rank=64,
+    )
+    return WorkerConfig(**{**kwargs, **overrides})
+
+
+@pytest.fixture
+def sock_dir():
+    # pytest's tmp_path can exceed the ~107-byte limit of a unix socket path.
+    with tempfile.TemporaryDirectory(prefix="mlw-") as d:
+        yield Path(d)
+
+
+@dataclass
+class Worker:
+    stub: pb_grpc.TextGenerationServiceStub
+    runner: ModelRunner
+
+
+@pytest.fixture
+async def worker(tiny_model_dir, sock_dir):
+    runner = ModelRunner(worker_config(tiny_model_dir))
+    server, servicer = await start_server(runner, sock_dir / "rank0.sock")
+    async with grpc.aio.insecure_channel(f"unix://{sock_dir}/rank0.sock") as channel:
+        yield Worker(pb_grpc.TextGenerationServiceStub(channel), runner)
+    await stop_server(server, servicer, grace_s=0)
+
+
+async def load_adapters(stub, tiny_adapters):
+    for slot, name in enumerate(ADAPTERS, start=1):
+        await stub.LoadAdapter(
+            pb.LoadAdapterRequest(slot=slot, adapter_id=name, path=str(tiny_adapters[name]))
+        )
+
+
+async def rpc_error(call) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call
+    return info.value
+
+
+def new_sequence(rid: int, tokens: list[int], blocks: list[int], slot: int = 0, **params) -> pb.NewSequence:
+    full = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, **params}
+    return pb.NewSequence(
+        request_id=rid,
+        token_ids=tokens,
+        block_table=blocks,
+        lora_slot=slot,
+        parameters=pb.SamplingParameters(**full),
+    )
+
+
+async def test_info_and_health(worker):
+    info = await worker.stub.Info(pb.InfoRequest())
+    assert (info.model_type, info.architecture) == ("llama", "LlamaForCausalLM")
+    assert (info.dtype, info.device_type) == ("float32", "cpu")
+    assert (info.vocab_size, info.max_position_embeddings) == (251, 256)
+    assert (info.block_size, info.num_blocks) == (BLOCK_SIZE, NUM_BLOCKS)
+    assert (info.num_adapter_slots, info.max_lora_rank) == (len(ADAPTERS), 64)
+    assert (info.world_size, info.rank) == (1, 0)
+    await worker.stub.Health(pb.HealthRequest())
+
+
+async def test_load_adapter(worker, tiny_adapters, caplog):
+    caplog.set_level("INFO", logger="worker.server")
+    reply = await worker.stub.LoadAdapter(
+        pb.LoadAdapterRequest(slot=1, adapter_id="r4_qv", path=str(tiny_adapters["r4_qv"]))
+    )
+    assert (reply.rank, reply.alpha, reply.use_rslora) == (4, 8.0, False)
+    assert list(reply.target_modules) == ["q_proj", "v_proj"]
+    assert reply.load_ns > 0
+    assert "Loading adapter weights into model: r4_qv" in caplog.messages
+    reply = await worker.stub.LoadAdapter(
+        pb.LoadAdapterRequest(slot=1, adapter_id="r64_rs", path=str(tiny_adapters["r64_rs"]))
+    )
+    assert (reply.rank, reply.alpha, reply.use_rslora) == (64, 16.0, True)
+    assert len(reply.target_modules) == 7
+    assert worker.runner.adapters[1].name == "r64_rs"  # replaced what was in the slot
+    await worker.stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1))
+    assert 1 not in worker.runner.adapters
+
+
+# request id -> (adapter slot, prompt length, sampling params, prompt_logprobs)
+# (Float parameters are exact in float32, the proto's type, so both paths sample from the same values.)
+REQUESTS = {
+    0: (0, 5, dict(top_n_tokens=5), False),
+    1: (1, 9, dict(do_sample=True, temperature=0.75, top_k=20, seed=7), False),
+    2: (2, 3, dict(repetition_penalty=1.25, frequency_penalty=0.5, top_n_tokens=2), True),
+    3: (3, 6, dict(do_sample=True, top_p=0.875, seed=3), False),
+    4: (1, 2, dict(), False),
+    5: (2, 7, dict(do_sample=True, typical_p=0.75, seed=11, top_n_tokens=3), True),
+}
+# The schedule: a mixed-adapter prefill, decodes, one sequence leaves, two join, more decodes.
+SCHEDULE = [
+    ("prefill", [0, 1, 2, 3]),
+    ("decode", [0, 1, 2, 3]),
+    ("decode", [0, 1, 2, 3]),
+    ("release", [2]),
+    ("prefill", [4, 5]),
+    ("decode", [0, 1, 3, 4, 5]),
+    ("decode", [0, 1, 3, 4, 5]),
+    ("decode", [0, 1, 3, 4, 5]),
+]
+
+
+def scripted_steps(vocab: int):
+    """Yield (kind, payload) with block tables: prefill -> [(rid, slot, tokens, table, params, plp)];
+    decode -> (rids, {rid: grown table}); release -> rids."""
+    gen = torch.Generator().manual_seed(0)
+    free = list(range(NUM_BLOCKS))
+    tables: dict[int, list[int]] = {}
+    lengths: dict[int, int] = {}
+
+    def grow(rid: int, num_tokens: int) -> bool:
+        table = tables.setdefault(rid, [])
+        grew = False
+        while len(table) * BLOCK_SIZE < num_tokens:
+            table.append(free.pop(0))
+            grew = True
+        return grew
+
+    for kind, rids in SCHEDULE:
+        if kind == "prefill":
+            seqs = []
+            for rid in rids:
+                slot, n, params, plp = REQUESTS[rid]
+                tokens = torch.randint(3, vocab, (n,), generator=gen).tolist()
+                lengths[rid] = n
+                grow(rid, n)
+                seqs.append((rid, slot, tokens, list(tables[rid]), params, plp))
+            yield kind, seqs
+        elif kind == "decode":
+            grown = {}
+            for rid in rids:
+                lengths[rid] += 1  # the last sampled token enters the cache
+                if grow(rid, lengths[rid]):
+                    grown[rid] = list(tables[rid])
+            yield kind, (rids, grown)
+        else:
+            for rid in rids:
+                free[:0] = tables.pop(rid)  # reused first, so stale cache contents would show
+            yield kind, rids
+
+
+def as_tuples(outputs) -> list[tuple]:
+    return [
+        (
+            o.request_id,
+            o.token_id,
+            o.logprob,
+            list(o.top_token_ids),
+            list(o.top_logprobs),
+            list(o.prompt_logprobs),
+        )
+        for o in outputs
+    ]
+
+
+async def run_over_grpc(stub, vocab) -> list[list[tuple]]:
+    results = []
+    for kind, payload in scripted_steps(vocab):
+        if kind == "prefill":
+            seqs = [
+                new_sequence(rid, tokens, table, slot, **params)
+                for rid, slot, tokens, table, params, _ in payload
+            ]
+            for seq, (*_, plp) in zip(seqs, payload, strict=True):
+                seq.prompt_logprobs = plp
+            reply = await stub.Prefill(pb.PrefillRequest(sequences=seqs))
+        elif kind == "decode":
+            rids, grown = payload
+            tables = [pb.BlockTable(request_id=rid, block_table=t) for rid, t in grown.items()]
+            reply = await stub.Decode(pb.DecodeRequest(request_ids=rids, grown=tables))
+        else:
+            await stub.Release(pb.ReleaseRequest(request_ids=payload))
+            continue
+        assert reply.forward_ns > 0
+        results.append(as_tuples(reply.generations))
+    return results
+
+
+def run_directly(runner: ModelRunner) -> list[list[tuple]]:
+    results = []
+    for kind, payload in scripted_steps(runner.hf_config.vocab_size):
+        if kind == "prefill":
+            reqs = [
+                PrefillRequest(rid, tokens, table, SamplingParams(**params), slot, plp)
+                for rid, slot, tokens, table, params, plp in payload
+            ]
+            outputs = runner.prefill(reqs)
+        elif kind == "decode":
+            outputs = runner.decode(*payload)
+        else:
+            runner.release(payload)
+            continue
+        for o in outputs:
+            o.prompt_logprobs = o.prompt_logprobs or []
+        results.append(as_tuples(outputs))
+    return results
+
+
+async def test_steps_equal_direct_runner(worker, tiny_model_dir, tiny_adapters):
+    await load_adapters(worker.stub, tiny_adapters)
+    served = await run_over_grpc(worker.stub, worker.runner.hf_config.vocab_size)
+
+    runner = ModelRunner(worker_config(tiny_model_dir))
+    num_layers = runner.hf_config.num_hidden_layers
+    for slot, name in enumerate(ADAPTERS, start=1):
+        adapter = load_peft_adapter(name, tiny_adapters[name], num_layers, runner.module_shapes())
+        runner.load_adapter(slot, adapter)
+    direct = run_directly(runner)
+
+    assert len(served) == len(direct) == 7
+    for step, (got, want) in enumerate(zip(served, direct, strict=True)):
+        assert [g[0] for g in got] == [w[0] for w in want], f"step {step}: generations not in request order"
+        for g, w in zip(got, want, strict=True):
+            rid = g[0]
+            assert g[1] == w[1], f"step {step}, request {rid}: token differs"
+            assert g[3] == w[3], f"step {step}, request {rid}: top token ids differ"
+            # Floats travel as float32 in the proto; the runner's are float32 values too.
+            assert g[2] == pytest.approx(w[2], abs=1e-6)
+            assert g[4] == pytest.approx(w[4], abs=1e-6)
+            assert g[5] == pytest.approx(w[5], abs=1e-6)
+    # The prefill steps asked for prompt logprobs of requests 2 and 5 only.
+    assert [len(g[5]) for g in served[0]] == [0, 0, 2, 0]
+    assert [len(g[5]) for g in served[3]] == [0, 6]
+
+
+async def test_release_and_clear_cache(worker):
+    stub = worker.stub
+    await stub.Prefill(
+        pb.PrefillRequest(sequences=[new_sequence(7, [5, 6, 7], [0]), new_sequence(8, [9, 10], [1])])
+    )
+    await stub.Release(pb.ReleaseRequest(request_ids=[7, 99]))  # unknown ids are ignored
+    assert set(worker.runner.sequences) == {8}
+    err = await rpc_error(stub.Decode(pb.DecodeRequest(request_ids=[7])))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request 7" in err.details()
+    await stub.Decode(pb.DecodeRequest(request_ids=[8]))
+    await stub.ClearCache(pb.ClearCacheRequest())
+    assert worker.runner.sequences == {}
+    err = await rpc_error(stub.Decode(pb.DecodeRequest(request_ids=[8])))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request 8" in err.details()
+    await stub.Health(pb.HealthRequest())
+
+
+BAD_REQUESTS = {
+    "unknown request id": (lambda s: s.Decode(pb.DecodeRequest(request_ids=[42])), "request 42"),
+    "adapter path missing": (
+        lambda s: s.LoadAdapter(pb.LoadAdapterRequest(slot=1, adapter_id="ghost", path="/no/such/adapter")),
+        "adapter 'ghost'",
+    ),
+    "adapter slot out of range": (
+        lambda s: s.LoadAdapter(pb.LoadAdapterRequest(slot=9, adapter_id="ghost", path="/x")),
+        "adapter 'ghost': slot 9",
+    ),
+    "block table too small": (
+        lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(3, list(range(3, 12)), [0, 1])])),
+        "request 3: 2 blocks of 4 cannot hold 9 tokens",
+    ),
+    "block id out of range": (
+        lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(4, [3, 4], [NUM_BLOCKS])])),
+        f"request 4: block {NUM_BLOCKS} is outside",
+    ),
+    "bad sampling parameter": (
+        lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(5, [3, 4], [0], temperature=-1.0)])),
+        "request 5: temperature must be > 0",
+    ),
+    "duplicate request id": (
+        lambda s: s.Prefill(
+            pb.PrefillRequest(sequences=[new_sequence(6, [3], [0]), new_sequence(6, [4], [1])])
+        ),
+        "request 6 appears twice",
+    ),
+    "slot without adapter": (
+        lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(7, [3], [0], slot=2)])),
+        "request 7: no adapter is loaded in slot 2",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_REQUESTS)
+async def test_bad_request_is_invalid_argument(worker, case):
+    call, message = BAD_REQUESTS[case]
+    err = await rpc_error(call(worker.stub))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.details()
+    await worker.stub.Health(pb.HealthRequest())  # a bad request leaves the rank healthy
+    assert worker.runner.sequences == {}
+
+
+async def test_decode_without_room_is_invalid_argument(worker):
+    await worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(1, [3, 4, 5, 6], [0])]))
+    err = await rpc_error(worker.stub.Decode(pb.DecodeRequest(request_ids=[1])))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request 1: its block table has no room" in err.details()
+    grown = [pb.BlockTable(request_id=1, block_table=[0, 1])]
+    reply = await worker.stub.Decode(pb.DecodeRequest(request_ids=[1], grown=grown))
+    assert [g.request_id for g in reply.generations] == [1]
+
+
+async def test_unset_parameters_mean_greedy_defaults(worker):
+    seq = pb.NewSequence(request_id=1, token_ids=[3, 4, 5], block_table=[0])
+    zeroed = pb.NewSequence(
+        request_id=2, token_ids=[3, 4, 5], block_table=[1], parameters=pb.SamplingParameters()
+    )
+    reply = await worker.stub.Prefill(pb.PrefillRequest(sequences=[seq, zeroed]))
+    a, b = reply.generations
+    assert a.token_id == b.token_id and a.logprob == pytest.approx(b.logprob)
+
+
+async def test_internal_failure_marks_rank_unhealthy(worker, monkeypatch, caplog):
+    await worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(11, [3, 4], [0])]))
+    gate, started = threading.Event(), threading.Event()
+
+    def broken_decode(request_ids, block_tables=None):
+        started.set()
+        assert gate.wait(10)
+        raise RuntimeError("device fell over")
+
+    monkeypatch.setattr(worker.runner, "decode", broken_decode)
+    failing = asyncio.ensure_future(worker.stub.Decode(pb.DecodeRequest(request_ids=[11])))
+    assert await asyncio.to_thread(started.wait, 10)
+    # A step that arrived before the failure is known must not run either.
+    queued = asyncio.ensure_future(
+        worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(12, [3], [1])]))
+    )
+    await asyncio.sleep(0.1)
+    gate.set()
+
+    err = await rpc_error(failing)
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert err.details() == "rank 0: RuntimeError: device fell over"
+    assert any("Decode failed (request ids [11])" in r.getMessage() for r in caplog.records)
+    err = await rpc_error(queued)
+    assert err.code() == grpc.StatusCode.UNAVAILABLE and "device fell over" in err.details()
+    assert 12 not in worker.runner.sequences
+
+    err = await rpc_error(worker.stub.Health(pb.HealthRequest()))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert err.details() == "rank 0 is unhealthy since a step failed: RuntimeError: device fell over"
+    err = await rpc_error(worker.stub.Decode(pb.DecodeRequest(request_ids=[11])))
+    assert err.code() == grpc.StatusCode.UNAVAILABLE
+    assert (await worker.stub.Info(pb.InfoRequest())).num_blocks == NUM_BLOCKS
+
+
+async def test_steps_run_one_at_a_time_in_arrival_order(worker, monkeypatch):
+    gate, started, calls = threading.Event(), threading.Event(), []
+    prefill, release = worker.runner.prefill, worker.runner.release
+
+    def slow_prefill(requests):
+        calls.append(("prefill", threading.get_ident()))
+        started.set()
+        assert gate.wait(10)
+        return prefill(requests)
+
+    def recorded_release(ids):
+        calls.append(("release", threading.get_ident()))
+        release(ids)
+
+    monkeypatch.setattr(worker.runner, "prefill", slow_prefill)
+    monkeypatch.setattr(worker.runner, "release", recorded_release)
+    step = asyncio.ensure_future(
+        worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(1, [3], [0])]))
+    )
+    assert await asyncio.to_thread(started.wait, 10)
+    queued = asyncio.ensure_future(worker.stub.Release(pb.ReleaseRequest(request_ids=[1])))
+    await asyncio.sleep(0.1)
+    # Health answers while the step blocks, and the Release waits behind the step.
+    await asyncio.wait_for(worker.stub.Health(pb.HealthRequest()), timeout=2)
+    assert [c[0] for c in calls] == ["prefill"] and not queued.done()
+    gate.set()
+    await step
+    await queued
+    assert [c[0] for c in calls] == ["prefill", "release"]
+    assert calls[0][1] == calls[1][1] != threading.get_ident()  # one step thread, off the event loop
+    assert worker.runner.sequences == {}
+
+
+def test_config_json_round_trip(tiny_model_dir):
+    config = worker_config(tiny_model_dir, num_blocks=None, rank=1, world_size=2)
+    assert WorkerConfig.from_json(config.to_json()) == config
+    for bad, message in [
+        ("{", "not valid JSON"),
+        ('{"dtype": "float32"}', "needs model_dir"),
+        ('{"model_dir": "/m", "block_sizes": 4}', "unknown worker config fields: block_sizes"),
+        ('{"model_dir": "/m", "block_size": "4"}', "'block_size' must be int"),
+        ('{"model_dir": "/m", "num_blocks": true}', "'num_blocks' must be int | None"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            WorkerConfig.from_json(bad)
+
+
+def start_worker(config: WorkerConfig, uds: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "worker", "--config-json", config.to_json(), "--uds", str(uds)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+async def wait_healthy(uds: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not uds.exists():
+        assert proc.poll() is None, proc.stdout.read()
+        assert time.monotonic() < deadline, "the worker did not bind its socket"
+        await asyncio.sleep(0.1)
+    async with grpc.aio.insecure_channel(f"unix://{uds}") as channel:
+        await pb_grpc.TextGenerationServiceStub(channel).Health(
+            pb.HealthRequest(), wait_for_ready=True, timeout=10
+        )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def test_cli_two_ranks_serve_in_lockstep_until_sigterm(tiny_model_dir, tiny_adapters, sock_dir):
+    """`python -m worker` with TP=2: private sockets, every RPC to both ranks at once, rank 0 answering
+    what one rank alone would, and a clean exit on SIGTERM."""
+    config = replace(worker_config(tiny_model_dir), world_size=2, master_port=free_port())
+    socks = [sock_dir / f"rank{r}.sock" for r in range(2)]
+    procs = [start_worker(replace(config, rank=r), socks[r]) for r in range(2)]
+    try:
+        await asyncio.gather(*(wait_healthy(uds, p) for uds, p in zip(socks, procs, strict=True)))
+        assert [stat.S_IMODE(os.stat(uds).st_mode) for uds in socks] == [0o600, 0o600]
+        channels = [grpc.aio.insecure_channel(f"unix://{uds}") for uds in socks]
+        stubs = [pb_grpc.TextGenerationServiceStub(c) for c in channels]
+        assert [(await s.Info(pb.InfoRequest())).rank for s in stubs] == [0, 1]
+        load = pb.LoadAdapterRequest(slot=1, adapter_id="r8_all", path=str(tiny_adapters["r8_all"]))
+        await asyncio.gather(*(s.LoadAdapter(load) for s in stubs))
+        seqs = [new_sequence(1, [3, 4, 5, 6, 7], [0, 1]), new_sequence(2, [8, 9], [2, 3], slot=1)]
+        steps = [pb.PrefillRequest(sequences=seqs)] + [pb.DecodeRequest(request_ids=[1, 2])] * 3
+        served = []
+        for step in steps:
+            call = "Prefill" if isinstance(step, pb.PrefillRequest) else "Decode"
+            replies = await asyncio.gather(*(getattr(s, call)(step) for s in stubs))
+            assert as_tuples(replies[0].generations) == as_tuples(replies[1].generations)
+            served.append([g.token_id for g in replies[0].generations])
+        for c in channels:
+            await c.close()
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        outputs = [(await asyncio.to_thread(p.communicate, timeout=30))[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    for rank, output in enumerate(outputs):
+        assert f"[rank {rank}] worker: ready: serving on unix://" in output
+    assert not any(uds.exists() for uds in socks)
+
+    runner = ModelRunner(worker_config(tiny_model_dir))
+    runner.load_adapter(1, load_peft_adapter("r8_all", tiny_adapters["r8_all"], 3, runner.module_shapes()))
+    greedy = SamplingParams()
+    direct = [
+        runner.prefill(
+            [PrefillRequest(1, [3, 4, 5, 6, 7], [0, 1], greedy), PrefillRequest(2, [8, 9], [2, 3], greedy, 1)]
+        )
+    ]
+    direct += [runner.decode([1, 2]) for _ in range(3)]
+    assert served == [[o.token_id for o in outs] for outs in direct]
+
+
+@pytest.fixture
+def unsupported_model_dir(tiny_model_dir, tmp_path):
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "case, message",
+    [
+        ("bad model dir", "cannot start: FileNotFoundError: model directory '/no/such/model' does not exist"),
+        ("unsupported architecture", "model architecture GPT2LMHeadModel is not supported"),
+        ("KV budget too small", "cannot start: ValueError: a KV budget of 16 bytes holds no block"),
+        ("socket directory missing", "cannot serve: cannot bind the unix socket"),
+    ],
+)
+def test_startup_error_exits_nonzero(case, message, tiny_model_dir, unsupported_model_dir, sock_dir, caplog):
+    config, uds = worker_config(tiny_model_dir), sock_dir / "rank0.sock"
+    if case == "bad model dir":
+        config = replace(config, model_dir=Path("/no/such/model"))
+    elif case == "unsupported architecture":
+        config = replace(config, model_dir=unsupported_model_dir)
+    elif case == "KV budget too small":
+        config = replace(config, num_blocks=None, kv_cache_bytes=16)
+    else:
+        uds = sock_dir / "missing" / "rank0.sock"
+    assert run_main(config.to_json(), uds) == 1
+    assert any(message in r.getMessage() and r.levelname == "ERROR" for r in caplog.records), caplog.text
+
+
+def test_bad_config_json_exits_2(sock_dir, caplog):
+    assert run_main(json.dumps({"model_dir": "/m", "dtype": "int8"}), sock_dir / "x.sock") == 2
+    assert "bad --config-json: dtype 'int8' is not one of" in caplog.text
+
+
+def run_main(config_json: str, uds: Path) -> int:
+    """`python -m worker` in this process, for the paths that end before serving."""
+    with pytest.MonkeyPatch.context() as mp:
+        # basicConfig(force=True) would take the root logger away from pytest's log capture.
+        mp.setattr(worker_main, "setup_logging", lambda rank, level: None)
+        return worker_main.main(["--config-json", config_json, "--uds", str(uds)])

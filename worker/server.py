@@ -1,0 +1,337 @@
+"""The gRPC servicer of one tensor-parallel rank: the router's `TextGenerationService` over a `ModelRunner`.
+
+The router sends every RPC to every rank, and the ranks run the same steps in lockstep (the collectives
+inside the model pair up). So that the steps on all ranks happen in the same order, every RPC that
+touches the runner runs on one dedicated thread, one at a time, in arrival order. The event loop stays
+free, so `Health` answers during a long step.
+
+Errors are mapped at the edge by `_rpc`:
+- a bad request (`RequestError`, which validation of the proto fields also raises, or `AdapterError`)
+  -> INVALID_ARGUMENT with the message, which names the request or the adapter. These are raised before
+  the runner changes any state, identically on every rank, so the ranks stay in lockstep;
+- anything else -> INTERNAL ("rank <r>: <type>: <message>"), logged with the request ids involved. The
+  failed step may have left the ranks out of lockstep, so the rank marks itself unhealthy for good:
+  `Health`, `Prefill` and `Decode` then answer UNAVAILABLE until the worker is restarted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import fields
+from pathlib import Path
+from typing import TypeVar
+
+import grpc
+
+from proto import generate_pb2 as pb
+from proto import generate_pb2_grpc as pb_grpc
+from worker.lora.adapter import AdapterError, load_peft_adapter
+from worker.runner import ModelRunner, PrefillRequest, RequestError, TokenOutput
+from worker.sampler import SamplingParams
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+# SamplingParameters fields whose proto3 default (0) is invalid: 0 means "unset", i.e. the neutral value.
+_ZERO_MEANS_NEUTRAL = ("temperature", "top_p", "typical_p", "repetition_penalty")
+
+
+class Unhealthy(Exception):
+    """A step was refused because an earlier one failed on this rank."""
+
+
+def _rpc(handler: Callable[[WorkerServicer, T, grpc.aio.ServicerContext], Awaitable]):
+    """Map a handler's exceptions to gRPC status codes (see the module docstring)."""
+
+    @functools.wraps(handler)
+    async def wrapped(self: WorkerServicer, request: T, context: grpc.aio.ServicerContext):
+        try:
+            return await handler(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except (RequestError, AdapterError) as err:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        except Unhealthy as err:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(err))
+        except Exception as err:
+            message = f"rank {self.rank}: {type(err).__name__}: {err}"
+            log.error("%s failed (%s): %s", handler.__name__, _involved(request), message, exc_info=err)
+            self._mark_failed(err)
+            await context.abort(grpc.StatusCode.INTERNAL, message)
+
+    return wrapped
+
+
+class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
+    def __init__(self, runner: ModelRunner):
+        self.runner = runner
+        self.rank = runner.ctx.rank
+        self.failure: str | None = None  # why this rank is unhealthy; None while healthy
+        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{self.rank}-step")
+
+    async def close(self) -> None:
+        """Finish the step in progress, drop the queued ones, and stop the step thread."""
+        await asyncio.to_thread(self._steps.shutdown, wait=True, cancel_futures=True)
+
+    async def _run(self, fn: Callable[..., T], *args) -> T:
+        """Run `fn(*args)` on the step thread, after every call that arrived before it."""
+        return await asyncio.get_running_loop().run_in_executor(self._steps, self._guarded, fn, *args)
+
+    def _guarded(self, fn: Callable[..., T], *args) -> T:
+        try:
+            return fn(*args)
+        except (RequestError, AdapterError, Unhealthy):
+            raise
+        except Exception as err:
+            # Marked here, on the step thread, so that the step queued next already sees it.
+            self._mark_failed(err)
+            raise
+
+    def _mark_failed(self, err: Exception) -> None:
+        if self.failure is None:
+            self.failure = f"{type(err).__name__}: {err}"
+            log.error("rank %d marked unhealthy: the ranks may be out of lockstep; restart it", self.rank)
+
+    # ---- RPCs -----------------------------------------------------------------------------------
+
+    @_rpc
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        """Model and capacity facts; static once the runner is built."""
+        runner, hf = self.runner, self.runner.hf_config
+        return pb.InfoResponse(
+            model_type=hf.model_type,
+            architecture=(hf.architectures or [""])[0],
+            dtype=runner.config.dtype,
+            device_type=runner.device.type,
+            vocab_size=hf.vocab_size,
+            max_position_embeddings=hf.max_position_embeddings,
+            block_size=runner.kv.block_size,
+            num_blocks=runner.kv.num_blocks,
+            num_adapter_slots=runner.config.max_adapters,
+            max_lora_rank=runner.config.max_lora_rank,
+            world_size=runner.ctx.world_size,
+            rank=self.rank,
+        )
+
+    @_rpc
+    async def Health(self, request: pb.HealthRequest, context) -> pb.HealthResponse:
+        """OK unless a step failed on this rank; answered on the event loop, never queued behind steps."""
+        if self.failure is not None:
+            await context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"rank {self.rank} is unhealthy since a step failed: {self.failure}",
+            )
+        return pb.HealthResponse()
+
+    @_rpc
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
+        """Read and validate the PEFT adapter at `path`, then write it into `slot` (queued like a step)."""
+        return await self._run(self._load_adapter, request)
+
+    @_rpc
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
+        """Empty `slot`; the router drains the sequences that use it first."""
+        await self._run(self._unload_adapter, request.slot)
+        return pb.UnloadAdapterResponse()
+
+    @_rpc
+    async def Prefill(self, request: pb.PrefillRequest, context) -> pb.StepResponse:
+        """Run the prompts of new sequences and sample each one's first token."""
+        return await self._run(self._prefill, request)
+
+    @_rpc
+    async def Decode(self, request: pb.DecodeRequest, context) -> pb.StepResponse:
+        """One token for each listed running sequence, after replacing the block tables that grew."""
+        return await self._run(self._decode, request)
+
+    @_rpc
+    async def Release(self, request: pb.ReleaseRequest, context) -> pb.ReleaseResponse:
+        """Forget finished or cancelled sequences; unknown ids are ignored."""
+        await self._run(self.runner.release, list(request.request_ids))
+        return pb.ReleaseResponse()
+
+    @_rpc
+    async def ClearCache(self, request: pb.ClearCacheRequest, context) -> pb.ClearCacheResponse:
+        """Forget every sequence (router restart or recovery); loaded adapters stay."""
+        await self._run(lambda: self.runner.release(list(self.runner.sequences)))
+        return pb.ClearCacheResponse()
+
+    # ---- on the step thread ---------------------------------------------------------------------
+
+    def _load_adapter(self, request: pb.LoadAdapterRequest) -> pb.LoadAdapterResponse:
+        if not request.adapter_id or not request.path:
+            raise RequestError(f"LoadAdapter needs an adapter_id and a path, got {request.adapter_id!r}")
+        self._check_slot(request.slot, request.adapter_id)
+        log.info("Loading adapter weights into model: %s", request.adapter_id)
+        start = time.perf_counter_ns()
+        adapter = load_peft_adapter(
+            request.adapter_id,
+            Path(request.path),
+            self.runner.hf_config.num_hidden_layers,
+            self.runner.module_shapes(),
+        )
+        self.runner.load_adapter(request.slot, adapter)
+        load_ns = time.perf_counter_ns() - start
+        log.info(
+            "adapter %r in slot %d (r=%d, %.1f ms)", adapter.name, request.slot, adapter.rank, load_ns / 1e6
+        )
+        return pb.LoadAdapterResponse(
+            rank=adapter.rank,
+            alpha=adapter.alpha,
+            use_rslora=adapter.use_rslora,
+            target_modules=list(adapter.target_modules),
+            load_ns=load_ns,
+        )
+
+    def _unload_adapter(self, slot: int) -> None:
+        self._check_slot(slot, None)
+        self.runner.unload_adapter(slot)
+        log.info("unloaded adapter slot %d", slot)
+
+    def _prefill(self, request: pb.PrefillRequest) -> pb.StepResponse:
+        self._check_healthy()
+        requests = [self._prefill_request(seq) for seq in request.sequences]
+        _check_unique([r.request_id for r in requests])
+        if not requests:
+            return pb.StepResponse()
+        start = time.perf_counter_ns()
+        outputs = self.runner.prefill(requests)
+        return _step_response(outputs, time.perf_counter_ns() - start)
+
+    def _decode(self, request: pb.DecodeRequest) -> pb.StepResponse:
+        self._check_healthy()
+        request_ids = list(request.request_ids)
+        _check_unique(request_ids)
+        grown = {}
+        for table in request.grown:
+            self._check_blocks(table.request_id, table.block_table)
+            grown[table.request_id] = list(table.block_table)
+        if not request_ids:
+            return pb.StepResponse()
+        start = time.perf_counter_ns()
+        outputs = self.runner.decode(request_ids, grown)
+        return _step_response(outputs, time.perf_counter_ns() - start)
+
+    # ---- request conversion and checks ----------------------------------------------------------
+
+    def _prefill_request(self, seq: pb.NewSequence) -> PrefillRequest:
+        self._check_blocks(seq.request_id, seq.block_table)
+        return PrefillRequest(
+            request_id=seq.request_id,
+            token_ids=list(seq.token_ids),
+            block_table=list(seq.block_table),
+            params=sampling_params(seq.request_id, seq.parameters if seq.HasField("parameters") else None),
+            lora_slot=seq.lora_slot,
+            prompt_logprobs=seq.prompt_logprobs,
+        )
+
+    def _check_healthy(self) -> None:
+        if self.failure is not None:
+            raise Unhealthy(f"rank {self.rank} runs no more steps since one failed: {self.failure}")
+
+    def _check_blocks(self, request_id: int, block_table) -> None:
+        """Block ids index the KV tensors directly, so one out of range would fail inside the step."""
+        num_blocks = self.runner.kv.num_blocks
+        bad = [b for b in block_table if b >= num_blocks]
+        if bad:
+            raise RequestError(f"request {request_id}: block {bad[0]} is outside the {num_blocks} KV blocks")
+
+    def _check_slot(self, slot: int, adapter_id: str | None) -> None:
+        num_slots = self.runner.config.max_adapters
+        if not 1 <= slot <= num_slots:
+            who = f"adapter {adapter_id!r}: " if adapter_id else ""
+            has = f"slots 1..{num_slots}" if num_slots else "no adapter slots (max_adapters is 0)"
+            raise RequestError(f"{who}slot {slot} is not an adapter slot; this worker has {has}")
+
+
+def sampling_params(request_id: int, p: pb.SamplingParameters | None) -> SamplingParams:
+    """Proto -> SamplingParams. Unset parameters, and 0 in a field where 0 is invalid, mean the default."""
+    if p is None:
+        return SamplingParams()
+    values = {f.name: getattr(p, f.name) for f in fields(SamplingParams)}
+    for name in _ZERO_MEANS_NEUTRAL:
+        if values[name] == 0:
+            values[name] = 1.0
+    try:
+        return SamplingParams(**values)
+    except ValueError as err:
+        raise RequestError(f"request {request_id}: {err}") from None
+
+
+def _check_unique(request_ids: list[int]) -> None:
+    seen = set()
+    for rid in request_ids:
+        if rid in seen:
+            raise RequestError(f"request {rid} appears twice in one step")
+        seen.add(rid)
+
+
+def _step_response(outputs: list[TokenOutput], forward_ns: int) -> pb.StepResponse:
+    return pb.StepResponse(
+        generations=[
+            pb.Generation(
+                request_id=o.request_id,
+                token_id=o.token_id,
+                logprob=o.logprob,
+                top_token_ids=o.top_token_ids,
+                top_logprobs=o.top_logprobs,
+                prompt_logprobs=o.prompt_logprobs or [],
+            )
+            for o in outputs
+        ],
+        forward_ns=forward_ns,
+    )
+
+
+def _involved(request) -> str:
+    """What a failed RPC was about, for the log: its request ids, or its adapter slot."""
+    if isinstance(request, pb.PrefillRequest):
+        return f"request ids {[s.request_id for s in request.sequences]}"
+    if isinstance(request, pb.DecodeRequest | pb.ReleaseRequest):
+        return f"request ids {list(request.request_ids)}"
+    if isinstance(request, pb.LoadAdapterRequest):
+        return f"adapter {request.adapter_id!r} into slot {request.slot}"
+    if isinstance(request, pb.UnloadAdapterRequest):
+        return f"slot {request.slot}"
+    return "no request ids"
+
+
+async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grpc.aio.Server, WorkerServicer]:
+    """Serve `runner` on the unix socket `uds`, which only this user may connect to (mode 0600).
+
+    Raises OSError when the socket cannot be bound (missing directory, path taken by a non-socket).
+    """
+    path = Path(uds)
+    if path.is_socket():
+        path.unlink()  # left by a worker that did not exit cleanly
+    servicer = WorkerServicer(runner)
+    # Only this user's processes can connect; a step with top_n_tokens near the vocab size can exceed
+    # gRPC's default 4 MiB, so message sizes are not limited (the router's channel must match).
+    server = grpc.aio.server(
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
+    )
+    pb_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    # The socket is created with the umask; a restrictive one closes the gap until the chmod below.
+    old_umask = os.umask(0o177)
+    try:
+        try:
+            server.add_insecure_port(f"unix://{path}")
+        except RuntimeError as err:  # grpc's "Failed to bind to address ..."
+            raise OSError(f"cannot bind the unix socket {str(path)!r}") from err
+        await server.start()
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+    return server, servicer
+
+
+async def stop_server(server: grpc.aio.Server, servicer: WorkerServicer, grace_s: float) -> None:
+    """Stop accepting RPCs, give those in flight `grace_s`, then finish the step in progress."""
+    await server.stop(grace_s)
+    await servicer.close()
