@@ -79,22 +79,32 @@ class Scheduler:
 
     async def run(self) -> None:
         while True:
-            await self._release([s for s in self.running if s.cancelled])
-            if self.running:
-                new = self._admit(joining=True)
-                if new:
-                    await self._prefill(new)
-                if self.running:
-                    await self._decode()
-                continue
-            new = self._admit(joining=False)
+            try:
+                await self._iteration()
+            except Exception as e:  # a bug: fail what was running rather than hang it, and go on
+                log.exception("scheduler iteration failed")
+                for seq in self.running:
+                    seq.fail(GenerationError(f"internal error: {e!r}"))
+                await self._release(list(self.running))
+
+    async def _iteration(self) -> None:
+        """Release the cancelled, then one prefill and/or decode step, or sleep until a request comes."""
+        await self._release([s for s in self.running if s.cancelled])
+        if self.running:
+            new = self._admit(joining=True)
             if new:
                 await self._prefill(new)
-            elif self.queue:
-                self._fail_unschedulable()
-            else:
-                self._wake.clear()
-                await self._wake.wait()
+            if self.running:
+                await self._decode()
+            return
+        new = self._admit(joining=False)
+        if new:
+            await self._prefill(new)
+        elif self.queue:
+            self._fail_unschedulable()
+        else:
+            self._wake.clear()
+            await self._wake.wait()
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Fail everything still queued or running (after the loop task was cancelled)."""

@@ -108,3 +108,21 @@ async def test_disconnect_while_queued_never_runs(start_router):
     assert (await first).status == 200
     await h.settle()
     assert [s.lora_slot for r in h.fakes[0].requests("Prefill") for s in r.sequences] == [0]
+
+
+async def test_waiting_served_ratio_delays_joining_until_max_waiting_tokens(start_router):
+    # Two running and a ratio of 1.0: one newcomer is not worth pausing the batch for, until 5 decode
+    # steps have passed since the last prefill.
+    h = await start_router(world_size=1, waiting_served_ratio=1.0, max_waiting_tokens=5)
+    fake = h.fakes[0]
+    fake.step_delay = 0.005
+    running = [asyncio.create_task(h.generate("Hi", max_new_tokens=60)) for _ in range(2)]
+    await _wait_for(lambda: len(h.state.scheduler.running) == 2)
+    newcomer = await h.generate("Hi", max_new_tokens=2)
+    assert newcomer.status == 200
+    methods = [m for m, _ in fake.calls if m in ("Prefill", "Decode")]
+    last = len(methods) - 1 - methods[::-1].index("Prefill")  # the newcomer's prefill
+    previous = last - 1 - methods[:last][::-1].index("Prefill")
+    assert methods[previous + 1 : last].count("Decode") >= 5
+    for t in running:
+        t.cancel()

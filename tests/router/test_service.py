@@ -171,3 +171,17 @@ async def test_workers_not_reachable(tiny_tokenizer_dir, sock_dir):
     with pytest.raises(TimeoutError, match="workers not ready after"):
         await client.wait_ready(config.worker_connect_timeout_s)
     await client.close()
+
+
+async def test_a_bug_in_token_handling_fails_the_request_not_the_server(start_router, monkeypatch):
+    from router.sequence import Sequence
+
+    h = await start_router(world_size=1)
+    original = Sequence.on_generation
+    monkeypatch.setattr(Sequence, "on_generation", lambda self, gen: 1 / 0)
+    resp = await h.generate("Hi", max_new_tokens=3)
+    assert resp.status == 424
+    assert "internal error" in (await resp.json())["error"]
+    monkeypatch.setattr(Sequence, "on_generation", original)
+    await h.settle()
+    assert (await h.generate("Hi", max_new_tokens=3)).status == 200
