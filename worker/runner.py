@@ -248,8 +248,15 @@ class ModelRunner:
         results = []
         for i, (rid, s) in enumerate(zip(ids, seqs, strict=True)):
             s.last_token = token_ids[i]  # the sampler has already counted it in s.sampling
-            n = s.params.top_n_tokens
-            results.append(TokenOutput(rid, token_ids[i], logprobs[i], top_ids[i][:n], top_lps[i][:n]))
+            # Rows whose distribution has fewer than top_n live tokens (top_k < top_n) come padded with -1.
+            top = [
+                (t, lp)
+                for t, lp in zip(top_ids[i][: s.params.top_n_tokens], top_lps[i], strict=False)
+                if t >= 0
+            ]
+            results.append(
+                TokenOutput(rid, token_ids[i], logprobs[i], [t for t, _ in top], [lp for _, lp in top])
+            )
         return results
 
     def _row_order(self, slots: list[int]) -> list[int]:

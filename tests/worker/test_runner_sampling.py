@@ -67,3 +67,11 @@ def test_seeded_sampling_is_independent_of_the_batch(tiny_model_dir, tiny_adapte
 
 def _fields(params: SamplingParams) -> dict:
     return {name: getattr(params, name) for name in params.__slots__}
+
+
+def test_top_n_larger_than_the_sampled_support_reports_only_live_tokens(tiny_model_dir):
+    runner, _ = build_runner(tiny_model_dir, {})
+    params = SamplingParams(do_sample=True, top_k=3, top_n_tokens=5, seed=1)
+    out = runner.prefill([PrefillRequest(1, [4, 5, 6], [0], params)])[0]
+    assert len(out.top_token_ids) == len(out.top_logprobs) == 3
+    assert all(t >= 0 for t in out.top_token_ids) and out.token_id in out.top_token_ids
