@@ -6,18 +6,15 @@ import functools
 import json
 import time
 from importlib import metadata
-from typing import TypeVar
 
-from aiohttp import hdrs, web
-from pydantic import BaseModel
-from pydantic import ValidationError as PydanticValidationError
+from aiohttp import web
 
 from router import infer
 from router.client import WorkerError
-from router.errors import BodyError, NotImplementedYetError, UnsupportedMediaTypeError
+from router.errors import NotImplementedYetError
+from router.http_common import read_json, timing_headers
 from router.middleware import error_response
 from router.schemas import CompatGenerateRequest, GenerateRequest, generate_response_json
-from router.sequence import GenerationResult
 from router.state import STATE, State
 
 HEALTH_TIMEOUT_S = 5.0
@@ -25,7 +22,6 @@ HEALTH_TIMEOUT_S = 5.0
 MAX_CLIENT_BATCH_SIZE = 4
 
 _dumps = functools.partial(json.dumps, allow_nan=False)
-Body = TypeVar("Body", bound=BaseModel)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -105,32 +101,6 @@ async def info(request: web.Request) -> web.Response:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-async def read_json(request: web.Request, model: type[Body]) -> Body:
-    """The body as `model`: 415 without a JSON content type, 400 if not JSON, 422 if not the model."""
-    if hdrs.CONTENT_TYPE not in request.headers or not _is_json(request.content_type):
-        raise UnsupportedMediaTypeError()
-    raw = await request.read()
-    if not raw.strip():
-        raise BodyError("Failed to parse the request body as JSON: the body is empty", 400)
-    try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as e:
-        raise BodyError(f"Failed to parse the request body as JSON: {e}", 400) from None
-    try:
-        return model.model_validate(data)
-    except PydanticValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
-        )
-        raise BodyError(
-            f"Failed to deserialize the JSON body into the target type: {problems}", 422
-        ) from None
-
-
-def _is_json(content_type: str) -> bool:
-    return content_type == "application/json" or content_type.endswith("+json")
-
-
 async def _generate(state: State, body: GenerateRequest, *, as_list: bool) -> web.Response:
     start = time.monotonic()
     valid = state.validator.validate(body)
@@ -143,28 +113,8 @@ async def _generate(state: State, body: GenerateRequest, *, as_list: bool) -> we
         prefill=valid.decoder_input_details,
         prefix=valid.inputs if valid.return_full_text else "",
     )
-    headers = _timing_headers(state, valid.inputs, best, start, validated)
+    headers = timing_headers(state, valid.inputs, best, start, validated)
     return web.json_response([payload] if as_list else payload, headers=headers, dumps=_dumps)
-
-
-def _timing_headers(
-    state: State, inputs: str, r: GenerationResult, start: float, validated: float
-) -> dict[str, str]:
-    """TGI's x-* headers; times in milliseconds except x-compute-time (seconds)."""
-    total = time.monotonic() - start
-    ms = lambda s: str(int(s * 1000))  # noqa: E731
-    return {
-        "x-compute-type": state.worker_info.device_type or "unknown",
-        "x-compute-time": f"{total:.6f}",
-        "x-compute-characters": str(len(inputs)),
-        "x-total-time": ms(total),
-        "x-validation-time": ms(validated - start),
-        "x-queue-time": ms(r.queue_s),
-        "x-inference-time": ms(r.inference_s),
-        "x-time-per-token": ms(r.inference_s / max(r.generated_tokens, 1)),
-        "x-prompt-tokens": str(r.prompt_tokens),
-        "x-generated-tokens": str(r.generated_tokens),
-    }
 
 
 @functools.cache
