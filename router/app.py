@@ -16,10 +16,12 @@ from collections.abc import AsyncIterator, Callable
 from aiohttp import web
 
 from router.adapters import AdapterRegistry
+from router.auth import auth_middleware
 from router.block_manager import BlockManager
 from router.client import ShardedClient
 from router.config import RouterConfig
 from router.limits import ConfigError, Limits
+from router.metrics import Metrics
 from router.middleware import error_middleware
 from router.routes import setup_routes
 from router.scheduler import Scheduler
@@ -29,13 +31,12 @@ from router.validation import Validator
 
 log = logging.getLogger(__name__)
 
-# TGI's default --payload-limit.
-PAYLOAD_LIMIT_BYTES = 2_000_000
-
 
 def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web.Application:
     """The router app; `client` (tests) replaces the channels to `config.worker_uds`, and is not closed."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=PAYLOAD_LIMIT_BYTES)
+    app = web.Application(
+        middlewares=[error_middleware, auth_middleware], client_max_size=config.payload_limit
+    )
     app[CONFIG] = config
     app.cleanup_ctx.append(_serving(client))
     setup_routes(app)
@@ -92,7 +93,10 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
         limits,
     )
     adapters = await AdapterRegistry.load(client, config.model_id, config.adapters, info.num_adapter_slots)
-    scheduler = Scheduler(client, limits, BlockManager(info.num_blocks, info.block_size), tokenizer)
+    metrics = Metrics(limits, config.model_id)
+    blocks = BlockManager(info.num_blocks, info.block_size)
+    scheduler = Scheduler(client, limits, blocks, tokenizer, metrics)
+    metrics.watch(scheduler, adapters, info.num_adapter_slots)
     return State(
         config=config,
         client=client,
@@ -103,6 +107,7 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
         validator=Validator(limits, tokenizer, adapters),
         scheduler=scheduler,
         concurrency=ConcurrencyLimit(limits.max_concurrent_requests),
+        metrics=metrics,
     )
 
 

@@ -41,4 +41,12 @@ class RouterConfig(BaseModel):
     waiting_served_ratio: float = 0.3
     max_waiting_tokens: int = 20
     shutdown_timeout_s: float = 30.0
+    api_key: str | None = None
+    """TGI's API_KEY: when set, the generation routes (every POST route) and the public gRPC service need
+    `Authorization: Bearer <api_key>`; info routes (/health, /info, /metrics, /docs, ...) stay open."""
+    payload_limit: int = 2_000_000
+    """TGI's PAYLOAD_LIMIT: the largest request body in bytes (413 above it; gRPC: RESOURCE_EXHAUSTED)."""
+    grpc_port: int | None = None
+    """Port of the public gRPC API (proto/public.proto) on `hostname`; None (default) serves none, 0 picks
+    a free port."""
     worker_connect_timeout_s: float = 600.0

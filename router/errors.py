@@ -22,6 +22,18 @@ class ValidationError(ApiError):
         super().__init__(f"Input validation error: {message}")
 
 
+class AdapterNotLoadedError(ValidationError):
+    """An adapter_id that is not loaded: a 422 validation error over HTTP, NOT_FOUND over gRPC."""
+
+
+class UnauthorizedError(ApiError):
+    status = 401
+    error_type = "authentication"
+
+    def __init__(self) -> None:
+        super().__init__("Unauthorized")
+
+
 class BodyError(ApiError):
     """The body is not JSON (400) or not a GenerateRequest (422); typed `validation` so clients map it."""
 

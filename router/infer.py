@@ -1,4 +1,7 @@
-"""Run a validated request to completion: one sequence, or `best_of` of them, with seeds chosen here."""
+"""Run a request: validate it, then one sequence or `best_of` of them, with seeds chosen here.
+
+`run` is the path every non-streaming route and RPC shares: validation, metrics, generation.
+"""
 
 from __future__ import annotations
 
@@ -6,9 +9,11 @@ import asyncio
 import dataclasses
 import secrets
 
+from router.metrics import RequestRecord
 from router.scheduler import Scheduler
+from router.schemas import GenerateRequest
 from router.sequence import EndEvent, ErrorEvent, GenerationResult, Sequence
-from router.validation import ValidRequest
+from router.validation import Validator, ValidRequest
 
 _U64 = 2**64
 
@@ -44,3 +49,15 @@ async def generate(
             scheduler.cancel(seq)
     best = max(range(len(results)), key=lambda i: results[i].mean_logprob)
     return results[best], [r for i, r in enumerate(results) if i != best]
+
+
+async def run(
+    validator: Validator, scheduler: Scheduler, body: GenerateRequest, record: RequestRecord
+) -> tuple[ValidRequest, GenerationResult, list[GenerationResult]]:
+    """Validate and generate, reporting to `record`: the request, the best result and the other best_of."""
+    record.adapter_id = body.parameters.adapter_id
+    valid = validator.validate(body)
+    record.validated(valid)
+    best, others = await generate(scheduler, valid)
+    record.succeeded(best)
+    return valid, best, others

@@ -7,12 +7,14 @@ import json
 import time
 from importlib import metadata
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from router import infer
 from router.client import WorkerError
-from router.errors import NotImplementedYetError
+from router.errors import NotImplementedYetError, ValidationError
 from router.http_common import read_json, timing_headers
+from router.metrics import RequestRecord, render
 from router.middleware import error_response
 from router.schemas import CompatGenerateRequest, GenerateRequest, generate_response_json
 from router.state import STATE, State
@@ -33,6 +35,8 @@ def setup_routes(app: web.Application) -> None:
             web.get("/", health),
             web.get("/ping", health),
             web.get("/info", info),
+            web.get("/metrics", metrics),
+            web.post("/tokenize", tokenize),
         ]
     )
 
@@ -40,19 +44,19 @@ def setup_routes(app: web.Application) -> None:
 async def generate(request: web.Request) -> web.Response:
     """TGI `POST /generate`: one GenerateResponse object."""
     state = request.app[STATE]
-    with state.concurrency.acquire():
+    with state.metrics.request() as record, state.concurrency.acquire():
         body = await read_json(request, GenerateRequest)
-        return await _generate(state, body, as_list=False)
+        return await _generate(state, body, record, as_list=False)
 
 
 async def compat_generate(request: web.Request) -> web.Response:
     """TGI `POST /`: a GenerateRequest plus `stream`; non-streaming answers a one-element array."""
     state = request.app[STATE]
-    with state.concurrency.acquire():
+    with state.metrics.request() as record, state.concurrency.acquire():
         body = await read_json(request, CompatGenerateRequest)
         if body.stream:
             raise NotImplementedYetError("`stream: true` is not supported by this server yet")
-        return await _generate(state, body, as_list=True)
+        return await _generate(state, body, record, as_list=True)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -62,6 +66,30 @@ async def health(request: web.Request) -> web.Response:
     except WorkerError:
         return error_response(503, "unhealthy", "healthcheck")
     return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """TGI `GET /metrics`: Prometheus text format (router/metrics.py lists the metrics)."""
+    text = render(request.app[STATE].metrics.registry)
+    return web.Response(body=text.encode(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_PLAIN_0_0_4})
+
+
+async def tokenize(request: web.Request) -> web.Response:
+    """TGI `POST /tokenize`: a GenerateRequest's prompt as `[{id, text, start, stop}]` (character offsets;
+    special tokens have empty text), truncated like generation when `parameters.truncate` is set."""
+    state = request.app[STATE]
+    body = await read_json(request, GenerateRequest)
+    truncate, max_input = body.parameters.truncate, state.limits.max_input_tokens
+    if truncate is not None and not 0 < truncate <= max_input:
+        raise ValidationError(
+            f"`truncate` must be strictly positive and less than {max_input}. Given: {truncate}"
+        )
+    enc = state.tokenizer.encoding(body.inputs, truncate)
+    tokens = [
+        {"id": i, "text": body.inputs[start:stop], "start": start, "stop": stop}
+        for i, (start, stop) in zip(enc.ids, enc.offsets, strict=True)
+    ]
+    return web.json_response(tokens, dumps=_dumps)
 
 
 async def info(request: web.Request) -> web.Response:
@@ -101,11 +129,12 @@ async def info(request: web.Request) -> web.Response:
 # ---- helpers ------------------------------------------------------------------------------------
 
 
-async def _generate(state: State, body: GenerateRequest, *, as_list: bool) -> web.Response:
+async def _generate(
+    state: State, body: GenerateRequest, record: RequestRecord, *, as_list: bool
+) -> web.Response:
     start = time.monotonic()
-    valid = state.validator.validate(body)
-    validated = time.monotonic()
-    best, others = await infer.generate(state.scheduler, valid)
+    valid, best, others = await infer.run(state.validator, state.scheduler, body, record)
+    validated = record.validated_at or start
     payload = generate_response_json(
         best,
         others,

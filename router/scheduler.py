@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Sequence as Seq
 
 from proto import generate_pb2 as pb
@@ -33,6 +34,7 @@ from router.block_manager import BlockManager
 from router.client import ShardedClient, WorkerError
 from router.errors import GenerationError
 from router.limits import Limits
+from router.metrics import Metrics
 from router.queue import RequestQueue
 from router.sequence import Sequence, SequenceParams, Status
 from router.tokenizer import ModelTokenizer
@@ -45,9 +47,15 @@ _RELEASE_TIMEOUT_S = 30.0
 
 class Scheduler:
     def __init__(
-        self, client: ShardedClient, limits: Limits, blocks: BlockManager, tokenizer: ModelTokenizer
+        self,
+        client: ShardedClient,
+        limits: Limits,
+        blocks: BlockManager,
+        tokenizer: ModelTokenizer,
+        metrics: Metrics | None = None,
     ):
         self.client = client
+        self.metrics = metrics or Metrics(limits, base_model_id="")
         self.limits = limits
         self.blocks = blocks
         self.tokenizer = tokenizer
@@ -146,6 +154,8 @@ class Scheduler:
 
     async def _prefill(self, new: list[Sequence]) -> None:
         log.debug("prefill %s (running %d)", [s.id for s in new], len(self.running))
+        waited = self._steps_since_prefill >= self.limits.max_waiting_tokens
+        self.metrics.new_batch(len(new), joining=bool(self.running), waited=waited)
         self.running.extend(new)
         self._steps_since_prefill = 0
         await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
@@ -157,15 +167,18 @@ class Scheduler:
 
     async def _step(self, method: str, seqs: list[Sequence], call) -> None:
         """Run one step RPC and hand each sequence its token; failures fail exactly these sequences."""
+        start = time.monotonic()
         try:
             reply: pb.StepResponse = await call
         except Exception as e:  # a worker error, or a bug: either way nobody may hang
+            self.metrics.step(method, time.monotonic() - start, forward_ns=None)
             if not isinstance(e, WorkerError):
                 log.exception("%s step failed", method)
             for seq in seqs:
                 seq.fail(GenerationError(str(e)))
             await self._release(seqs)
             return
+        self.metrics.step(method, time.monotonic() - start, forward_ns=reply.forward_ns)
         by_id = {g.request_id: g for g in reply.generations}
         done = []
         for seq in seqs:

@@ -14,6 +14,7 @@ from router.client import ShardedClient
 from router.config import RouterConfig
 from router.errors import OverloadedError
 from router.limits import Limits
+from router.metrics import Metrics
 from router.scheduler import Scheduler
 from router.tokenizer import ModelTokenizer
 from router.validation import Validator
@@ -48,6 +49,7 @@ class State:
     validator: Validator
     scheduler: Scheduler
     concurrency: ConcurrencyLimit
+    metrics: Metrics
 
 
 CONFIG = web.AppKey("config", RouterConfig)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import AddedToken, Tokenizer
+from tokenizers import AddedToken, Encoding, Tokenizer
 
 # Tokens of context decoded before a new token (TGI uses the same 5).
 PREFIX_TOKENS = 5
@@ -79,13 +79,17 @@ class ModelTokenizer:
 
         As in `tokenizers` truncation, the special tokens count towards `truncate` and are kept.
         """
+        return self.encoding(text, truncate).ids
+
+    def encoding(self, text: str, truncate: int | None = None) -> Encoding:
+        """`encode`'s result with its character offsets (`offsets`; special tokens have (0, 0))."""
         if truncate is None:
-            return self._tok.encode(text).ids
+            return self._tok.encode(text)
         enc = self._tok.encode(text, add_special_tokens=False)
         keep = max(truncate - self._num_added, 0)
         if len(enc.ids) > keep:
             enc.truncate(keep, direction="left")
-        return self._tok.post_process(enc).ids
+        return self._tok.post_process(enc)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

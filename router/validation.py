@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from router.adapters import AdapterRegistry, UnknownAdapterError
-from router.errors import ValidationError
+from router.errors import AdapterNotLoadedError, ValidationError
 from router.limits import Limits
 from router.schemas import GenerateRequest
 from router.sequence import Sampling, SequenceParams
@@ -115,7 +115,7 @@ class Validator:
         try:
             slot = self.adapters.slot_for(p.adapter_id)
         except UnknownAdapterError:
-            raise ValidationError(
+            raise AdapterNotLoadedError(
                 f"adapter `{p.adapter_id}` is not loaded; `GET /info` lists the loaded adapters"
             ) from None
 
