@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import time
+from importlib import metadata
 from typing import TypeVar
 
 from aiohttp import hdrs, web
@@ -81,3 +83,11 @@ def stream_headers(
 
 def compute_type(state: State) -> str:
     return state.worker_info.device_type or "unknown"
+
+
+@functools.cache
+def server_version() -> str:
+    try:
+        return metadata.version("multilora")
+    except metadata.PackageNotFoundError:
+        return "unknown"

@@ -10,9 +10,9 @@ from importlib import metadata
 from aiohttp import hdrs, web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from router import infer
+from router import infer, openai_routes, stream
 from router.client import WorkerError
-from router.errors import NotImplementedYetError, ValidationError
+from router.errors import ValidationError
 from router.http_common import read_json, timing_headers
 from router.metrics import RequestRecord, render
 from router.middleware import error_response
@@ -20,8 +20,6 @@ from router.schemas import CompatGenerateRequest, GenerateRequest, generate_resp
 from router.state import STATE, State
 
 HEALTH_TIMEOUT_S = 5.0
-# TGI's default --max-client-batch-size (prompts per /v1/completions call).
-MAX_CLIENT_BATCH_SIZE = 4
 
 _dumps = functools.partial(json.dumps, allow_nan=False)
 
@@ -30,6 +28,7 @@ def setup_routes(app: web.Application) -> None:
     app.add_routes(
         [
             web.post("/generate", generate),
+            web.post("/generate_stream", generate_stream),
             web.post("/", compat_generate),
             web.get("/health", health),
             web.get("/", health),
@@ -37,6 +36,9 @@ def setup_routes(app: web.Application) -> None:
             web.get("/info", info),
             web.get("/metrics", metrics),
             web.post("/tokenize", tokenize),
+            web.post("/v1/chat/completions", openai_routes.chat_completions),
+            web.post("/v1/completions", openai_routes.completions),
+            web.get("/v1/models", openai_routes.models),
         ]
     )
 
@@ -50,13 +52,22 @@ async def generate(request: web.Request) -> web.Response:
 
 
 async def compat_generate(request: web.Request) -> web.Response:
-    """TGI `POST /`: a GenerateRequest plus `stream`; non-streaming answers a one-element array."""
+    """TGI `POST /`: a GenerateRequest plus `stream`; non-streaming answers a one-element array, streaming
+    answers as /generate_stream does."""
     state = request.app[STATE]
     with state.metrics.request() as record, state.concurrency.acquire():
         body = await read_json(request, CompatGenerateRequest)
         if body.stream:
-            raise NotImplementedYetError("`stream: true` is not supported by this server yet")
+            return await stream.generate_stream(request, state, body, record)
         return await _generate(state, body, record, as_list=True)
+
+
+async def generate_stream(request: web.Request) -> web.StreamResponse:
+    """TGI `POST /generate_stream`: server-sent events, one per token (router/stream.py)."""
+    state = request.app[STATE]
+    with state.metrics.request() as record, state.concurrency.acquire():
+        body = await read_json(request, GenerateRequest)
+        return await stream.generate_stream(request, state, body, record)
 
 
 async def health(request: web.Request) -> web.Response:
@@ -113,7 +124,7 @@ async def info(request: web.Request) -> web.Response:
             "max_batch_prefill_tokens": lim.max_batch_prefill_tokens,
             "max_batch_total_tokens": lim.max_batch_total_tokens,
             "max_batch_size": lim.max_batch_size,
-            "max_client_batch_size": MAX_CLIENT_BATCH_SIZE,
+            "max_client_batch_size": openai_routes.MAX_CLIENT_BATCH_SIZE,
             "num_shard": state.client.world_size,
             "kv_block_size": w.block_size,
             "kv_num_blocks": w.num_blocks,

@@ -74,22 +74,23 @@ class ModelTokenizer:
             eos_ids.add(tok.token_to_id(named["eos_token"]))
         return cls(tok, frozenset(eos_ids))
 
-    def encode(self, text: str, truncate: int | None = None) -> list[int]:
+    def encode(self, text: str, truncate: int | None = None, add_special_tokens: bool = True) -> list[int]:
         """Token ids with the model's special tokens; `truncate` keeps the last ones (TGI's left truncation).
 
         As in `tokenizers` truncation, the special tokens count towards `truncate` and are kept.
+        `add_special_tokens=False` is for text that already holds them (a rendered chat template).
         """
-        return self.encoding(text, truncate).ids
+        return self.encoding(text, truncate, add_special_tokens).ids
 
-    def encoding(self, text: str, truncate: int | None = None) -> Encoding:
+    def encoding(self, text: str, truncate: int | None = None, add_special_tokens: bool = True) -> Encoding:
         """`encode`'s result with its character offsets (`offsets`; special tokens have (0, 0))."""
         if truncate is None:
-            return self._tok.encode(text)
+            return self._tok.encode(text, add_special_tokens=add_special_tokens)
         enc = self._tok.encode(text, add_special_tokens=False)
-        keep = max(truncate - self._num_added, 0)
+        keep = max(truncate - (self._num_added if add_special_tokens else 0), 0)
         if len(enc.ids) > keep:
             enc.truncate(keep, direction="left")
-        return self._tok.post_process(enc)
+        return self._tok.post_process(enc) if add_special_tokens else enc
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)

@@ -38,7 +38,10 @@ class Validator:
         self.tokenizer = tokenizer
         self.adapters = adapters
 
-    def validate(self, request: GenerateRequest, *, stream: bool = False) -> ValidRequest:
+    def validate(
+        self, request: GenerateRequest, *, stream: bool = False, add_special_tokens: bool = True
+    ) -> ValidRequest:
+        """`add_special_tokens=False` for inputs that already hold them (a rendered chat template)."""
         p = request.parameters
         lim = self.limits
 
@@ -86,6 +89,8 @@ class Validator:
             )
         if p.grammar is not None:
             raise ValidationError("grammar is not supported")
+        if p.watermark:
+            raise ValidationError("`watermark` is not supported by this server")
         if not request.inputs:
             raise ValidationError("`inputs` cannot be empty")
         if p.truncate is not None and not 0 < p.truncate <= lim.max_input_tokens:
@@ -95,7 +100,9 @@ class Validator:
             )
 
         try:
-            input_ids = self.tokenizer.encode(request.inputs, truncate=p.truncate)
+            input_ids = self.tokenizer.encode(
+                request.inputs, truncate=p.truncate, add_special_tokens=add_special_tokens
+            )
         except Exception as e:
             raise ValidationError(f"tokenizer error {e}") from e
         n_in = len(input_ids)

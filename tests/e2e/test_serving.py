@@ -28,7 +28,8 @@ def tiny_env(model_dir, adapters, **extra) -> dict[str, str]:
     return {
         "MODEL_ID": str(model_dir),
         "DTYPE": "float32",
-        "DEVICE": "cpu",
+        # `auto` (cuda when there is a GPU) to run these on a GPU machine; CPU by default.
+        "DEVICE": os.environ.get("MULTILORA_E2E_DEVICE", "cpu"),
         "LORA_ADAPTERS": ",".join(f"{name}={path}" for name, path in adapters.items()),
         "KV_CACHE_MEMORY": "64MiB",
         "GRACEFUL_TERMINATION_TIMEOUT": "60",

@@ -24,6 +24,11 @@ BASE_MODEL_ID = "tiny-base"
 ADAPTER_IDS = ("org/adapter-one", "adapter-two")
 # What each adapter slot generates before EOS (slot 0 = base model).
 SCRIPTS = {0: " hello world, said the base", 1: " one one one one one", 2: " two, two; two. two"}
+# The tiny tokenizer's chat template; it writes BOS itself, so the router must not add another.
+CHAT_TEMPLATE = (
+    "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}[assistant] {% endif %}"
+)
 
 
 def build_tiny_tokenizer(out: Path, *, bos_template: bool = True, config: dict | None = None) -> Path:
@@ -55,7 +60,9 @@ def build_tiny_tokenizer(out: Path, *, bos_template: bool = True, config: dict |
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer_dir(tmp_path_factory) -> Path:
-    return build_tiny_tokenizer(tmp_path_factory.mktemp("tiny-tokenizer"))
+    return build_tiny_tokenizer(
+        tmp_path_factory.mktemp("tiny-tokenizer"), config={"chat_template": CHAT_TEMPLATE}
+    )
 
 
 @pytest.fixture(scope="session")

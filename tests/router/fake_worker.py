@@ -65,6 +65,7 @@ class FakeWorker(TextGenerationServiceServicer):
         self.fail_next: dict[str, str] = {}  # method -> error detail, for the next call only
         self.failing_adapters: set[str] = set()
         self.drop_next: set[str] = set()  # methods whose next reply leaves the generations out
+        self.fail_at_token: int | None = None  # Decode fails when a sequence would make its token k (1-based)
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -178,6 +179,8 @@ class FakeWorker(TextGenerationServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid} is not running")
             if seq.num_cached + 1 > len(seq.block_table) * self.block_size:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
+            if self.fail_at_token is not None and len(seq.generated) + 1 == self.fail_at_token:
+                await context.abort(grpc.StatusCode.INTERNAL, "injected failure")
             out.append(self._next(seq))
         if "Decode" in self.drop_next:
             self.drop_next.remove("Decode")
