@@ -247,12 +247,15 @@ def on_term(signum, frame):
         time.sleep(1.0)
     sys.exit(0)
 signal.signal(signal.SIGTERM, on_term if behaviour != "ignore_term" else signal.SIG_IGN)
+if behaviour == "loading":  # like a worker loading its model: no handler yet, never ready
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
 note("start")
 print(f"{role} says hello", flush=True)
 if behaviour == "crash_at_start":
     print("boom: cannot load the thing", flush=True)
     sys.exit(3)
-Path(ready).write_text(str(os.getpid()))
+if behaviour != "loading":
+    Path(ready).write_text(str(os.getpid()))
 t0 = time.monotonic()
 while True:
     time.sleep(0.05)
@@ -334,6 +337,18 @@ def test_sigint_works_like_sigterm(tmp_path):
     run.proc.send_signal(signal.SIGINT)
     code, err = run.finish()
     assert code == 0, err
+
+
+def test_sigterm_while_a_worker_loads_exits_0(tmp_path):
+    run = Run(tmp_path, {"worker0": "loading"}, n=1)
+    deadline = time.monotonic() + 30
+    while "worker0 start" not in run.events():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish()
+    assert code == 0, err
+    assert "router start" not in run.events()
 
 
 def test_worker_failing_at_startup_stops_everything(tmp_path):
