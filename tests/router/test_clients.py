@@ -1,0 +1,244 @@
+"""Real third-party clients against the router over HTTP on 127.0.0.1 (fake workers behind it).
+
+text-generation 0.7.0 and lorax-client 0.6.3 pin huggingface-hub<1.0, which transformers 5 cannot share,
+so they are installed with --no-deps; a test whose client is missing is skipped. The sync clients run in
+a thread (the server shares the test's event loop). Every stream test checks that events arrived: the
+clients silently yield nothing for a body they cannot parse.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from tests.router.conftest import BASE_MODEL_ID, SCRIPTS
+
+text_generation = pytest.importorskip("text_generation", reason="pip install --no-deps text-generation")
+lorax = pytest.importorskip("lorax", reason="pip install --no-deps lorax-client")
+openai = pytest.importorskip("openai", reason="pip install openai")
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+# text-generation and lorax-client call pydantic's deprecated `.dict()`.
+pytestmark = pytest.mark.filterwarnings("ignore:The `dict` method is deprecated")
+
+
+@pytest.fixture
+async def served(start_router):
+    h = await start_router()
+    for f in h.fakes:
+        f.step_delay = 0.001
+    return h
+
+
+@pytest.fixture
+def url(served) -> str:
+    return str(served.http.make_url("")).rstrip("/")
+
+
+def run(fn, *args, **kwargs):
+    return asyncio.to_thread(fn, *args, **kwargs)
+
+
+# ---- text-generation --------------------------------------------------------------------------
+
+
+async def test_text_generation_client(url):
+    client = text_generation.Client(url, timeout=30)
+    r = await run(client.generate, "Hello", max_new_tokens=5)
+    assert r.generated_text == SCRIPTS[0][:5]
+    assert r.details.finish_reason == "length" and r.details.generated_tokens == 5
+    assert len(r.details.tokens) == 5 and r.details.prefill == []
+
+    def stream():
+        return list(client.generate_stream("Hello", max_new_tokens=40))
+
+    events = await run(stream)
+    assert len(events) == len(SCRIPTS[0]) + 1
+    last = events[-1]
+    assert last.details is not None and last.details.finish_reason == "eos_token"
+    assert "".join(e.token.text for e in events if not e.token.special) == last.generated_text == SCRIPTS[0]
+
+    with pytest.raises(text_generation.errors.ValidationError, match="max_new_tokens"):
+        await run(client.generate, "Hello", max_new_tokens=10_000)
+
+    chat = await run(client.chat, messages=MESSAGES, max_tokens=4, temperature=0)  # model is always "tgi"
+    assert chat.choices[0].message.content == SCRIPTS[0][:4] and chat.model == BASE_MODEL_ID
+
+
+async def test_text_generation_async_client(url):
+    client = text_generation.AsyncClient(url, timeout=30)
+    r = await client.generate("Hello", max_new_tokens=3, top_n_tokens=2)
+    assert r.generated_text == SCRIPTS[0][:3] and len(r.details.top_tokens[0]) == 2
+    events = [e async for e in client.generate_stream("Hello", max_new_tokens=4)]
+    assert len(events) == 4 and events[-1].generated_text == SCRIPTS[0][:4]
+    with pytest.raises(text_generation.errors.ValidationError, match="max_new_tokens"):
+        [e async for e in client.generate_stream("Hello", max_new_tokens=10_000)]
+
+
+# ---- lorax-client -----------------------------------------------------------------------------
+
+
+async def test_lorax_client_adapters(url):
+    client = lorax.Client(url, timeout=30)
+    texts = {}
+    for adapter_id, slot in [(None, 0), ("org/adapter-one", 1), ("adapter-two", 2)]:
+        r = await run(client.generate, "Hi", adapter_id=adapter_id, max_new_tokens=6)
+        assert r.generated_text == SCRIPTS[slot][:6], adapter_id
+        assert r.details.prompt_tokens == 3 and r.details.generated_tokens == 6
+        texts[adapter_id] = r.generated_text
+    assert len(set(texts.values())) == 3
+
+    def stream():
+        return list(client.generate_stream("Hi", adapter_id="adapter-two", max_new_tokens=6))
+
+    events = await run(stream)
+    assert len(events) == 6
+    assert "".join(e.token.text for e in events) == events[-1].generated_text == texts["adapter-two"]
+    assert events[-1].details.prompt_tokens == 3
+
+    # max_new_tokens left to the server (lorax sends null): the fake's script ends with EOS.
+    r = await run(client.generate, "Hi", adapter_id="org/adapter-one")
+    assert r.generated_text == SCRIPTS[1] and r.details.finish_reason == "eos_token"
+
+
+async def test_lorax_client_errors(url):
+    client = lorax.Client(url, timeout=30)
+    with pytest.raises(lorax.errors.ValidationError, match="adapter `missing` is not loaded"):
+        await run(client.generate, "Hi", adapter_id="missing", max_new_tokens=2)
+
+    def stream():
+        return list(client.generate_stream("Hi", adapter_id="missing", max_new_tokens=2))
+
+    with pytest.raises(lorax.errors.ValidationError, match="adapter `missing`"):
+        await run(stream)
+    aclient = lorax.AsyncClient(url, timeout=1)
+    r = await aclient.generate("Hi", adapter_id="org/adapter-one", max_new_tokens=3)
+    assert r.generated_text == SCRIPTS[1][:3]
+
+
+# ---- openai -----------------------------------------------------------------------------------
+
+
+def _openai(url: str, **kwargs):
+    return openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30, **kwargs)
+
+
+async def test_openai_chat(url):
+    client = _openai(url)
+    r = await run(
+        client.chat.completions.create, model="adapter-two", messages=MESSAGES, max_tokens=5, temperature=0
+    )
+    assert r.choices[0].message.content == SCRIPTS[2][:5] and r.choices[0].finish_reason == "length"
+    assert r.model == "adapter-two" and r.usage.completion_tokens == 5
+
+    def stream():
+        return list(
+            client.chat.completions.create(
+                model="adapter-two",
+                messages=MESSAGES,
+                max_tokens=5,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+        )
+
+    chunks = await run(stream)
+    assert len(chunks) == 6  # five tokens, then the usage chunk
+    assert "".join(c.choices[0].delta.content for c in chunks[:-1]) == SCRIPTS[2][:5]
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+
+
+async def test_openai_completions(url):
+    client = _openai(url)
+    r = await run(
+        client.completions.create, model="org/adapter-one", prompt="Hi", max_tokens=5, temperature=0
+    )
+    assert r.choices[0].text == SCRIPTS[1][:5] and r.usage.prompt_tokens == 3
+
+    def stream():
+        return list(
+            client.completions.create(
+                model="org/adapter-one", prompt="Hi", max_tokens=5, temperature=0, stream=True
+            )
+        )
+
+    chunks = await run(stream)
+    assert len(chunks) == 5 and "".join(c.choices[0].text for c in chunks) == SCRIPTS[1][:5]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+async def test_openai_strict_response_validation(url):
+    client = _openai(url, _strict_response_validation=True)
+    r = await run(client.chat.completions.create, model=BASE_MODEL_ID, messages=MESSAGES, temperature=0)
+    assert r.choices[0].message.content == SCRIPTS[0] and r.choices[0].finish_reason == "stop"
+
+    def stream():
+        return list(client.chat.completions.create(model="tgi", messages=MESSAGES, max_tokens=3, stream=True))
+
+    assert len(await run(stream)) == 3
+    r = await run(client.completions.create, model="adapter-two", prompt="Hi", max_tokens=3)
+    assert len(r.choices[0].text) == 3
+
+
+async def test_openai_models_and_unknown_model(url):
+    client = _openai(url)
+    models = await run(client.models.list)
+    assert [m.id for m in models.data] == [BASE_MODEL_ID, "org/adapter-one", "adapter-two"]
+    with pytest.raises(openai.NotFoundError) as info:
+        await run(client.chat.completions.create, model="nope", messages=MESSAGES)
+    assert info.value.code == "model_not_found" and info.value.param == "model"
+    assert "`nope` does not exist" in info.value.message
+    with pytest.raises(openai.NotFoundError):
+        await run(client.completions.create, model="nope", prompt="Hi")
+    with pytest.raises(openai.UnprocessableEntityError, match="presence_penalty"):
+        await run(client.chat.completions.create, model="tgi", messages=MESSAGES, presence_penalty=1.0)
+
+
+async def test_openai_async_client(url):
+    async with openai.AsyncOpenAI(
+        base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30
+    ) as client:
+        stream = await client.chat.completions.create(
+            model="org/adapter-one", messages=MESSAGES, max_tokens=4, temperature=0, stream=True
+        )
+        chunks = [c async for c in stream]
+        assert len(chunks) == 4 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[1][:4]
+
+
+# ---- errors once a stream started ---------------------------------------------------------------
+
+
+async def test_errors_mid_stream_reach_each_client_as_its_error(served, url):
+    for f in served.fakes:
+        f.fail_at_token = 3  # two tokens arrive, then the worker fails
+
+    def tgi_stream():
+        events = []
+        with pytest.raises(text_generation.errors.GenerationError, match="Request failed during generation"):
+            for e in text_generation.Client(url, timeout=30).generate_stream("Hi", max_new_tokens=10):
+                events.append(e)
+        return events
+
+    assert len(await run(tgi_stream)) == 2
+
+    def lorax_stream():
+        events = []
+        with pytest.raises(lorax.errors.GenerationError, match="Request failed during generation"):
+            for e in lorax.Client(url, timeout=30).generate_stream("Hi", max_new_tokens=10):
+                events.append(e)
+        return events
+
+    assert len(await run(lorax_stream)) == 2
+
+    def openai_stream():
+        chunks = []
+        with pytest.raises(openai.APIError, match="Request failed during generation"):
+            for c in _openai(url).chat.completions.create(
+                model="tgi", messages=MESSAGES, max_tokens=10, stream=True
+            ):
+                chunks.append(c)
+        return chunks
+
+    assert len(await run(openai_stream)) == 2
