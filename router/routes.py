@@ -10,7 +10,7 @@ from importlib import metadata
 from aiohttp import hdrs, web
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
-from router import infer, openai_routes, stream
+from router import infer, openai_routes, openapi, stream
 from router.client import WorkerError
 from router.errors import ValidationError
 from router.http_common import read_json, timing_headers
@@ -39,6 +39,9 @@ def setup_routes(app: web.Application) -> None:
             web.post("/v1/chat/completions", openai_routes.chat_completions),
             web.post("/v1/completions", openai_routes.completions),
             web.get("/v1/models", openai_routes.models),
+            web.get("/docs", openapi.docs),
+            web.get("/api-doc/openapi.json", openapi.spec),
+            web.get("/openapi.json", openapi.spec),
         ]
     )
 

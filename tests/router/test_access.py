@@ -47,7 +47,7 @@ async def test_every_generation_route_needs_the_key(start_router):
 async def test_info_routes_stay_open(start_router):
     h = await start_router(api_key=KEY)
     gets = _routes(h, "GET")
-    assert {"/health", "/info", "/metrics"} <= set(gets)
+    assert {"/health", "/info", "/metrics", "/docs", "/api-doc/openapi.json"} <= set(gets)
     for path in gets:
         resp = await h.http.get(path)
         assert resp.status == 200, (path, resp.status)

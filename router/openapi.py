@@ -1,0 +1,227 @@
+"""The OpenAPI 3.1 document of the HTTP API (GET /api-doc/openapi.json, as TGI, and /openapi.json) and a
+self-contained HTML page of it (GET /docs; no CDN assets, the machines have no network).
+
+`ROUTES` is the declarative list the document is built from: one `Route` per method and path, with the
+pydantic types of the request body, the 200 response (router/responses.py) and the error body; schemas
+are generated from those models. Adding a route to the app means adding it here
+(tests/router/test_docs.py checks that both agree).
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import json
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
+from aiohttp import web
+from pydantic import TypeAdapter
+
+from router.openai_schemas import ChatCompletionRequest, CompletionRequest
+from router.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    ErrorResponse,
+    GenerateResponse,
+    Info,
+    ModelList,
+    OpenAIErrorResponse,
+    SimpleToken,
+    StreamResponse,
+)
+from router.schemas import CompatGenerateRequest, GenerateRequest
+from router.state import CONFIG
+
+# ---- the route list ------------------------------------------------------------------------------
+
+JSON, TEXT, HTML, SSE = "application/json", "text/plain", "text/html", "text/event-stream"
+# The errors a generation route can answer, besides 200.
+GENERATION_ERRORS = (400, 401, 413, 415, 422, 424, 429)
+
+
+@dataclass(frozen=True)
+class Route:
+    method: str
+    path: str
+    summary: str
+    tag: str
+    request: Any = None
+    """The JSON body's type (a pydantic model), or None."""
+    response: Any = None
+    """The 200 body's type (any type pydantic can describe), or None for an empty body."""
+    content_type: str = JSON
+    stream: Any = None
+    """The type of each `text/event-stream` event, for routes that stream (alone or as an option)."""
+    errors: tuple[int, ...] = ()
+    error: Any = None
+    """The error body's type; None for TGI's ErrorResponse."""
+
+    @property
+    def needs_key(self) -> bool:
+        """With API_KEY set, every POST route needs it (router/auth.py)."""
+        return self.method == "POST"
+
+
+_HEALTH = "200 with an empty body when every worker rank answers, else 503"
+
+_GEN, _SERVICE, _OPENAI = "Text Generation", "Service", "OpenAI"
+
+ROUTES = [
+    Route("POST", "/generate", "Generate text (TGI)", _GEN, GenerateRequest, GenerateResponse,
+          errors=GENERATION_ERRORS),
+    Route("POST", "/generate_stream", "Generate text, one server-sent event per token (TGI)", _GEN,
+          GenerateRequest, stream=StreamResponse, errors=GENERATION_ERRORS),
+    Route("POST", "/", "TGI's compat route: a one-element array, or /generate_stream's events if `stream`",
+          _GEN, CompatGenerateRequest, list[GenerateResponse], stream=StreamResponse,
+          errors=GENERATION_ERRORS),
+    Route("POST", "/tokenize", "Tokenize a prompt as generation would", _GEN, GenerateRequest,
+          list[SimpleToken], errors=(400, 401, 413, 415, 422)),
+    Route("GET", "/health", _HEALTH, _SERVICE, errors=(503,)),
+    Route("GET", "/", _HEALTH, _SERVICE, errors=(503,)),
+    Route("GET", "/ping", _HEALTH, _SERVICE, errors=(503,)),
+    Route("GET", "/info", "Model, limits and loaded adapters", _SERVICE, response=Info),
+    Route("GET", "/metrics", "Prometheus metrics (TGI's names)", _SERVICE, response=str, content_type=TEXT),
+    Route("GET", "/docs", "This API's documentation", _SERVICE, response=str, content_type=HTML),
+    Route("GET", "/api-doc/openapi.json", "The OpenAPI document (TGI's path)", _SERVICE, response=dict),
+    Route("GET", "/openapi.json", "The OpenAPI document", _SERVICE, response=dict),
+    Route("POST", "/v1/chat/completions", "OpenAI chat completion (chat template); `model` picks the adapter",
+          _OPENAI, ChatCompletionRequest, ChatCompletion, stream=ChatCompletionChunk,
+          errors=(*GENERATION_ERRORS, 404), error=OpenAIErrorResponse),
+    Route("POST", "/v1/completions", "OpenAI (legacy) completion, up to 4 prompts; `model` picks the adapter",
+          _OPENAI, CompletionRequest, Completion, stream=Completion,
+          errors=(*GENERATION_ERRORS, 404), error=OpenAIErrorResponse),
+    Route("GET", "/v1/models", "The base model and its adapters (OpenAI's model list)", _OPENAI,
+          response=ModelList),
+]  # fmt: skip
+
+_ERROR_TEXT = {
+    400: "The body is not JSON",
+    401: "API_KEY is set and the request lacks `Authorization: Bearer <key>`",
+    404: "The model is neither the base model nor a loaded adapter",
+    413: "The body exceeds PAYLOAD_LIMIT",
+    415: "The content type is not JSON",
+    422: "Input validation error",
+    424: "Generation failed in a worker",
+    429: "Model is overloaded (max_concurrent_requests)",
+    503: "A worker rank is unhealthy",
+}
+
+
+# ---- the document --------------------------------------------------------------------------------
+
+
+def build(routes: list[Route], *, auth: bool, version: str) -> dict:
+    """The OpenAPI document of `routes`; `auth` marks the routes that need the API key."""
+    ref = "#/components/schemas/{model}"
+    inputs = [(("req", i), "validation", TypeAdapter(r.request)) for i, r in enumerate(routes) if r.request]
+    inputs += [
+        (("resp", i), "serialization", TypeAdapter(r.response)) for i, r in enumerate(routes) if r.response
+    ]
+    inputs += [(("sse", i), "serialization", TypeAdapter(r.stream)) for i, r in enumerate(routes) if r.stream]
+    inputs += [
+        (("error", i), "serialization", TypeAdapter(r.error or ErrorResponse)) for i, r in enumerate(routes)
+    ]
+    schemas, defs = TypeAdapter.json_schemas(inputs, ref_template=ref)
+    paths: dict[str, dict] = {}
+    for i, r in enumerate(routes):
+        ok: dict[str, Any] = {"description": "OK"}
+        if r.response is not None:
+            ok["content"] = {r.content_type: {"schema": schemas[("resp", i), "serialization"]}}
+        if r.stream is not None:
+            ok.setdefault("content", {})[SSE] = {"schema": schemas[("sse", i), "serialization"]}
+        error = {"content": {JSON: {"schema": schemas[("error", i), "serialization"]}}}
+        op: dict[str, Any] = {
+            "summary": r.summary,
+            "tags": [r.tag],
+            "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_') or 'root'}",
+            "responses": {"200": ok} | {str(c): {"description": _ERROR_TEXT[c], **error} for c in r.errors},
+        }
+        if r.request is not None:
+            body = {"content": {JSON: {"schema": schemas[("req", i), "validation"]}}}
+            op["requestBody"] = {"required": True, **body}
+        if auth and r.needs_key:
+            op["security"] = [{"bearer": []}]
+        paths.setdefault(r.path, {})[r.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "multilora",
+            "description": "One base LLM, many LoRA adapters in the same batch; TGI-compatible API.",
+            "version": version,
+            "license": {"name": "Apache-2.0"},
+        },
+        "paths": paths,
+        "components": {
+            "schemas": defs.get("$defs", {}),
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def render_html(doc: dict) -> str:
+    """A plain page listing every operation with its schemas (no scripts, no external assets)."""
+    rows, sections = [], []
+    for path, ops in doc["paths"].items():
+        for method, op in ops.items():
+            anchor = op["operationId"]
+            lock = " &#128274;" if "security" in op else ""
+            rows.append(
+                f'<tr><td><code>{method.upper()}</code></td><td><a href="#{anchor}"><code>'
+                f"{html.escape(path)}</code></a>{lock}</td><td>{html.escape(op['summary'])}</td></tr>"
+            )
+            parts = [f'<h3 id="{anchor}"><code>{method.upper()} {html.escape(path)}</code></h3>']
+            if "requestBody" in op:
+                parts.append(_schema_block("Request body", op["requestBody"]["content"][JSON]["schema"]))
+            for code, resp in op["responses"].items():
+                content = resp.get("content", {})
+                for ctype, spec in content.items():
+                    parts.append(_schema_block(f"{code} {resp['description']} ({ctype})", spec["schema"]))
+                if not content:
+                    parts.append(f"<p>{code}: {html.escape(resp['description'])}</p>")
+            sections.append("\n".join(parts))
+    defs = [_schema_block(name, schema) for name, schema in doc["components"]["schemas"].items()]
+    title = html.escape(f"{doc['info']['title']} {doc['info']['version']}")
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><title>{title} API</title>
+<style>body{{font-family:sans-serif;max-width:60em;margin:auto}}pre{{background:#f4f4f4;padding:.5em}}
+td{{padding:.2em .8em}}</style></head><body>
+<h1>{title} API</h1><p>{html.escape(doc["info"]["description"])} The OpenAPI document:
+<a href="/api-doc/openapi.json">/api-doc/openapi.json</a>. &#128274; = needs
+<code>Authorization: Bearer &lt;API_KEY&gt;</code>.</p>
+<table>{"".join(rows)}</table>
+{"".join(sections)}
+<h2>Schemas</h2>
+{"".join(defs)}
+</body></html>
+"""
+
+
+def _schema_block(title: str, schema: dict) -> str:
+    text = html.escape(json.dumps(schema, indent=2))
+    return f"<details><summary>{html.escape(title)}</summary><pre>{text}</pre></details>"
+
+
+# ---- handlers ------------------------------------------------------------------------------------
+
+
+@functools.cache
+def _document(auth: bool) -> dict:
+    try:
+        version = metadata.version("multilora")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return build(ROUTES, auth=auth, version=version)
+
+
+async def spec(request: web.Request) -> web.Response:
+    """The OpenAPI document."""
+    return web.json_response(_document(request.app[CONFIG].api_key is not None))
+
+
+async def docs(request: web.Request) -> web.Response:
+    """The API documentation as one HTML page."""
+    doc = _document(request.app[CONFIG].api_key is not None)
+    return web.Response(text=render_html(doc), content_type="text/html")
