@@ -367,3 +367,13 @@ async def test_concurrent_openai_and_tgi_requests_share_batches(start_router):
     assert b["choices"][0]["text"] == SCRIPTS[1][:6]
     assert c["generated_text"] == SCRIPTS[0][:6]
     assert max(len(r.request_ids) for r in h.fakes[0].requests("Decode")) == 3
+
+
+async def test_held_back_stop_prefix_is_flushed_when_no_stop_follows(start_router):
+    h = await start_router()
+    # " two" ends in "two", which could begin the stop "two;": held back, then sent with the last chunk.
+    resp = await chat(h, model="adapter-two", temperature=0, stream=True, stop=["two;"], max_tokens=4)
+    chunks = oai_events(await resp.read())
+    deltas = [c["choices"][0]["delta"]["content"] for c in chunks]
+    assert deltas == [" ", "", "", "two"]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
