@@ -20,6 +20,7 @@ from router.auth import auth_middleware
 from router.block_manager import BlockManager
 from router.client import ShardedClient
 from router.config import RouterConfig
+from router.grpc_service import grpc_serving
 from router.limits import ConfigError, Limits
 from router.metrics import Metrics
 from router.middleware import error_middleware
@@ -39,6 +40,8 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_serving(client))
+    if config.grpc_port is not None:
+        app.cleanup_ctx.append(grpc_serving)  # after _serving: starts once the state is up, stops first
     setup_routes(app)
     return app
 

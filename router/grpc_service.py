@@ -1,0 +1,248 @@
+"""The public gRPC API (proto/public.proto) on `RouterConfig.grpc_port`, served next to the HTTP app.
+
+A request takes HTTP's path: API key, the concurrency limit shared with HTTP, the same pydantic
+GenerateRequest and validation, `infer.run` (non-streaming) or one sequence's steps (streaming), and the
+same metrics. Errors are the HTTP errors turned into status codes (table in public.proto), with the same
+messages. The server starts once the router's state is up and stops first at shutdown, letting calls in
+flight finish within `shutdown_timeout_s`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from collections.abc import AsyncIterator
+from typing import NoReturn
+
+import grpc
+from aiohttp import web
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from pydantic import ValidationError as PydanticValidationError
+
+from proto import public_pb2 as pb
+from proto import public_pb2_grpc
+from router import infer, stream
+from router.auth import authorized
+from router.client import ShardedClient, WorkerError
+from router.errors import (
+    AdapterNotLoadedError,
+    ApiError,
+    BodyError,
+    OverloadedError,
+    UnauthorizedError,
+    ValidationError,
+)
+from router.schemas import GenerateRequest
+from router.sequence import FinishReason, GenerationResult, Token
+from router.state import CONFIG, STATE, State
+from router.validation import ValidRequest
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
+GRPC_PORT = web.AppKey("grpc_port", int)
+"""The port the public gRPC server listens on (differs from the config's when that is 0)."""
+HEALTH_TIMEOUT_S = 5.0
+
+_FINISH = {
+    FinishReason.LENGTH: pb.FINISH_REASON_LENGTH,
+    FinishReason.EOS_TOKEN: pb.FINISH_REASON_EOS_TOKEN,
+    FinishReason.STOP_SEQUENCE: pb.FINISH_REASON_STOP_SEQUENCE,
+}
+
+
+def status_code(e: ApiError) -> grpc.StatusCode:
+    if isinstance(e, AdapterNotLoadedError):
+        return grpc.StatusCode.NOT_FOUND
+    if isinstance(e, ValidationError | BodyError):
+        return grpc.StatusCode.INVALID_ARGUMENT
+    if isinstance(e, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(e, UnauthorizedError):
+        return grpc.StatusCode.UNAUTHENTICATED
+    if e.status == 501:
+        return grpc.StatusCode.UNIMPLEMENTED
+    return grpc.StatusCode.INTERNAL
+
+
+class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
+    def __init__(self, state: State):
+        self.state = state
+
+    async def Generate(self, request: pb.GenerateRequest, context) -> pb.GenerateResponse:
+        """HTTP `POST /generate`: one response once generation ends."""
+        state = self.state
+        try:
+            _check_key(context, state.config.api_key)
+            with state.metrics.request() as record, state.concurrency.acquire():
+                body = to_generate_request(request)
+                valid, best, others = await infer.run(state.validator, state.scheduler, body, record)
+                return generate_response(valid, best, others)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def GenerateStream(
+        self, request: pb.GenerateRequest, context
+    ) -> AsyncIterator[pb.GenerateStreamResponse]:
+        """HTTP `POST /generate_stream`: one response per token, the last with the text and details."""
+        state = self.state
+        try:
+            _check_key(context, state.config.api_key)
+            with state.metrics.request() as record, state.concurrency.acquire():
+                body = to_generate_request(request)
+                record.adapter_id = body.parameters.adapter_id
+                valid = state.validator.validate(body, stream=True)
+                record.validated(valid)
+                seq = state.scheduler.submit(infer.with_seed(valid).params)
+                try:
+                    async with contextlib.aclosing(stream.steps(seq, None)) as steps:
+                        async for step in steps:
+                            assert step is not None  # no keep-alives without a timeout
+                            yield stream_response(valid, step)
+                            if step.end is not None:
+                                record.succeeded(step.end)
+                finally:
+                    state.scheduler.cancel(seq)
+        except Exception as e:
+            await _abort(context, e)
+
+
+class WorkerHealth(health.aio.HealthServicer):
+    """grpc.health.v1: for "" and the public service, SERVING when every worker rank answers Health (as
+    GET /health does), NOT_SERVING otherwise and once shutting down."""
+
+    def __init__(self, client: ShardedClient):
+        super().__init__()
+        self._client = client
+
+    async def Check(self, request, context) -> health_pb2.HealthCheckResponse:
+        reply = await super().Check(request, context)
+        if reply.status == health_pb2.HealthCheckResponse.SERVING and request.service in ("", SERVICE_NAME):
+            try:
+                await self._client.health(timeout=HEALTH_TIMEOUT_S)
+            except WorkerError:
+                return health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        return reply
+
+
+async def grpc_serving(app: web.Application) -> AsyncIterator[None]:
+    """A cleanup context: the public gRPC server, after the router's state is up (see app.py)."""
+    config, state = app[CONFIG], app[STATE]
+    assert config.grpc_port is not None
+    options = [
+        ("grpc.max_receive_message_length", config.payload_limit),
+        # gRPC shares ports by default (SO_REUSEPORT): a second router would silently take half the calls.
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options)
+    public_pb2_grpc.add_TextGenerationServicer_to_server(TextGenerationServicer(state), server)
+    checker = WorkerHealth(state.client)
+    health_pb2_grpc.add_HealthServicer_to_server(checker, server)
+    address = f"{config.hostname}:{config.grpc_port}"
+    try:
+        port = server.add_insecure_port(address)
+    except RuntimeError as e:  # grpc raises when it cannot bind
+        raise OSError(f"the public gRPC API cannot listen on {address}: {e}") from None
+    await server.start()
+    for service in ("", SERVICE_NAME):
+        await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
+    app[GRPC_PORT] = port
+    log.info("Public gRPC API listening on %s:%d", config.hostname, port)
+    try:
+        yield
+    finally:
+        await checker.enter_graceful_shutdown()
+        await server.stop(grace=config.shutdown_timeout_s)
+
+
+# ---- conversions ---------------------------------------------------------------------------------
+
+
+def to_generate_request(request: pb.GenerateRequest) -> GenerateRequest:
+    """The HTTP body the message stands for: only the fields it sets, so HTTP's defaults apply."""
+    data: dict = {"inputs": request.inputs}
+    if request.HasField("parameters"):
+        p = request.parameters
+        data["parameters"] = {
+            f.name: list(getattr(p, f.name)) if f.is_repeated else getattr(p, f.name)
+            for f in p.DESCRIPTOR.fields
+            if not f.has_presence or p.HasField(f.name)
+        }
+    try:
+        return GenerateRequest.model_validate(data)
+    except PydanticValidationError as e:  # the model may constrain more than the message types do
+        raise BodyError(f"Failed to deserialize the request: {e}", 422) from None
+
+
+def _token(t: Token) -> pb.Token:
+    logprob = t.logprob if t.logprob is not None and math.isfinite(t.logprob) else None
+    return pb.Token(id=t.id, text=t.text, logprob=logprob, special=t.special)
+
+
+def _details(r: GenerationResult, prefill: bool) -> pb.Details:
+    return pb.Details(
+        finish_reason=_FINISH[r.finish_reason],
+        generated_tokens=r.generated_tokens,
+        seed=r.seed,
+        prompt_tokens=r.prompt_tokens,
+        prefill=[_token(t) for t in r.prefill] if prefill else [],
+        tokens=[_token(t) for t in r.tokens],
+        top_tokens=[pb.TopTokens(tokens=[_token(t) for t in top]) for top in r.top_tokens]
+        if any(r.top_tokens)
+        else [],
+    )
+
+
+def generate_response(
+    valid: ValidRequest, best: GenerationResult, others: list[GenerationResult]
+) -> pb.GenerateResponse:
+    """HTTP's GenerateResponse as a message (router/schemas.py `generate_response_json`)."""
+    prefix = valid.inputs if valid.return_full_text else ""
+    out = pb.GenerateResponse(generated_text=prefix + best.generated_text)
+    if valid.details:
+        out.details.CopyFrom(_details(best, valid.decoder_input_details))
+        out.best_of_sequences.extend(
+            pb.BestOfSequence(
+                generated_text=prefix + r.generated_text, details=_details(r, valid.decoder_input_details)
+            )
+            for r in others
+        )
+    return out
+
+
+def stream_response(valid: ValidRequest, step: stream.Step) -> pb.GenerateStreamResponse:
+    t = step.token
+    out = pb.GenerateStreamResponse(
+        index=t.index + 1, token=_token(t.token), top_tokens=[_token(x) for x in t.top_tokens]
+    )
+    if (r := step.end) is not None:
+        out.generated_text = (valid.inputs if valid.return_full_text else "") + r.generated_text
+        if valid.details:
+            out.details.CopyFrom(
+                pb.StreamDetails(
+                    finish_reason=_FINISH[r.finish_reason],
+                    generated_tokens=r.generated_tokens,
+                    seed=r.seed,
+                    input_length=r.prompt_tokens,
+                )
+            )
+    return out
+
+
+# ---- errors and auth -----------------------------------------------------------------------------
+
+
+def _check_key(context, api_key: str | None) -> None:
+    header = dict(context.invocation_metadata() or ()).get("authorization")
+    if not authorized(header, api_key):
+        raise UnauthorizedError()
+
+
+async def _abort(context, e: Exception) -> NoReturn:
+    """End the call with the status for `e` (HTTP's message; `error-type` in the trailing metadata)."""
+    if not isinstance(e, ApiError):
+        log.error("public gRPC call failed", exc_info=e)
+        e = ApiError("Internal server error")
+    await context.abort(status_code(e), e.message, trailing_metadata=(("error-type", e.error_type),))
+    raise AssertionError("context.abort returned")
