@@ -164,11 +164,10 @@ def to_generate_request(request: pb.GenerateRequest) -> GenerateRequest:
     data: dict = {"inputs": request.inputs}
     if request.HasField("parameters"):
         p = request.parameters
-        data["parameters"] = {
-            f.name: list(getattr(p, f.name)) if f.is_repeated else getattr(p, f.name)
-            for f in p.DESCRIPTOR.fields
-            if not f.has_presence or p.HasField(f.name)
-        }
+        # Set fields only (an unset optional field takes HTTP's default); `stop` is the one repeated field.
+        params = {f.name: value for f, value in p.ListFields()}
+        params["stop"] = list(p.stop)
+        data["parameters"] = params
     try:
         return GenerateRequest.model_validate(data)
     except PydanticValidationError as e:  # the model may constrain more than the message types do

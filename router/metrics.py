@@ -32,6 +32,8 @@ if TYPE_CHECKING:
     from router.sequence import GenerationResult
     from router.validation import ValidRequest
 
+# What TGI's exporter sends (Prometheus text format 0.0.4).
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # TGI's buckets: 35 geometric duration buckets from 150 us (x1.5), batch sizes 1..1024.
 DURATION_BUCKETS = tuple(1.5e-4 * 1.5**i for i in range(35))
 BATCH_SIZE_BUCKETS = tuple(float(i) for i in range(1, 1025))

@@ -8,13 +8,12 @@ import time
 from importlib import metadata
 
 from aiohttp import hdrs, web
-from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
 from router import infer, openai_routes, openapi, stream
 from router.client import WorkerError
 from router.errors import ValidationError
 from router.http_common import read_json, timing_headers
-from router.metrics import RequestRecord, render
+from router.metrics import CONTENT_TYPE, RequestRecord, render
 from router.middleware import error_response
 from router.schemas import CompatGenerateRequest, GenerateRequest, generate_response_json
 from router.state import STATE, State
@@ -85,7 +84,7 @@ async def health(request: web.Request) -> web.Response:
 async def metrics(request: web.Request) -> web.Response:
     """TGI `GET /metrics`: Prometheus text format (router/metrics.py lists the metrics)."""
     text = render(request.app[STATE].metrics.registry)
-    return web.Response(body=text.encode(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE_PLAIN_0_0_4})
+    return web.Response(body=text.encode(), headers={hdrs.CONTENT_TYPE: CONTENT_TYPE})
 
 
 async def tokenize(request: web.Request) -> web.Response:

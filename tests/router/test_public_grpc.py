@@ -116,6 +116,9 @@ async def test_invalid_argument_with_http_message(start_router, connect):
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == "Input validation error: `temperature` must be strictly positive"
     assert ("error-type", "validation") in tuple(e.trailing_metadata())
+    # An optional field set to zero is set (HTTP's `"top_k": 0`), not left at its default.
+    e = await _error(stub.Generate(request(max_new_tokens=2, top_k=0)))
+    assert e.details() == "Input validation error: `top_k` must be strictly positive"
     e = await _error(stub.Generate(pb.GenerateRequest(inputs="")))
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == "Input validation error: `inputs` cannot be empty"
