@@ -108,6 +108,15 @@ class Settings(BaseSettings):
     )
     max_batch_total_tokens: int | None = Field(None, ge=1, description="auto: what the KV cache holds.")
     max_batch_size: int | None = Field(None, ge=1, description="auto: no limit but the token budgets.")
+    api_key: str = Field(
+        "", description="When set, generation requests need `Authorization: Bearer <API_KEY>`. Empty: open."
+    )
+    payload_limit: int = Field(
+        _router_default("payload_limit"), ge=1, description="Largest request body, bytes."
+    )
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the public gRPC API, 0: a free one (auto: not served)."
+    )
     max_concurrent_requests: int = Field(
         _router_default("max_concurrent_requests"), ge=1, description="More are answered with 429."
     )
@@ -363,6 +372,9 @@ def compose(
             max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
             max_batch_total_tokens=settings.max_batch_total_tokens,
             max_batch_size=settings.max_batch_size,
+            api_key=settings.api_key or None,
+            payload_limit=settings.payload_limit,
+            grpc_port=settings.grpc_port,
             max_concurrent_requests=settings.max_concurrent_requests,
             max_stop_sequences=settings.max_stop_sequences,
             max_top_n_tokens=settings.max_top_n_tokens,

@@ -192,6 +192,9 @@ def test_compose_writes_shared_values_into_both(tmp_path):
         ("a1", "/src/a1", str(tmp_path / "a1")),
     ]
     assert (router.port, router.model_dir, router.shutdown_timeout_s) == (1234, str(tmp_path), 90.0)
+    assert (router.api_key, router.payload_limit, router.grpc_port) == (None, 2_000_000, None)
+    _, router = compose(load_settings(["--api-key", "k", "--grpc-port", "0"]), tmp_path, [], ["/s"], "cpu")
+    assert (router.api_key, router.grpc_port) == ("k", 0)
     assert RouterConfig.model_validate_json(router.model_dump_json()) == router
 
 
