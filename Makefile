@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP := .make/installed
 
-.PHONY: install model test lint serve bench clean
+.PHONY: install model test lint serve demo-adapters bench clean
 
 PROTOS := $(wildcard proto/*.proto)
 STUBS := $(PROTOS:.proto=_pb2_grpc.py)
@@ -39,8 +39,15 @@ test: install
 	$(PY) -m ruff check .
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-serve: install model
-	@echo "The HTTP server arrives with the serving-path issue; 'make model' prepared the default model." && exit 1
+# Every launcher setting can be overridden from the environment: `MODEL_ID=/dir LORA_ADAPTERS=a=/p make serve`
+# (`python launcher.py --help` lists them). The launcher converts the default model on first use.
+LORA_ADAPTERS ?= pirate=demo_adapters/pirate,robot=demo_adapters/robot
+serve: install
+	LORA_ADAPTERS='$(LORA_ADAPTERS)' exec $(PY) launcher.py
+
+# Retrain the committed demo adapters (deterministic, single-threaded; a few minutes on a CPU).
+demo-adapters: install
+	$(PY) scripts/train_demo_adapters.py
 
 clean:
 	rm -rf .make $(VENV)
