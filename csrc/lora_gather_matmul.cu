@@ -6,11 +6,13 @@
 //   lora_shrink: y[i, :r]            = x[i] @ lora_a_stack[s, :r].T   (fp32 accumulation, fp32 y)
 //   lora_expand: out[i, o:o + h_out] += y[i, :r] @ lora_b_stack[s, :r] (fp32 sum, rounded once to T)
 // where s is the slot of row i and r = lora_ranks[s]:
-//   bgmv (slot_ids != nullptr):       s = slot_ids[i]
-//   sgmv (segment_indptr != nullptr): s = segment_slot_ids[g] for the g with
+//   bgmv (slot_ids):                  s = slot_ids[i]
+//   sgmv (segment_indptr):            s = segment_slot_ids[g] for the g with
 //                                     segment_indptr[g] <= i < segment_indptr[g + 1]
 // A row is skipped entirely (no loads, y / out untouched) when r == 0 ("no adapter"), when s is outside
 // [0, num_slots), or (sgmv) when i >= segment_indptr[num_segments]. r is clamped to [0, max_rank].
+// (One exception to "no loads": lora_sgmv_expand_mma reads, never writes, its tile's rows of out before
+// it knows their segments.)
 // Only rank rows k < r of a slot are read, so mixed ranks share one launch at their own cost.
 //
 // Layouts (row-major; the innermost dimension is contiguous, row strides are in elements):
@@ -18,35 +20,122 @@
 //   lora_a_stack    [num_slots, max_rank, h_in]   T, contiguous
 //   lora_b_stack    [num_slots, max_rank, h_out]  T, contiguous
 //   lora_ranks      [num_slots]                   int32
-//   slot_ids        [num_tokens]                  int32 (bgmv; nullptr for sgmv)
-//   segment_indptr  [num_segments + 1]            int32 (sgmv; nullptr for bgmv), non-decreasing, [0] == 0
+//   slot_ids        [num_tokens]                  int32 (bgmv)
+//   segment_indptr  [num_segments + 1]            int32 (sgmv), non-decreasing, [0] == 0
 //   segment_slot_ids [num_segments]               int32 (sgmv)
 //   y               [num_tokens, max_rank]        float32, row stride y_stride
 //   out             [num_tokens, h_total]         T, row stride out_stride; columns [out_offset, +h_out)
 // T is Bf16, Fp16 or Fp32: a storage type (uint16 bits or float) plus conversions. No CUDA header is
-// included (conversions are bit operations and PTX cvt), so NVRTC needs no include path.
+// included (conversions are bit operations and PTX), so NVRTC needs no include path.
 // VEC is the number of elements per load/store: 16 bytes (8 for 16-bit types, 4 for fp32) or 1. VEC > 1
 // requires every pointer, row stride, h and out_offset to be a multiple of VEC elements (the wrapper
-// checks this and otherwise launches VEC == 1).
+// checks this and otherwise launches VEC == 1). Every launch shape is a function of tensor shapes only,
+// never of index values, so CUDA graphs capture them; no kernel allocates or needs scratch memory.
 //
-// Launch shape (a function of tensor shapes only, never of data, so CUDA graphs can capture it):
-//   lora_shrink<T, VEC, TOK>: grid (ceil(num_tokens / TOK), rank_tile_blocks),
+// Kernels (the wrapper picks one per call; its shape-only rules are in worker/kernels/cuda.py):
+//   lora_bgmv_shrink<T, VEC> (bgmv, any T / VEC): grid (num_tokens, rank groups of 4), 1-D block of
+//     32..256 threads. A block computes LORA_SHRINK_RANK_ROWS (4) rank rows of one row i: per step each
+//     thread fetches 2 vectors of x and the matching 2 vectors of the 4 A rows (10 loads, all in flight
+//     before the first product: 16-byte vectors through cp.async into dynamic shared memory, 10 * blockDim
+//     vectors, since ptxas interleaves register loads with their FMAs), accumulates 4 fp32 sums, and the
+//     block reduces them (warp shuffles, then shared memory in warp order). Blocks whose rank group starts
+//     at or past the row's rank return after the index loads.
+//   lora_bgmv_expand<T, VEC> (bgmv, any T / VEC): grid (num_tokens, column blocks), block (column
+//     threads 32 or 64, rank splits): a thread owns VEC columns of row i and loads its share of the rank
+//     rows of B (rows ty, ty + blockDim.y, ..., 8 at a time, all in flight), the shares are summed in
+//     shared memory and threadIdx.y == 0 adds the sum to out (loaded up front).
+//   Both bgmv kernels load the row's slot and the first blockDim entries of lora_ranks together, so the
+//   weights wait for one round trip of index loads instead of two dependent ones.
+//   lora_sgmv_shrink_mma<T, MT, NG> (sgmv, Bf16 / Fp16, 16-byte aligned, sm_80+): tensor cores
+//     (mma.sync m16n8k16, fp32 accumulation; the products of two 16-bit floats are exact in fp32). A block
+//     owns a tile of 16 * MT rows and 8 * NG rank rows (grid (row tiles, rank groups)); for each segment
+//     with an adapter that overlaps the tile, its warps split h_in into 64-element chunks, streamed
+//     through a per-warp cp.async ring in dynamic shared memory (a permutation of k shared by both
+//     operands lets every lane copy 16 contiguous bytes that it then feeds to the mma itself), and the
+//     warps' partial tiles are summed in shared memory in warp order (deterministic). x is read once per
+//     rank group; A once per row tile (from L2 after the first).
+//   lora_sgmv_expand_mma<T> (sgmv, Bf16 / Fp16, 16-byte aligned, sm_80+): tensor cores (mma.sync m16n8k8
+//     tf32). y is split into two tf32 terms (hi + lo carry 22 significant bits, an error of ~2^-22 |y|, far
+//     below the output's rounding; y is never rounded to the model dtype); B (bf16 or fp16) is exact in
+//     tf32. A block owns 16 rows and blockDim.y chunks of 64 columns (one per warp; grid (row tiles, column
+//     blocks)); a permutation of the output columns lets each lane load 16 contiguous bytes of B and own
+//     16 contiguous columns of out, which it loads before the products and stores once.
+//   Both sgmv kernels find the segments overlapping their row tile by one pass of the block over
+//     segment_indptr (so their cost grows with num_segments / blockDim, which is small for prefill). The
+//     wrapper sends batches of short segments (fewer than 8 rows per segment on average) to the generic
+//     kernels below instead, since each (tile, segment) pair re-reads the slot's weights.
+//   lora_shrink<T, VEC, 4> and lora_expand<T, VEC, 4> (sgmv when the mma kernels don't apply: fp32,
+//     unaligned, short segments, or pre-sm_80): the generic kernels, below; their launch shapes:
+//     lora_shrink<T, VEC, TOK>: grid (ceil(num_tokens / TOK), rank_tile_blocks),
 //     block (threads_per_row in {32, 64, 128, 256}, rank_rows), at most 256 threads.
 //     A block handles TOK rows of x and loops over tiles of rank_rows rank rows (tile blockIdx.y, then
 //     every gridDim.y-th, up to the rows' largest rank); the blockDim.x threads of one rank row split
 //     h_in, then reduce (warp shuffles, then shared memory across the row's warps). gridDim.y is
 //     ceil(max_rank / rank_rows) for few tokens, fewer when there are enough blocks to fill the GPU.
-//   lora_expand<T, VEC, TOK>: grid (ceil(num_tokens / TOK), ceil(h_out / (VEC * blockDim.x))),
+//     lora_expand<T, VEC, TOK>: grid (ceil(num_tokens / TOK), ceil(h_out / (VEC * blockDim.x))),
 //     block (column threads in {32, 64}, rank_splits), at most 256 threads. A thread owns VEC columns of
 //     TOK rows and loops over its share of the rank (threadIdx.y takes rank rows
 //     [ty * ceil(r / rank_splits), ...)), reading B rows [r, h_out] contiguously across the block; the
 //     shares are summed in shared memory and threadIdx.y == 0 adds the sum to out (loaded up front).
-//   TOK > 1 (sgmv) fuses the block's TOK rows when they share a slot, so each A / B vector is loaded once
-//   for TOK rows; a block whose rows differ in slot or rank computes them one row at a time.
-//   A block returns at once when none of its rows needs any of its rank rows (rank 0 costs one lookup).
+//     TOK (4) fuses the block's rows when they share a slot, so each A / B vector is loaded once for TOK
+//     rows; a block whose rows differ in slot or rank computes them one row at a time. A block returns
+//     at once when none of its rows needs any of its rank rows (rank 0 costs one lookup).
 
-#define LORA_MAX_THREADS 256  // blockDim.x * blockDim.y <= 256
+#define LORA_MAX_THREADS 256  // blockDim.x * blockDim.y <= 256 except lora_sgmv_shrink_mma<T, 1, 1>
 #define LORA_MAX_WARPS (LORA_MAX_THREADS / 32)
+#define LORA_SHRINK_RANK_ROWS 4  // rank rows per lora_bgmv_shrink block
+#define LORA_SHRINK_CHUNKS 2  // vectors of x per lora_bgmv_shrink thread and step
+// lora_bgmv_shrink's cp.async staging (16-byte vectors): LORA_SHRINK_STAGE vectors per thread
+#define LORA_SHRINK_STAGE (LORA_SHRINK_CHUNKS * (LORA_SHRINK_RANK_ROWS + 1))
+#define LORA_EXPAND_ROWS_IN_FLIGHT 8  // rank rows of B per thread loaded at once by lora_bgmv_expand
+
+// PTX helpers, one instruction each (kept apart so the conversions and products are easy to audit).
+__device__ __forceinline__ float lora_f16_to_f32(unsigned short h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
+  return f;
+}
+
+__device__ __forceinline__ unsigned short lora_f32_to_f16(float f) {
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+}
+
+// d[0..3] += A (16 x 16, fragments a[0..3]) * B (16 x 8, fragments b[0..1]); PTX ISA "mma.m16n8k16".
+__device__ __forceinline__ void lora_mma_bf16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+__device__ __forceinline__ void lora_mma_f16_16816(float* d, const unsigned int* a, const unsigned int* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
+
+// d[0..3] += A (16 x 8 tf32, a[0..3]) * B (8 x 8 tf32, b[0..1]); PTX ISA "mma.m16n8k8" (.tf32).
+__device__ __forceinline__ void lora_mma_tf32_1688(float* d, const unsigned int* a, const unsigned int* b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  __trap();
+#else
+  asm("mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
+}
 
 struct Bf16 {
   typedef unsigned short storage;
@@ -60,19 +149,17 @@ struct Bf16 {
     u += 0x7fffu + ((u >> 16) & 1u);
     return static_cast<storage>(u >> 16);
   }
+  static __device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, const unsigned int* b) {
+    lora_mma_bf16_16816(d, a, b);
+  }
 };
 
 struct Fp16 {
   typedef unsigned short storage;
-  static __device__ __forceinline__ float to_float(storage h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-  }
-  static __device__ __forceinline__ storage from_float(float f) {
-    storage h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
+  static __device__ __forceinline__ float to_float(storage h) { return lora_f16_to_f32(h); }
+  static __device__ __forceinline__ storage from_float(float f) { return lora_f32_to_f16(f); }
+  static __device__ __forceinline__ void mma_16816(float* d, const unsigned int* a, const unsigned int* b) {
+    lora_mma_f16_16816(d, a, b);
   }
 };
 
@@ -87,6 +174,82 @@ template <typename S, int VEC>
 struct alignas(sizeof(S) * VEC) Vec {
   S v[VEC];
 };
+
+// Global loads that return zeros where `pred` is false, as inline PTX: the compiler keeps PTX loads
+// where they are written, so a loop that loads everything first really has all its loads in flight
+// before the first use (plain C++ loads under a condition were interleaved with the arithmetic).
+// ".nc": read-only data (x, the stacks, y); never used for `out`.
+__device__ __forceinline__ void lora_ldg16(unsigned int* r, const void* p, bool pred) {
+  asm volatile(
+      "{\n .reg .pred p;\n setp.ne.b32 p, %5, 0;\n mov.b32 %0, 0;\n mov.b32 %1, 0;\n mov.b32 %2, 0;\n"
+      " mov.b32 %3, 0;\n @p ld.global.nc.v4.u32 {%0, %1, %2, %3}, [%4];\n}\n"
+      : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+      : "l"(p), "r"(static_cast<int>(pred)));
+}
+
+__device__ __forceinline__ unsigned int lora_ldg4(const void* p, bool pred) {
+  unsigned int r;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b32 %0, 0;\n @p ld.global.nc.u32 %0, [%1];\n}\n"
+               : "=r"(r)
+               : "l"(p), "r"(static_cast<int>(pred)));
+  return r;
+}
+
+__device__ __forceinline__ unsigned short lora_ldg2(const void* p, bool pred) {
+  unsigned short r;
+  asm volatile("{\n .reg .pred p;\n setp.ne.b32 p, %2, 0;\n mov.b16 %0, 0;\n @p ld.global.nc.u16 %0, [%1];\n}\n"
+               : "=h"(r)
+               : "l"(p), "r"(static_cast<int>(pred)));
+  return r;
+}
+
+template <typename V>
+__device__ __forceinline__ V zero_vec() {
+  V z;
+#pragma unroll
+  for (int j = 0; j < static_cast<int>(sizeof(z.v) / sizeof(z.v[0])); ++j) z.v[j] = 0;
+  return z;
+}
+
+// 16 bytes from global to shared memory, asynchronously (cp.async, sm_80+), or zeros without reading
+// global memory when !pred. Completion: lora_cp_async_commit() closes a group of copies and
+// lora_cp_async_wait<N>() waits until at most N groups are pending; a thread then reads the shared
+// memory its own copies wrote. Loads staged this way are all in flight before the first use: ptxas
+// cannot move the arithmetic between them, as it does with register loads (it interleaved 16-byte
+// register loads with the FMAs / mma that consume them after the first four or five).
+__device__ __forceinline__ void lora_cp_async16(void* smem, const void* gmem, bool pred) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+  unsigned int* d = static_cast<unsigned int*>(smem);
+  const unsigned int* g = static_cast<const unsigned int*>(gmem);
+  for (int q = 0; q < 4; ++q) d[q] = pred ? g[q] : 0u;
+#else
+  asm volatile(
+      "{\n .reg .u64 sa64;\n .reg .u32 sa;\n cvta.to.shared.u64 sa64, %0;\n cvt.u32.u64 sa, sa64;\n"
+      " cp.async.cg.shared.global [sa], [%1], 16, %2;\n}\n" ::"l"(smem),
+      "l"(gmem), "r"(pred ? 16 : 0)
+      : "memory");
+#endif
+}
+
+__device__ __forceinline__ void lora_cp_async_commit() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void lora_cp_async_wait() {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
+}
+
+// The block's dynamic shared memory (launch parameter shared_mem), 16-byte aligned.
+__device__ __forceinline__ Vec<unsigned int, 4>* lora_dynamic_smem() {
+  extern __shared__ Vec<unsigned int, 4> lora_smem[];
+  return lora_smem;
+}
+
 
 // Slot and rank of row i (slot -1 / rank 0 when the row is skipped).
 __device__ __forceinline__ void resolve_row(long long i, long long num_tokens, const int* slot_ids,
@@ -402,6 +565,582 @@ __global__ void lora_expand(const float* __restrict__ y, long long y_stride,
 #pragma unroll
       for (int j = 0; j < VEC; ++j) o.v[j] = T::from_float(T::to_float(o.v[j]) + acc[t][j]);
       *out_vecs[t] = o;
+    }
+  }
+}
+
+// load_vec(p, pred): *p, or zeros when !pred, through the PTX loads above (one access of 16, 4 or 2 bytes).
+template <typename S, int VEC>
+struct VecLoad;
+
+template <>
+struct VecLoad<unsigned short, 8> {
+  static __device__ __forceinline__ Vec<unsigned short, 8> load(const Vec<unsigned short, 8>* p, bool pred) {
+    unsigned int w[4];
+    lora_ldg16(w, p, pred);
+    Vec<unsigned short, 8> v;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      v.v[2 * q] = static_cast<unsigned short>(w[q] & 0xffffu);
+      v.v[2 * q + 1] = static_cast<unsigned short>(w[q] >> 16);
+    }
+    return v;
+  }
+};
+
+template <>
+struct VecLoad<float, 4> {
+  static __device__ __forceinline__ Vec<float, 4> load(const Vec<float, 4>* p, bool pred) {
+    unsigned int w[4];
+    lora_ldg16(w, p, pred);
+    Vec<float, 4> v;
+#pragma unroll
+    for (int q = 0; q < 4; ++q) v.v[q] = __uint_as_float(w[q]);
+    return v;
+  }
+};
+
+template <>
+struct VecLoad<unsigned int, 4> {
+  static __device__ __forceinline__ Vec<unsigned int, 4> load(const Vec<unsigned int, 4>* p, bool pred) {
+    Vec<unsigned int, 4> v;
+    lora_ldg16(v.v, p, pred);
+    return v;
+  }
+};
+
+template <>
+struct VecLoad<unsigned short, 1> {
+  static __device__ __forceinline__ Vec<unsigned short, 1> load(const Vec<unsigned short, 1>* p, bool pred) {
+    Vec<unsigned short, 1> v;
+    v.v[0] = lora_ldg2(p, pred);
+    return v;
+  }
+};
+
+template <>
+struct VecLoad<float, 1> {
+  static __device__ __forceinline__ Vec<float, 1> load(const Vec<float, 1>* p, bool pred) {
+    Vec<float, 1> v;
+    v.v[0] = __uint_as_float(lora_ldg4(p, pred));
+    return v;
+  }
+};
+
+template <typename S, int VEC>
+__device__ __forceinline__ Vec<S, VEC> load_vec(const Vec<S, VEC>* p, bool pred) {
+  return VecLoad<S, VEC>::load(p, pred);
+}
+
+__device__ __forceinline__ float load_f32(const float* p, bool pred) {
+  return __uint_as_float(lora_ldg4(p, pred));
+}
+
+// ------------------------------------------------------------------------------------------------
+// bgmv: one slot per row (decode).
+
+// The rank of row i's slot, clamped to [0, max_rank] (0: skip the row), and the slot. Loads slot_ids[i]
+// (every thread, one address) and the first blockDim entries of lora_ranks (one per thread) together,
+// so the slot's rank usually comes from shared memory rather than a second dependent load.
+__device__ __forceinline__ int bgmv_row_rank(long long i, const int* slot_ids, const int* lora_ranks,
+                                             long long num_slots, long long max_rank, int* s_ranks,
+                                             int* slot_out) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const long long nthreads = blockDim.x * blockDim.y;
+  const long long table = num_slots < nthreads ? num_slots : nthreads;
+  if (tid < table) s_ranks[tid] = lora_ranks[tid];
+  const long long s = slot_ids[i];
+  __syncthreads();
+  long long r = 0;
+  if (s >= 0 && s < num_slots) r = s < table ? s_ranks[s] : lora_ranks[s];
+  *slot_out = (s >= 0 && s < num_slots) ? static_cast<int>(s) : 0;
+  return static_cast<int>(r < 0 ? 0 : (r > max_rank ? max_rank : r));
+}
+
+// y[i, k0:k0 + 4] for the rank group k0 = 4 * blockIdx.y (then + 4 * gridDim.y, ...) of row i. Each
+// step, thread tid takes vectors tid and tid + blockDim of x and of the group's 4 A rows: 10 loads, all
+// in flight before the first product (16-byte vectors go through shared memory with cp.async: dynamic
+// shared memory of LORA_SHRINK_STAGE * blockDim vectors; 1-element vectors are plain loads).
+template <typename T, int VEC>
+__global__ void __launch_bounds__(LORA_MAX_THREADS)
+    lora_bgmv_shrink(const typename T::storage* __restrict__ x, long long x_stride,
+                     const typename T::storage* __restrict__ lora_a_stack, const int* __restrict__ slot_ids,
+                     const int* __restrict__ lora_ranks, long long num_slots, float* __restrict__ y,
+                     long long y_stride, long long num_tokens, long long h_in, long long max_rank) {
+  typedef Vec<typename T::storage, VEC> V;
+  constexpr int RW = LORA_SHRINK_RANK_ROWS;
+  constexpr int CH = LORA_SHRINK_CHUNKS;
+  constexpr bool ASYNC = sizeof(V) == 16;
+  __shared__ int s_ranks[LORA_MAX_THREADS];
+  __shared__ float s_part[LORA_MAX_WARPS][RW];
+
+  const long long i = blockIdx.x;  // grid.x == num_tokens
+  int slot;
+  const int rank = bgmv_row_rank(i, slot_ids, lora_ranks, num_slots, max_rank, s_ranks, &slot);
+  const int tid = threadIdx.x;
+  const int nthreads = blockDim.x;
+  const long long n_vec = h_in / VEC;
+  const V* x_row = reinterpret_cast<const V*>(x + i * x_stride);
+  // Staging slot (c, 0) holds x, (c, 1 + w) A row w, for thread tid at [slot * blockDim + tid].
+  V* stage = reinterpret_cast<V*>(lora_dynamic_smem());
+  // Rank groups blockIdx.y, blockIdx.y + gridDim.y, ... below the row's rank (uniform over the block).
+  for (int k0 = blockIdx.y * RW; k0 < rank; k0 += gridDim.y * RW) {
+    const V* a_rows[RW];
+    bool a_ok[RW];
+#pragma unroll
+    for (int w = 0; w < RW; ++w) {
+      a_ok[w] = k0 + w < rank;
+      const long long row = static_cast<long long>(slot) * max_rank + (a_ok[w] ? k0 + w : k0);
+      a_rows[w] = reinterpret_cast<const V*>(lora_a_stack + row * h_in);
+    }
+    float acc[RW];
+#pragma unroll
+    for (int w = 0; w < RW; ++w) acc[w] = 0.0f;
+    for (long long v0 = tid; v0 < n_vec; v0 += static_cast<long long>(CH) * nthreads) {
+      V xv[CH];
+      V av[RW][CH];
+      if (ASYNC) {
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          const long long v = v0 + static_cast<long long>(c) * nthreads;
+          const bool ok = v < n_vec;
+          lora_cp_async16(stage + (c * (RW + 1)) * nthreads + tid, x_row + v, ok);
+#pragma unroll
+          for (int w = 0; w < RW; ++w)
+            lora_cp_async16(stage + (c * (RW + 1) + 1 + w) * nthreads + tid, a_rows[w] + v, ok && a_ok[w]);
+        }
+        lora_cp_async_commit();
+        lora_cp_async_wait<0>();
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          xv[c] = stage[(c * (RW + 1)) * nthreads + tid];
+#pragma unroll
+          for (int w = 0; w < RW; ++w) av[w][c] = stage[(c * (RW + 1) + 1 + w) * nthreads + tid];
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < CH; ++c) {
+          const long long v = v0 + static_cast<long long>(c) * nthreads;
+          const bool ok = v < n_vec;
+          xv[c] = load_vec(x_row + v, ok);
+#pragma unroll
+          for (int w = 0; w < RW; ++w) av[w][c] = load_vec(a_rows[w] + v, ok && a_ok[w]);
+        }
+      }
+#pragma unroll
+      for (int c = 0; c < CH; ++c) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) {
+          const float xf = T::to_float(xv[c].v[j]);
+#pragma unroll
+          for (int w = 0; w < RW; ++w) acc[w] = fmaf(T::to_float(av[w][c].v[j]), xf, acc[w]);
+        }
+      }
+    }
+#pragma unroll
+    for (int w = 0; w < RW; ++w) acc[w] = warp_sum(acc[w]);
+    if (nthreads > 32) {  // combine the warps' sums in shared memory, in warp order
+      if ((tid & 31) == 0) {
+#pragma unroll
+        for (int w = 0; w < RW; ++w) s_part[tid >> 5][w] = acc[w];
+      }
+      __syncthreads();
+      if (tid < RW && k0 + tid < rank) {
+        float sum = 0.0f;
+        for (int wp = 0; wp < (nthreads >> 5); ++wp) sum += s_part[wp][tid];
+        y[i * y_stride + k0 + tid] = sum;
+      }
+      __syncthreads();  // s_part is rewritten by the next rank group
+    } else if (tid == 0) {
+#pragma unroll
+      for (int w = 0; w < RW; ++w) {
+        if (k0 + w < rank) y[i * y_stride + k0 + w] = acc[w];
+      }
+    }
+  }
+}
+
+template <typename T, int VEC>
+__global__ void __launch_bounds__(LORA_MAX_THREADS)
+    lora_bgmv_expand(const float* __restrict__ y, long long y_stride,
+                     const typename T::storage* __restrict__ lora_b_stack, const int* __restrict__ slot_ids,
+                     const int* __restrict__ lora_ranks, long long num_slots,
+                     typename T::storage* __restrict__ out, long long out_stride, long long out_offset,
+                     long long num_tokens, long long h_out, long long max_rank) {
+  typedef Vec<typename T::storage, VEC> V;
+  constexpr int KU = LORA_EXPAND_ROWS_IN_FLIGHT;
+  __shared__ int s_ranks[LORA_MAX_THREADS];
+  __shared__ float s_part[LORA_MAX_THREADS * VEC];
+
+  const long long i = blockIdx.x;  // grid.x == num_tokens
+  int slot;
+  const int rank = bgmv_row_rank(i, slot_ids, lora_ranks, num_slots, max_rank, s_ranks, &slot);
+  if (rank == 0) return;  // uniform over the block: the row has no adapter
+  const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
+  const long long n_vec = h_out / VEC;
+  const long long v = static_cast<long long>(blockIdx.y) * bx + tx;
+  const bool column_ok = v < n_vec;  // threads past h_out still take part in the reduction's barrier
+  V* out_vec = reinterpret_cast<V*>(out + i * out_stride + out_offset) + (column_ok ? v : 0);
+  V old = zero_vec<V>();
+  if (column_ok && ty == 0) old = *out_vec;  // in flight while B is loaded
+
+  float acc[VEC];
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
+  if (column_ok) {
+    const V* b = reinterpret_cast<const V*>(lora_b_stack + static_cast<long long>(slot) * max_rank * h_out) + v;
+    const float* y_row = y + i * y_stride;
+    for (int k0 = ty; k0 < rank; k0 += KU * by) {  // rank rows k0, k0 + by, ..., KU of them at once
+      V bv[KU];
+      float yv[KU];
+#pragma unroll
+      for (int u = 0; u < KU; ++u) {
+        const int k = k0 + u * by;
+        bv[u] = load_vec(b + k * n_vec, k < rank);
+        yv[u] = load_f32(y_row + k, k < rank);
+      }
+#pragma unroll
+      for (int u = 0; u < KU; ++u) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] = fmaf(yv[u], T::to_float(bv[u].v[j]), acc[j]);
+      }
+    }
+  }
+  if (by > 1) {  // the rank is split over threadIdx.y: sum the parts in shared memory, in ty order
+    if (ty > 0) {
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) s_part[((ty - 1) * VEC + j) * bx + tx] = acc[j];
+    }
+    __syncthreads();
+    if (ty == 0) {
+      for (int g = 1; g < by; ++g) {
+#pragma unroll
+        for (int j = 0; j < VEC; ++j) acc[j] += s_part[((g - 1) * VEC + j) * bx + tx];
+      }
+    }
+  }
+  if (ty != 0 || !column_ok) return;
+  V o;
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) o.v[j] = T::from_float(T::to_float(old.v[j]) + acc[j]);
+  *out_vec = o;
+}
+
+// ------------------------------------------------------------------------------------------------
+// sgmv on tensor cores (prefill): 16-bit T, 16-byte aligned rows, sm_80+.
+
+#define LORA_MMA_COLS 64  // columns of out per warp in lora_sgmv_expand_mma
+#define LORA_MMA_K 64     // elements of h_in per warp chunk in lora_sgmv_shrink_mma
+#define LORA_MMA_STAGES 3  // chunks per warp in lora_sgmv_shrink_mma's cp.async ring (2 in flight)
+
+// Rows [begin, end) of one segment within a row tile, its slot and its (clamped, nonzero) rank.
+struct SegmentRows {
+  int begin, end, slot, rank;
+};
+
+// The segments with an adapter that overlap rows [row0, row_end), into s_seg (at most `capacity`:
+// non-empty overlaps of disjoint segments with a tile of `capacity` rows), in no particular order (each
+// row lies in one segment and is computed the same way whatever the order). One pass of the block over
+// the segments; returns the count, the same in every thread.
+__device__ __forceinline__ int tile_segments(long long row0, long long row_end, const int* segment_indptr,
+                                             const int* segment_slot_ids, long long num_segments,
+                                             const int* lora_ranks, long long num_slots, long long max_rank,
+                                             SegmentRows* s_seg, int capacity, int* s_count) {
+  const int tid = threadIdx.y * blockDim.x + threadIdx.x;
+  const long long nthreads = blockDim.x * blockDim.y;
+  if (tid == 0) *s_count = 0;
+  __syncthreads();
+  for (long long g = tid; g < num_segments; g += nthreads) {
+    const long long p = segment_indptr[g], q = segment_indptr[g + 1];
+    const long long s = segment_slot_ids[g];
+    const long long begin = p > row0 ? p : row0, end = q < row_end ? q : row_end;
+    if (begin < end && s >= 0 && s < num_slots) {
+      long long r = lora_ranks[s];
+      r = r > max_rank ? max_rank : r;
+      if (r > 0) {
+        const int idx = atomicAdd(s_count, 1);
+        if (idx < capacity) {  // always, for non-decreasing segment_indptr
+          SegmentRows e;
+          e.begin = static_cast<int>(begin);
+          e.end = static_cast<int>(end);
+          e.slot = static_cast<int>(s);
+          e.rank = static_cast<int>(r);
+          s_seg[idx] = e;
+        }
+      }
+    }
+  }
+  __syncthreads();
+  const int count = *s_count;
+  return count < capacity ? count : capacity;
+}
+
+// Round to the nearest tf32 (10 explicit mantissa bits, ties away from zero); the low 13 bits are 0.
+__device__ __forceinline__ unsigned int tf32_bits(float f) {
+  return (__float_as_uint(f) + 0x1000u) & 0xffffe000u;
+}
+
+// y[rows, n] for the rank rows n of group blockIdx.y (8 * NG of them) and the tile's rows of each
+// segment. Block (32, warps): warp w takes the 64-element chunks w, w + warps, ... of h_in. Lane
+// (g, t) = (lane / 4, lane % 4) loads the 16 bytes at elements 8t and 32 + 8t of a chunk (halves 0 and
+// 1) for rows g and g + 8 of each m tile (x) and for rank row g of each n tile (A). The chunk's k16 step
+// j (0..3) takes half j / 2, and its 32-bit words 2 (j % 2) and 2 (j % 2) + 1 as the k slots
+// {2t, 2t + 1} and {2t + 8, 2t + 9} of both operands: one permutation of k for both, so every product
+// pairs x[., k] with A[., k] and each k of the chunk is summed once. The loads are cp.async copies into
+// the warp's LORA_MMA_STAGES-deep ring in dynamic shared memory (LORA_MMA_STAGES * (4 MT + 2 NG) * 32
+// vectors of 16 bytes per warp), LORA_MMA_STAGES - 1 chunks ahead of the products; each lane reads back
+// only what it copied, so the warps never wait for each other until the final sum.
+template <typename T, int MT, int NG>
+__global__ void __launch_bounds__(MT * NG == 1 ? 512 : 256)
+    lora_sgmv_shrink_mma(const typename T::storage* __restrict__ x, long long x_stride,
+                         const typename T::storage* __restrict__ lora_a_stack,
+                         const int* __restrict__ segment_indptr, const int* __restrict__ segment_slot_ids,
+                         long long num_segments, const int* __restrict__ lora_ranks, long long num_slots,
+                         float* __restrict__ y, long long y_stride, long long num_tokens, long long h_in,
+                         long long max_rank) {
+  typedef Vec<unsigned int, 4> W4;  // 16 bytes: 8 elements
+  constexpr int BM = 16 * MT;
+  constexpr int MAX_WARPS = MT * NG == 1 ? 16 : 8;
+  constexpr int NV = MT * NG * 4 * 32;  // fragment values of a warp's tile
+  constexpr int NVEC = 4 * MT + 2 * NG;  // 16-byte vectors per lane and chunk: x (m tile, row, half), A
+  constexpr int S = LORA_MMA_STAGES;
+  __shared__ SegmentRows s_seg[BM];
+  __shared__ int s_count;
+  __shared__ float s_red[MAX_WARPS * NV];
+
+  const int lane = threadIdx.x, warp = threadIdx.y, nwarps = blockDim.y;
+  const int tid = warp * 32 + lane, nthreads = nwarps * 32;
+  const int g = lane >> 2, t = lane & 3;
+  const long long row0 = static_cast<long long>(blockIdx.x) * BM;
+  const long long row_end = row0 + BM < num_tokens ? row0 + BM : num_tokens;
+  const int count = tile_segments(row0, row_end, segment_indptr, segment_slot_ids, num_segments, lora_ranks,
+                                  num_slots, max_rank, s_seg, BM, &s_count);
+  const long long nchunks = (h_in + LORA_MMA_K - 1) / LORA_MMA_K;
+  const int my_chunks = warp < nchunks ? static_cast<int>((nchunks - 1 - warp) / nwarps) + 1 : 0;
+  W4* ring = lora_dynamic_smem() + static_cast<long long>(warp) * S * NVEC * 32 + lane;
+
+  for (int e = 0; e < count; ++e) {
+    const SegmentRows seg = s_seg[e];
+    for (int nb = blockIdx.y * 8 * NG; nb < seg.rank; nb += gridDim.y * 8 * NG) {
+      const W4* xr[MT][2];
+      bool x_ok[MT][2];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int h = 0; h < 2; ++h) {
+          const long long row = row0 + 16 * mt + 8 * h + g;
+          x_ok[mt][h] = row >= seg.begin && row < seg.end;
+          xr[mt][h] = reinterpret_cast<const W4*>(x + (x_ok[mt][h] ? row : seg.begin) * x_stride);
+        }
+      }
+      const W4* ar[NG];
+      bool a_ok[NG];
+#pragma unroll
+      for (int nt = 0; nt < NG; ++nt) {
+        const int n = nb + 8 * nt + g;
+        a_ok[nt] = n < seg.rank;
+        const long long a_row = static_cast<long long>(seg.slot) * max_rank + (a_ok[nt] ? n : nb);
+        ar[nt] = reinterpret_cast<const W4*>(lora_a_stack + a_row * h_in);
+      }
+      // Copies of this warp's chunk i into ring slot i % S, as one cp.async group (empty past the end).
+      auto issue = [&](int i) {
+        if (i < my_chunks) {
+          const long long c = warp + static_cast<long long>(i) * nwarps;
+          W4* slot = ring + (i % S) * NVEC * 32;
+#pragma unroll
+          for (int half = 0; half < 2; ++half) {
+            const long long k = c * LORA_MMA_K + half * 32 + t * 8;  // first element of the 16 bytes
+            const bool k_ok = k < h_in;
+            const long long q = k >> 3;
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+              for (int h = 0; h < 2; ++h)
+                lora_cp_async16(slot + ((mt * 2 + h) * 2 + half) * 32, xr[mt][h] + q, k_ok && x_ok[mt][h]);
+            }
+#pragma unroll
+            for (int nt = 0; nt < NG; ++nt)
+              lora_cp_async16(slot + (4 * MT + nt * 2 + half) * 32, ar[nt] + q, k_ok && a_ok[nt]);
+          }
+        }
+        lora_cp_async_commit();
+      };
+      float acc[MT][NG][4];
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NG; ++nt) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) acc[mt][nt][q] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int i = 0; i < S - 1; ++i) issue(i);
+      for (int i = 0; i < my_chunks; ++i) {
+        issue(i + S - 1);
+        lora_cp_async_wait<S - 1>();  // chunk i has landed
+        const W4* slot = ring + (i % S) * NVEC * 32;
+        W4 xv[MT][2][2];  // [m tile][row g / g + 8][16-byte half]
+        W4 av[NG][2];     // [n tile][16-byte half]
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+          for (int h = 0; h < 2; ++h) {
+#pragma unroll
+            for (int half = 0; half < 2; ++half) xv[mt][h][half] = slot[((mt * 2 + h) * 2 + half) * 32];
+          }
+        }
+#pragma unroll
+        for (int nt = 0; nt < NG; ++nt) {
+#pragma unroll
+          for (int half = 0; half < 2; ++half) av[nt][half] = slot[(4 * MT + nt * 2 + half) * 32];
+        }
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {  // the chunk's four k16 steps
+          const int half = j >> 1, w0 = (j & 1) * 2;
+#pragma unroll
+          for (int mt = 0; mt < MT; ++mt) {
+            const unsigned int a[4] = {xv[mt][0][half].v[w0], xv[mt][1][half].v[w0], xv[mt][0][half].v[w0 + 1],
+                                       xv[mt][1][half].v[w0 + 1]};
+#pragma unroll
+            for (int nt = 0; nt < NG; ++nt) {
+              const unsigned int b[2] = {av[nt][half].v[w0], av[nt][half].v[w0 + 1]};
+              T::mma_16816(acc[mt][nt], a, b);
+            }
+          }
+        }
+      }
+      lora_cp_async_wait<0>();  // only empty groups remain; the ring is free for the next pass
+      // Sum the warps' tiles (shared memory, warp order) and store the rows and ranks in range.
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+#pragma unroll
+        for (int nt = 0; nt < NG; ++nt) {
+#pragma unroll
+          for (int q = 0; q < 4; ++q) s_red[warp * NV + ((mt * NG + nt) * 4 + q) * 32 + lane] = acc[mt][nt][q];
+        }
+      }
+      __syncthreads();
+      for (int o = tid; o < NV; o += nthreads) {
+        float sum = 0.0f;
+        for (int w = 0; w < nwarps; ++w) sum += s_red[w * NV + o];
+        const int idx = o >> 5, ln = o & 31;
+        const int q = idx & 3, nt = (idx >> 2) % NG, mt = (idx >> 2) / NG;
+        const long long row = row0 + 16 * mt + 8 * (q >> 1) + (ln >> 2);
+        const int n = nb + 8 * nt + 2 * (ln & 3) + (q & 1);
+        if (row >= seg.begin && row < seg.end && n < seg.rank) y[row * y_stride + n] = sum;
+      }
+      __syncthreads();  // s_red is rewritten by the next pass
+    }
+  }
+}
+
+// out[rows, o + c] += y[rows, :r] @ B[slot, :r, c] for the 64 columns c of each warp (chunk
+// blockIdx.y * blockDim.y + warp) and the 16 rows of the tile in each segment. Lane (g, t) loads the 8
+// columns 8g..8g+7 of the chunk (16 bytes) from B rows k + 2t and k + 2t + 1 (k slots t and t + 4 of a
+// k8 step), and column 8g + j feeds n tile j as its column g. So n tile j's output column 2t (2t + 1)
+// is chunk column 16t + j (16t + 8 + j): lane (g, t) ends up with columns 16t..16t+15 of rows g and
+// g + 8, two 16-byte vectors per row. y (fp32) enters as hi + lo tf32 terms. The lane's out vectors are
+// loaded before the segment search, so their latency overlaps it: out rows of the tile without an adapter
+// are read (never written) too, the one exception to "no loads" for skipped rows.
+template <typename T>
+__global__ void __launch_bounds__(LORA_MAX_THREADS)
+    lora_sgmv_expand_mma(const float* __restrict__ y, long long y_stride,
+                         const typename T::storage* __restrict__ lora_b_stack,
+                         const int* __restrict__ segment_indptr, const int* __restrict__ segment_slot_ids,
+                         long long num_segments, const int* __restrict__ lora_ranks, long long num_slots,
+                         typename T::storage* __restrict__ out, long long out_stride, long long out_offset,
+                         long long num_tokens, long long h_out, long long max_rank) {
+  typedef Vec<typename T::storage, 8> V;  // 16 bytes: 8 columns
+  constexpr int BM = 16;
+  __shared__ SegmentRows s_seg[BM];
+  __shared__ int s_count;
+
+  const int lane = threadIdx.x, warp = threadIdx.y;
+  const int g = lane >> 2, t = lane & 3;
+  const long long row0 = static_cast<long long>(blockIdx.x) * BM;
+  const long long row_end = row0 + BM < num_tokens ? row0 + BM : num_tokens;
+  const long long base = (static_cast<long long>(blockIdx.y) * blockDim.y + warp) * LORA_MMA_COLS;
+  const long long ocol = base + 16 * t;  // this lane's output columns [ocol, ocol + 16)
+  const bool o_ok[2] = {ocol < h_out, ocol + 8 < h_out};
+  const long long bcol = base + 8 * g;  // this lane's columns of B [bcol, bcol + 8)
+  const bool b_ok = bcol < h_out;
+  const V zero = zero_vec<V>();
+  long long rows[2];
+  V* o_ptr[2];
+  V ov[2][2];  // [row g / g + 8][columns ocol / ocol + 8], loaded first
+#pragma unroll
+  for (int h = 0; h < 2; ++h) {
+    rows[h] = row0 + 8 * h + g;
+    const bool in_range = rows[h] < num_tokens;
+    const long long first = (in_range ? rows[h] : 0) * out_stride + out_offset + (o_ok[0] ? ocol : 0);
+    o_ptr[h] = reinterpret_cast<V*>(out + first);
+#pragma unroll
+    for (int c = 0; c < 2; ++c) ov[h][c] = in_range && o_ok[c] ? o_ptr[h][c] : zero;
+  }
+  const int count = tile_segments(row0, row_end, segment_indptr, segment_slot_ids, num_segments, lora_ranks,
+                                  num_slots, max_rank, s_seg, BM, &s_count);
+  if (base >= h_out) return;  // no block-wide barrier follows
+
+  for (int e = 0; e < count; ++e) {
+    const SegmentRows seg = s_seg[e];
+    bool row_ok[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) row_ok[h] = rows[h] >= seg.begin && rows[h] < seg.end;
+    float acc[8][4];
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+#pragma unroll
+      for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
+    }
+    const typename T::storage* b_slot =
+        lora_b_stack + static_cast<long long>(seg.slot) * max_rank * h_out + (b_ok ? bcol : 0);
+    for (int k0 = 0; k0 < seg.rank; k0 += 16) {  // two k8 steps at a time, all loads first
+      V bv[2][2];
+      float yv[2][2][2];  // [k8 step][row g / g + 8][k slot t / t + 4]
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+#pragma unroll
+        for (int p = 0; p < 2; ++p) {
+          const int k = k0 + 8 * s + 2 * t + p;
+          const bool k_ok = k < seg.rank;
+          const V* b_row = reinterpret_cast<const V*>(b_slot + static_cast<long long>(k) * h_out);
+          bv[s][p] = load_vec(b_row, k_ok && b_ok);
+#pragma unroll
+          for (int h = 0; h < 2; ++h) yv[s][h][p] = load_f32(y + rows[h] * y_stride + k, k_ok && row_ok[h]);
+        }
+      }
+#pragma unroll
+      for (int s = 0; s < 2; ++s) {
+        if (k0 + 8 * s >= seg.rank) break;  // uniform over the warp
+        // A fragment: a0 (row g, slot t), a1 (row g + 8, slot t), a2 (row g, slot t + 4), a3 (row g + 8, t + 4).
+        const float a_f[4] = {yv[s][0][0], yv[s][1][0], yv[s][0][1], yv[s][1][1]};
+        unsigned int a_hi[4], a_lo[4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          a_hi[q] = tf32_bits(a_f[q]);
+          a_lo[q] = tf32_bits(a_f[q] - __uint_as_float(a_hi[q]));
+        }
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          const unsigned int b[2] = {__float_as_uint(T::to_float(bv[s][0].v[j])),
+                                     __float_as_uint(T::to_float(bv[s][1].v[j]))};
+          lora_mma_tf32_1688(acc[j], a_hi, b);
+          lora_mma_tf32_1688(acc[j], a_lo, b);
+        }
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      if (!row_ok[h]) continue;
+#pragma unroll
+      for (int c = 0; c < 2; ++c) {
+        if (!o_ok[c]) continue;
+        V o;
+#pragma unroll
+        for (int j = 0; j < 8; ++j) o.v[j] = T::from_float(T::to_float(ov[h][c].v[j]) + acc[j][2 * h + c]);
+        o_ptr[h][c] = o;
+      }
     }
   }
 }

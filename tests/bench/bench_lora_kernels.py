@@ -10,6 +10,10 @@ graph (which may run on a copy engine) and an elementwise kernel, and all three 
 Times are CUDA-graph replays of many calls (no launch gaps), each call on its own copy of the inputs
 in turn, with enough copies to cover four times the L2 cache so the weights come from memory.
 Targets (issue 5): at batch >= 64, bandwidth >= 80% of copy and time <= 0.3 x gather + bmm.
+
+Two floors are printed first, to read the small shapes against: a graph replay of a one-element torch
+kernel (the per-kernel cost of a replayed graph), and bgmv_shrink at n=64 with every rank 0 (launch,
+index loads, no weights). A kernel cannot take less than the second plus its bytes at copy bandwidth.
 """
 
 from __future__ import annotations
@@ -139,6 +143,30 @@ def _bytes(shape: Shape, idx: dict, esize: int) -> int:
     return n * rank * 4 + adapters * rank * shape.h_out * esize + 2 * n * shape.h_out * esize
 
 
+def _kernel_used(ops: CudaLoraOps, fn) -> str:
+    """The template instance that one call of fn(0) launches, e.g. 'sgmv_shrink_mma<Bf16, 2, 2>'."""
+    names = []
+    launch = ops._launch
+    ops._launch = lambda name, *args, **kwargs: (names.append(name), launch(name, *args, **kwargs))
+    try:
+        fn(0)
+    finally:
+        del ops._launch  # back to the class's method
+    return names[0].removeprefix("lora_") if names else "-"
+
+
+def floors(ops: CudaLoraOps, dtype: torch.dtype, l2_bytes: int) -> dict[str, float]:
+    """Seconds per call of a one-element torch kernel and of bgmv_shrink (n=64) with every rank 0."""
+    one = torch.zeros(1, device="cuda")
+    shape = Shape("bgmv_shrink", 64, 4096, 4096, 16, "distinct")
+    insts, idx = _instances(shape, dtype, l2_bytes)
+    idx["lora_ranks"].zero_()
+    return {
+        "one-element torch kernel": _time_graph(lambda i: one.add_(1.0), 200),
+        "bgmv_shrink n=64, all ranks 0": _time_graph(_kernel_fn(ops, shape, insts, idx), 200),
+    }
+
+
 def _kernel_fn(ops: CudaLoraOps, shape: Shape, insts: list[dict], idx: dict):
     kind, op = shape.op.split("_")
     where = (idx["slot_ids"],) if kind == "bgmv" else (idx["segment_indptr"], idx["segment_slot_ids"])
@@ -186,10 +214,12 @@ def main() -> None:
     print(f"device: {props.name}, {props.multi_processor_count} SMs, L2 {props.L2_cache_size >> 20} MiB")
     measured = ", ".join(f"{name} {bw / 1e9:.0f}" for name, bw in copies.items())
     print(f"measured copy bandwidth (read + write, 1 GiB), GB/s: {measured}; %copy below is of the largest")
+    floor = floors(ops, dtype, props.L2_cache_size)
+    print("floors (graph replay, per call): " + ", ".join(f"{k} {t * 1e6:.2f} us" for k, t in floor.items()))
     print(f"dtype {dtype}; targets at n >= 64 over distinct adapters: >= 80% copy and ratio <= 0.3")
     header = (
         f"{'op':<12} {'n':>5} {'h_in':>6} {'h_out':>6} {'rank':>4} {'pattern':<8} {'kernel us':>10} "
-        f"{'GB/s':>7} {'%copy':>6} {'torch us':>9} {'ratio':>6}  target"
+        f"{'GB/s':>7} {'%copy':>6} {'torch us':>9} {'ratio':>6}  {'target':<6} kernel"
     )
     print(header)
     print("-" * len(header))
@@ -197,6 +227,7 @@ def main() -> None:
     for shape in _shapes():
         insts, idx = _instances(shape, dtype, props.L2_cache_size)
         calls = max(20, len(insts))
+        used = _kernel_used(ops, _kernel_fn(ops, shape, insts, idx))
         t_kernel = _time_graph(_kernel_fn(ops, shape, insts, idx), calls)
         t_torch = _time_graph(_torch_fn(shape, insts, idx), calls)
         bw = _bytes(shape, idx, esize) / t_kernel
@@ -208,7 +239,7 @@ def main() -> None:
         print(
             f"{s.op:<12} {s.n:>5} {s.h_in:>6} {s.h_out:>6} {s.rank:>4} {s.pattern:<8} "
             f"{t_kernel * 1e6:>10.2f} {bw / 1e9:>7.0f} {100 * bw / copy_bw:>5.0f}% {t_torch * 1e6:>9.2f} "
-            f"{ratio:>6.2f}  {target}"
+            f"{ratio:>6.2f}  {target:<6} {used}"
         )
         del insts
         torch.cuda.empty_cache()

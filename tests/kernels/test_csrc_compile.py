@@ -51,20 +51,23 @@ def test_compiles_with_nvcc(source, arch, tmp_path):
 def _parameter_counts() -> dict[str, int]:
     """Kernel template name -> number of parameters, read from the .cu source."""
     text = cuda.SOURCE_PATH.read_text()
-    signatures = re.findall(r"__global__ void (\w+)\(([^)]*)\)", text)
+    signatures = re.findall(r"__global__ void (?:__launch_bounds__\([^)]*\)\s*)?(\w+)\(([^)]*)\)", text)
     return {name: len(params.split(",")) for name, params in signatures}
 
 
 class _Recorder(cuda.CudaLoraOps):
-    """CudaLoraOps on the CPU with launches recorded instead of run (no CuPy, no device)."""
+    """CudaLoraOps on the CPU with launches recorded instead of run (no CuPy, no device): an H200 (132
+    SMs, tensor cores) unless told otherwise."""
 
-    def __init__(self):
+    def __init__(self, num_sms=132, mma=True):
         self.device = torch.device("cpu")
-        self._target_blocks = 528
+        self._num_sms = num_sms
+        self._target_blocks = 4 * num_sms
+        self._mma = mma
         self.launches = []
 
-    def _launch(self, name, grid, block, args):
-        self.launches.append((name, grid, block, args))
+    def _launch(self, name, grid, block, args, smem=0):
+        self.launches.append((name, grid, block, args, smem))
 
 
 def _problem(dtype=torch.bfloat16, n=5, h_in=64, h_out=48, max_rank=8, num_slots=3):
@@ -90,23 +93,73 @@ def _call_all(ops, p, out_offset=8):
     ops.sgmv_expand(p["y"], p["lora_b_stack"], *segments, p["lora_ranks"], p["out"], out_offset)
 
 
+@pytest.mark.parametrize("mma", [False, True], ids=["generic-sgmv", "mma-sgmv"])
 @pytest.mark.parametrize("dtype", list(cuda.KERNEL_TYPES), ids=str)
 @pytest.mark.parametrize("h_in, h_out, out_offset", [(64, 48, 8), (63, 45, 3)])
-def test_wrapper_passes_every_kernel_parameter(dtype, h_in, h_out, out_offset):
-    ops = _Recorder()
+def test_wrapper_passes_every_kernel_parameter(dtype, h_in, h_out, out_offset, mma):
+    ops = _Recorder(mma=mma)
+    ops.sgmv_mma_min_rows_per_segment = 0 if mma else 8  # 5 rows in 2 segments
     _call_all(ops, _problem(dtype, h_in=h_in, h_out=h_out), out_offset)
     counts = _parameter_counts()
     vec = 16 // torch.empty((), dtype=dtype).element_size() if h_in == 64 else 1  # 16-byte or 1-element
-    assert [launch[0] for launch in ops.launches] == [
-        cuda.kernel_name(op, dtype, vec, rows)
-        for op, rows in (("shrink", 1), ("expand", 1), ("shrink", 4), ("expand", 4))
-    ]
-    for name, grid, block, args in ops.launches:
+    sgmv = [cuda.kernel_name(op, dtype, vec, 4) for op in ("shrink", "expand")]
+    if mma and dtype in cuda.MMA_TYPES and vec > 1:  # tensor cores: 16-bit types, 16-byte rows only
+        sgmv = [cuda.kernel_name("sgmv_shrink_mma", dtype, 1, 1), cuda.kernel_name("sgmv_expand_mma", dtype)]
+    bgmv = [cuda.kernel_name("bgmv_shrink", dtype, vec), cuda.kernel_name("bgmv_expand", dtype, vec)]
+    assert [launch[0] for launch in ops.launches] == [*bgmv, *sgmv]
+    for name, grid, block, args, smem in ops.launches:
         assert name in cuda.NAME_EXPRESSIONS
         assert len(args) == counts[name.split("<")[0]], name
         assert all(isinstance(a, int) for a in args), name  # CuPy passes Python ints as 64-bit
-        assert block[0] * block[1] <= 256 and block[0] % 32 == 0, block
+        assert block[0] * block[1] <= (512 if "sgmv_shrink_mma" in name else 256), block
+        assert block[0] % 32 == 0, block
         assert 1 <= grid[1] <= 65535, grid
+        if "sgmv_shrink_mma" in name:  # within what the constructor lets these kernels use
+            assert smem == cuda.mma_shrink_smem(1, 1, block[1]) <= cuda.mma_shrink_smem(1, 1, 16)
+        elif name.startswith("lora_bgmv_shrink") and vec > 1:  # cp.async staging, under the 48 KiB default
+            assert smem == cuda.SHRINK_STAGE * block[0] * 16 <= 48 * 1024
+        else:
+            assert smem == 0, name
+
+
+@pytest.mark.parametrize(
+    "n, max_rank, h_in, tile, warps, grid",
+    [
+        (4096, 16, 4096, (2, 2), 8, (128, 1)),  # about a block per SM: 32 x 16 tiles
+        (1024, 16, 4096, (1, 1), 16, (64, 2)),  # too few 32-row tiles: 16 x 8 tiles, 16 warps
+        (4096, 64, 4096, (2, 2), 8, (128, 4)),
+        (64, 8, 576, (1, 1), 9, (4, 1)),  # 9 chunks of 64: a warp each
+    ],
+)
+def test_tensor_core_shrink_tiles(n, max_rank, h_in, tile, warps, grid):
+    ops = _Recorder()
+    p = _problem(torch.bfloat16, n=n, h_in=h_in, max_rank=max_rank)
+    p["segment_indptr"] = torch.tensor([0, n // 2, n], dtype=torch.int32)
+    ops.sgmv_shrink(
+        p["x"], p["lora_a_stack"], p["segment_indptr"], p["segment_slot_ids"], p["lora_ranks"], p["y"]
+    )
+    ((name, got_grid, block, _, smem),) = ops.launches
+    assert name == cuda.kernel_name("sgmv_shrink_mma", torch.bfloat16, *tile)
+    assert (got_grid, block, smem) == (grid, (32, warps), cuda.mma_shrink_smem(*tile, warps))
+
+
+def test_sgmv_takes_tensor_cores_only_for_long_segments_and_16_bit_types():
+    p = _problem(torch.bfloat16, n=64)
+    p["segment_indptr"] = torch.tensor([0, 30, 64], dtype=torch.int32)  # 32 rows per segment on average
+    segments = (p["segment_indptr"], p["segment_slot_ids"])
+    for mma, dtype, n_rows, expect in [
+        (True, torch.bfloat16, 64, "sgmv_shrink_mma"),
+        (True, torch.float16, 64, "sgmv_shrink_mma"),
+        (True, torch.float32, 64, "shrink"),  # no fp32 tensor-core kernel
+        (False, torch.bfloat16, 64, "shrink"),  # pre-sm_80, or the shared memory was refused
+        (True, torch.bfloat16, 15, "shrink"),  # 15 rows in 2 segments: under 8 rows per segment
+    ]:
+        ops = _Recorder(mma=mma)
+        x = torch.zeros(n_rows, 64, dtype=dtype)
+        a = torch.zeros(3, 8, 64, dtype=dtype)
+        indptr = segments[0].clamp(max=n_rows)
+        ops.sgmv_shrink(x, a, indptr, segments[1], p["lora_ranks"], torch.zeros(n_rows, 8))
+        assert ops.launches[0][0].startswith(f"lora_{expect}<"), (mma, dtype, n_rows)
 
 
 def test_shapes_alone_choose_the_launch():
@@ -117,7 +170,9 @@ def test_shapes_alone_choose_the_launch():
     p["slot_ids"].fill_(2)
     p["lora_ranks"].zero_()
     _call_all(second, p)
-    assert [(n, g, b) for n, g, b, _ in first.launches] == [(n, g, b) for n, g, b, _ in second.launches]
+    assert [(n, g, b, m) for n, g, b, _, m in first.launches] == [
+        (n, g, b, m) for n, g, b, _, m in second.launches
+    ]
 
 
 def test_empty_batches_launch_nothing():

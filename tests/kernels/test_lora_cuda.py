@@ -56,6 +56,12 @@ def _slot_ids(pattern: str, n: int, num_slots: int, g: torch.Generator) -> list[
         ids = torch.randint(1, num_slots, (n,), generator=g)
         ids[torch.rand(n, generator=g) < 0.35] = 0
         return ids.tolist()
+    if pattern == "runs":  # prefill: runs of 1 to 40 rows per adapter (some with none), as the engine sorts
+        ids = []
+        while len(ids) < n:
+            slot = int(torch.randint(0, num_slots, (1,), generator=g))
+            ids += [slot] * int(torch.randint(1, 41, (1,), generator=g))
+        return ids[:n]
     raise AssertionError(pattern)
 
 
@@ -210,6 +216,29 @@ def test_matches_ref(ops, dtype, h, rank, pattern, n):
     check_case(ops, case, f"{dtype} h={h} r={rank} {pattern} n={n}")
 
 
+@pytest.mark.parametrize("n, tiles", [(7, "16x8"), (133, "16x8"), (133, "32x16")])
+@pytest.mark.parametrize("pattern", [*SLOT_PATTERNS, "runs"])
+@pytest.mark.parametrize("rank", [4, 16, 64, 128])
+@pytest.mark.parametrize("h", [576, 4096, 14336])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tensor_core_sgmv_matches_ref(ops, monkeypatch, dtype, h, rank, pattern, n, tiles):
+    """The tensor-core sgmv kernels on every pattern, short segments included (the wrapper otherwise
+    sends batches averaging under 8 rows per segment to the generic kernels), with both shrink tiles:
+    16 rows x 8 ranks, and 32 x 16 (taken at thousands of rows; forced here by claiming one SM)."""
+    monkeypatch.setattr(ops, "sgmv_mma_min_rows_per_segment", 0)
+    if tiles == "32x16":
+        monkeypatch.setattr(ops, "_num_sms", 1)
+    case = make_case("cuda", dtype, n, h, h, rank, pattern, seed=("mma",))
+    check_case(ops, case, f"mma {tiles} {dtype} h={h} r={rank} {pattern} n={n}")
+
+
+def test_tensor_core_sgmv_is_enabled(ops):
+    """sm_80+ runs the tensor-core sgmv kernels: the shrink kernel's shared memory was granted."""
+    if torch.cuda.get_device_capability(ops.device) < (8, 0):
+        pytest.skip("mma.sync needs sm_80")
+    assert ops._mma
+
+
 @pytest.mark.parametrize(
     "dtype, h_in, h_out, out_pad, out_offset",
     [
@@ -223,9 +252,9 @@ def test_matches_ref(ops, dtype, h, rank, pattern, n):
     ],
     ids=str,
 )
-@pytest.mark.parametrize("pattern", ["zipf", "with_none"])
+@pytest.mark.parametrize("pattern", ["zipf", "with_none", "runs"])
 def test_other_shapes_and_dtypes(ops, dtype, h_in, h_out, out_pad, out_offset, pattern):
-    for n in (5, 70):
+    for n in (5, 70, 300):
         case = make_case("cuda", dtype, n, h_in, h_out, 16, pattern, out_pad, out_offset)
         check_case(ops, case, f"{dtype} {h_in}->{h_out} @{out_offset} n={n}")
 
@@ -258,7 +287,9 @@ def test_many_tokens(ops):
     _assert_y(y, y_vec, "many tokens")
 
 
-def test_sgmv_rows_past_last_segment_and_bad_slots_are_untouched(ops):
+@pytest.mark.parametrize("min_rows", [8, 0], ids=["generic-sgmv", "tensor-core-sgmv"])
+def test_sgmv_rows_past_last_segment_and_bad_slots_are_untouched(ops, monkeypatch, min_rows):
+    monkeypatch.setattr(ops, "sgmv_mma_min_rows_per_segment", min_rows)
     n, h, rank = 20, 256, 8
     case = make_case("cuda", torch.bfloat16, n, h, h, rank, "same", seed=("edges",))
     indptr = torch.tensor([0, 3, 3, 9], dtype=torch.int32, device="cuda")  # rows 9.. in no segment
@@ -290,9 +321,11 @@ def _run_all(ops, c: Case, y_b, y_s, out_b, out_s) -> None:
     ops.sgmv_expand(c.y_in, c.lora_b_stack, *segments, c.lora_ranks, out_s, c.out_offset)
 
 
-def test_cuda_graph_replay_is_bit_equal_to_eager(ops):
+@pytest.mark.parametrize("min_rows", [8, 0], ids=["generic-sgmv", "tensor-core-sgmv"])
+def test_cuda_graph_replay_is_bit_equal_to_eager(ops, monkeypatch, min_rows):
     """Capture the four ops once, then replay on new values in the same buffers (other slots, ranks,
     segment boundaries of the same count): bit-equal to running them eagerly."""
+    monkeypatch.setattr(ops, "sgmv_mma_min_rows_per_segment", min_rows)
     bufs = _graph_inputs("zipf", "first")
     n, max_rank = bufs.x.shape[0], bufs.lora_a_stack.shape[1]
 

@@ -16,6 +16,12 @@ the launch shapes. What this wrapper adds:
   bytes; the tiny test models run in it). y is always float32.
 - Index values are not checked on the host (that would synchronise): a slot id outside the stack or a
   row past the last segment is skipped on the device, and a rank is clamped to max_rank.
+- Kernel choice (shapes only): bgmv takes lora_bgmv_shrink / lora_bgmv_expand; sgmv takes the
+  tensor-core kernels (lora_sgmv_*_mma) for bfloat16 / float16 with 16-byte aligned rows on sm_80+ when
+  the batch averages at least `sgmv_mma_min_rows_per_segment` rows per segment, else the generic
+  lora_shrink / lora_expand. The tensor-core shrink streams through a per-warp cp.async ring of about
+  144 KiB of dynamic shared memory per block; the constructor raises the kernels' limit for it (once,
+  before any graph capture) and falls back to the generic sgmv kernels if the device refuses.
 """
 
 from __future__ import annotations
@@ -32,8 +38,17 @@ COMPILE_OPTIONS: tuple[str, ...] = ()
 
 # torch dtype -> the element type of the kernel templates.
 KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16", torch.float32: "Fp32"}
-# Rows of x fused per block: 1 for bgmv (rows rarely share a slot), 4 for sgmv (segments do).
-BGMV_ROWS, SGMV_ROWS = 1, 4
+# The dtypes of the tensor-core sgmv kernels (16-bit operands; mma.sync needs sm_80+).
+MMA_TYPES = (torch.bfloat16, torch.float16)
+SHRINK_RANK_ROWS = 4  # LORA_SHRINK_RANK_ROWS: rank rows per lora_bgmv_shrink block
+SHRINK_CHUNKS = 2  # LORA_SHRINK_CHUNKS: vectors of x per lora_bgmv_shrink thread and step
+SHRINK_STAGE = SHRINK_CHUNKS * (SHRINK_RANK_ROWS + 1)  # LORA_SHRINK_STAGE: 16-byte vectors per thread
+EXPAND_ROWS_IN_FLIGHT = 8  # LORA_EXPAND_ROWS_IN_FLIGHT: rank rows of B per lora_bgmv_expand thread
+# lora_sgmv_shrink_mma tiles (MT, NG): 16 * MT rows by 8 * NG rank rows per block, and its warps.
+MMA_SHRINK_TILES = {(2, 2): 8, (1, 1): 16}
+MMA_STAGES = 3  # LORA_MMA_STAGES: depth of each warp's cp.async ring in lora_sgmv_shrink_mma
+MMA_EXPAND_WARPS = 4  # lora_sgmv_expand_mma: 64 columns per warp, 16 rows per block
+GENERIC_ROWS = 4  # rows of x fused per block by the generic lora_shrink / lora_expand (sgmv fallback)
 _MAX_THREADS = 256  # LORA_MAX_THREADS: the kernels size their shared memory for it
 _MAX_GRID_X, _MAX_GRID_Y = 2**31 - 1, 65535
 
@@ -43,19 +58,32 @@ def _wide_vec(dtype: torch.dtype) -> int:
     return 16 // torch.empty((), dtype=dtype).element_size()
 
 
-def kernel_name(op: str, dtype: torch.dtype, vec: int, rows: int) -> str:
-    """The name expression of one template instance, e.g. 'lora_shrink<Bf16, 8, 1>'."""
-    return f"lora_{op}<{KERNEL_TYPES[dtype]}, {vec}, {rows}>"
+def kernel_name(kernel: str, dtype: torch.dtype, *params: int) -> str:
+    """The name expression of one template instance, e.g. 'lora_bgmv_shrink<Bf16, 8, 2>'."""
+    return f"lora_{kernel}<{', '.join([KERNEL_TYPES[dtype], *map(str, params)])}>"
+
+
+def mma_shrink_smem(mt: int, ng: int, warps: int) -> int:
+    """Dynamic shared memory of lora_sgmv_shrink_mma<T, mt, ng> with `warps` warps: each warp's ring of
+    MMA_STAGES chunks of (4 mt + 2 ng) 16-byte vectors per lane."""
+    return warps * MMA_STAGES * (4 * mt + 2 * ng) * 32 * 16
+
+
+def _all_instances() -> tuple[str, ...]:
+    names = []
+    for dtype in KERNEL_TYPES:
+        for vec in (_wide_vec(dtype), 1):
+            names.append(kernel_name("bgmv_shrink", dtype, vec))
+            names.append(kernel_name("bgmv_expand", dtype, vec))
+            names += [kernel_name(op, dtype, vec, GENERIC_ROWS) for op in ("shrink", "expand")]
+    for dtype in MMA_TYPES:
+        names += [kernel_name("sgmv_shrink_mma", dtype, mt, ng) for mt, ng in MMA_SHRINK_TILES]
+        names.append(kernel_name("sgmv_expand_mma", dtype))
+    return tuple(names)
 
 
 # Every instance the wrapper can launch; the nvcc compile test instantiates the same list.
-NAME_EXPRESSIONS = tuple(
-    kernel_name(op, dtype, vec, rows)
-    for op in ("shrink", "expand")
-    for dtype in KERNEL_TYPES
-    for vec in (_wide_vec(dtype), 1)
-    for rows in (BGMV_ROWS, SGMV_ROWS)
-)
+NAME_EXPRESSIONS = _all_instances()
 # csrc file -> the template instances that must compile (read by tests/kernels/test_csrc_compile.py).
 KERNEL_SOURCES = {SOURCE_PATH.name: NAME_EXPRESSIONS}
 
@@ -113,6 +141,10 @@ class CudaLoraOps:
     # Separate q/k/v (gate/up) stacks: fusing would make expand read block-diagonal zeros.
     fuse_sub_modules = False
 
+    # sgmv batches average at least this many rows per segment to take the tensor-core kernels (each
+    # (row tile, segment) pair re-reads the slot's weights; shorter segments go to the generic kernels).
+    sgmv_mma_min_rows_per_segment = 8
+
     def __init__(self, device: torch.device | str):
         import cupy
 
@@ -124,13 +156,36 @@ class CudaLoraOps:
         self._cupy = cupy
         self._cupy_device = cupy.cuda.Device(index)
         self._streams: dict[int, object] = {}
+        props = torch.cuda.get_device_properties(index)
+        self._num_sms = props.multi_processor_count
         # Enough resident blocks to keep every SM's loads in flight (a shape-only launch heuristic).
-        self._target_blocks = 4 * torch.cuda.get_device_properties(index).multi_processor_count
+        self._target_blocks = 4 * self._num_sms
+        self._mma = props.major >= 8  # mma.sync with bf16 / f16 / tf32 operands
         module = _raw_module()
         with self._cupy_device:  # compile for, and load on, this device
-            self._kernels = {name: module.get_function(name).kernel for name in NAME_EXPRESSIONS}
+            raw = {name: module.get_function(name) for name in NAME_EXPRESSIONS}
+            self._kernels = {name: kernel.kernel for name, kernel in raw.items()}
+            if self._mma:
+                self._mma = self._allow_mma_shrink_smem(raw)
         # One launch with no rows: creates CuPy's per-thread context state now, not under graph capture.
-        self._launch(kernel_name("shrink", torch.float32, 1, 1), (1, 1), (32, 1), (0,) * 14)
+        self._launch(kernel_name("shrink", torch.float32, 1, GENERIC_ROWS), (1, 1), (32, 1), (0,) * 14)
+
+    @staticmethod
+    def _allow_mma_shrink_smem(raw: dict) -> bool:
+        """Let the tensor-core shrink kernels use their rings (over the default 48 KiB of dynamic shared
+        memory); False, and no tensor-core sgmv, if the device refuses."""
+        try:
+            for dtype in MMA_TYPES:
+                for (mt, ng), warps in MMA_SHRINK_TILES.items():
+                    kernel = raw[kernel_name("sgmv_shrink_mma", dtype, mt, ng)]
+                    need = mma_shrink_smem(mt, ng, warps)
+                    kernel.max_dynamic_shared_size_bytes = need
+                    if kernel.max_dynamic_shared_size_bytes < need:
+                        return False
+        except Exception as exc:  # an old driver or CuPy: the generic kernels still cover sgmv
+            warnings.warn(f"CudaLoraOps: no tensor-core sgmv ({type(exc).__name__}: {exc})", stacklevel=2)
+            return False
+        return True
 
     def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """The model dtype: the kernels read x and the stacks in one 16- or 32-bit float type."""
@@ -203,33 +258,47 @@ class CudaLoraOps:
                 f"{op}: sizes disagree: x {tuple(x.shape)}, lora_a_stack {tuple(lora_a_stack.shape)}, "
                 f"y {tuple(y.shape)} (expected y [{num_tokens}, {max_rank}])"
             )
-        rows, num_segments = self._check_indices(
+        num_segments = self._check_indices(
             op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
         )
         if num_tokens == 0 or max_rank == 0 or (slot_ids is None and num_segments == 0):
             return
         vec = _vec(x.dtype, (h_in, x.stride(0)), (x, lora_a_stack))
-        # Threads of one rank row split h_in, about 4 vectors each; the rest of the block takes more rows.
-        threads_per_row = min(_MAX_THREADS, max(32, _pow2_at_least(-(-h_in // (4 * vec)))))
+        n_vec = h_in // vec
+        head = (x.data_ptr(), x.stride(0), lora_a_stack.data_ptr())
+        tail = (lora_ranks.data_ptr(), num_slots, y.data_ptr(), y.stride(0), num_tokens, h_in, max_rank)
+        sizes = f"num_tokens={num_tokens}, max_rank={max_rank}"
+        if slot_ids is not None:
+            # One row per block, 4 rank rows; each thread loads 2 vectors of x and of each rank row at once.
+            threads = min(_MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // SHRINK_CHUNKS))))
+            grid = (num_tokens, min(-(-max_rank // SHRINK_RANK_ROWS), _MAX_GRID_Y))
+            self._check_grid(op, grid, sizes)
+            args = (*head, slot_ids.data_ptr(), *tail)
+            smem = SHRINK_STAGE * threads * 16 if vec == _wide_vec(x.dtype) else 0  # cp.async staging
+            self._launch(kernel_name("bgmv_shrink", x.dtype, vec), grid, (threads, 1), args, smem)
+            return
+        segments = (segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments)
+        if self._use_mma(x.dtype, vec, num_tokens, num_segments):
+            # Tiles of 32 rows x 16 ranks when they alone give about a block per SM, else 16 x 8.
+            big = -(-num_tokens // 32) * -(-max_rank // 16) * 10 >= 9 * self._num_sms
+            mt, ng = (2, 2) if big else (1, 1)
+            warps = min(MMA_SHRINK_TILES[(mt, ng)], -(-h_in // 64))  # warps split the 64-element chunks
+            grid = (-(-num_tokens // (16 * mt)), min(-(-max_rank // (8 * ng)), _MAX_GRID_Y))
+            self._check_grid(op, grid, sizes)
+            name = kernel_name("sgmv_shrink_mma", x.dtype, mt, ng)
+            smem = mma_shrink_smem(mt, ng, warps)
+            self._launch(name, grid, (32, warps), (*head, *segments, *tail), smem)
+            return
+        # Generic kernel: threads of one rank row split h_in, about 4 vectors each; the rest of the block
+        # takes more rank rows. Few tokens: one block per rank tile; many: blocks loop over tiles.
+        threads_per_row = min(_MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // 4))))
         rank_rows = min(_MAX_THREADS // threads_per_row, max_rank)
-        # Few tokens: one block per rank tile to spread the work; many: blocks loop over tiles, reusing x.
-        num_groups, num_tiles = -(-num_tokens // rows), -(-max_rank // rank_rows)
+        num_groups, num_tiles = -(-num_tokens // GENERIC_ROWS), -(-max_rank // rank_rows)
         grid = (num_groups, min(num_tiles, max(1, -(-self._target_blocks // num_groups))))
-        self._check_grid(op, grid, f"num_tokens={num_tokens}, max_rank={max_rank}")
-        args = (
-            x.data_ptr(),
-            x.stride(0),
-            lora_a_stack.data_ptr(),
-            *self._index_args(slot_ids, segment_indptr, segment_slot_ids, num_segments),
-            lora_ranks.data_ptr(),
-            num_slots,
-            y.data_ptr(),
-            y.stride(0),
-            num_tokens,
-            h_in,
-            max_rank,
-        )
-        self._launch(kernel_name("shrink", x.dtype, vec, rows), grid, (threads_per_row, rank_rows), args)
+        self._check_grid(op, grid, sizes)
+        args = (*head, 0, *segments, *tail)
+        name = kernel_name("shrink", x.dtype, vec, GENERIC_ROWS)
+        self._launch(name, grid, (threads_per_row, rank_rows), args)
 
     def _expand(
         self, op, y, lora_b_stack, slot_ids, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset
@@ -247,23 +316,15 @@ class CudaLoraOps:
                 f"out {tuple(out.shape)}, out_offset {out_offset} (expected y [{num_tokens}, {max_rank}] "
                 f"and columns [{out_offset}, {out_offset + h_out}) within out's {h_total})"
             )
-        rows, num_segments = self._check_indices(
+        num_segments = self._check_indices(
             op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
         )
         if num_tokens == 0 or max_rank == 0 or h_out == 0 or (slot_ids is None and num_segments == 0):
             return
         vec = _vec(out.dtype, (h_out, out.stride(0), out_offset), (out, lora_b_stack))
         n_vec = h_out // vec
-        threads = 64 if n_vec > 32 else 32  # small blocks spread one row's columns over more SMs
-        # The rank is split over threadIdx.y (about 8 rank rows each): more loads in flight per column.
-        rank_splits = min(_MAX_THREADS // threads, max(1, max_rank // 8))
-        grid = (-(-num_tokens // rows), -(-n_vec // threads))
-        self._check_grid(op, grid, f"num_tokens={num_tokens}, h_out={h_out}")
-        args = (
-            y.data_ptr(),
-            y.stride(0),
-            lora_b_stack.data_ptr(),
-            *self._index_args(slot_ids, segment_indptr, segment_slot_ids, num_segments),
+        head = (y.data_ptr(), y.stride(0), lora_b_stack.data_ptr())
+        tail = (
             lora_ranks.data_ptr(),
             num_slots,
             out.data_ptr(),
@@ -273,40 +334,69 @@ class CudaLoraOps:
             h_out,
             max_rank,
         )
-        self._launch(kernel_name("expand", out.dtype, vec, rows), grid, (threads, rank_splits), args)
+        sizes = f"num_tokens={num_tokens}, h_out={h_out}"
+        # The rank is split over threadIdx.y so that each thread has at most 8 rows of B in flight at once.
+        rank_splits = min(_MAX_THREADS // 32, max(1, -(-max_rank // EXPAND_ROWS_IN_FLIGHT)))
+        if slot_ids is not None:
+            threads = 64 if n_vec > 32 and 64 * rank_splits <= _MAX_THREADS else 32
+            grid = (num_tokens, -(-n_vec // threads))
+            self._check_grid(op, grid, sizes)
+            args = (*head, slot_ids.data_ptr(), *tail)
+            self._launch(kernel_name("bgmv_expand", out.dtype, vec), grid, (threads, rank_splits), args)
+            return
+        segments = (segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments)
+        if self._use_mma(out.dtype, vec, num_tokens, num_segments):
+            grid = (-(-num_tokens // 16), -(-h_out // (64 * MMA_EXPAND_WARPS)))
+            self._check_grid(op, grid, sizes)
+            name = kernel_name("sgmv_expand_mma", out.dtype)
+            self._launch(name, grid, (32, MMA_EXPAND_WARPS), (*head, *segments, *tail))
+            return
+        # Generic kernel: small blocks spread one row's columns over more SMs.
+        threads = 64 if n_vec > 32 else 32
+        rank_splits = min(_MAX_THREADS // threads, max(1, max_rank // 8))
+        grid = (-(-num_tokens // GENERIC_ROWS), -(-n_vec // threads))
+        self._check_grid(op, grid, sizes)
+        args = (*head, 0, *segments, *tail)
+        name = kernel_name("expand", out.dtype, vec, GENERIC_ROWS)
+        self._launch(name, grid, (threads, rank_splits), args)
+
+    def _use_mma(self, dtype: torch.dtype, vec: int, num_tokens: int, num_segments: int) -> bool:
+        """Whether an sgmv call takes the tensor-core kernels (shapes only, never index values)."""
+        return (
+            self._mma
+            and dtype in MMA_TYPES
+            and vec == _wide_vec(dtype)
+            and num_tokens >= self.sgmv_mma_min_rows_per_segment * num_segments
+        )
 
     def _check_indices(
         self, op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
-    ):
-        """Check the index tensors; return (rows fused per block, num_segments)."""
+    ) -> int:
+        """Check the index tensors; return num_segments (0 for bgmv)."""
         dev = self.device
         _check(op, "lora_ranks", lora_ranks, torch.int32, 1, dev, True)
         _check_len(op, "lora_ranks", lora_ranks, num_slots, "num_slots of the stack")
         if slot_ids is not None:
             _check(op, "slot_ids", slot_ids, torch.int32, 1, dev, True)
             _check_len(op, "slot_ids", slot_ids, num_tokens, "num_tokens")
-            return BGMV_ROWS, 0
+            return 0
         _check(op, "segment_indptr", segment_indptr, torch.int32, 1, dev, True)
         _check(op, "segment_slot_ids", segment_slot_ids, torch.int32, 1, dev, True)
         num_segments = segment_slot_ids.shape[0]
         _check_len(op, "segment_indptr", segment_indptr, num_segments + 1, "num_segments + 1")
-        return SGMV_ROWS, num_segments
-
-    @staticmethod
-    def _index_args(slot_ids, segment_indptr, segment_slot_ids, num_segments):
-        """(slot_ids, segment_indptr, segment_slot_ids, num_segments) kernel arguments; 0 = nullptr."""
-        if slot_ids is not None:
-            return slot_ids.data_ptr(), 0, 0, 0
-        return 0, segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments
+        return num_segments
 
     @staticmethod
     def _check_grid(op: str, grid: tuple[int, int], sizes: str) -> None:
         if grid[0] > _MAX_GRID_X or grid[1] > _MAX_GRID_Y:
             raise ValueError(f"{op}: launch grid {grid} exceeds the CUDA limits for {sizes}")
 
-    def _launch(self, name: str, grid: tuple[int, int], block: tuple[int, int], args: tuple) -> None:
-        """Launch on torch's current stream of this device; every argument is a 64-bit integer (the
-        kernels take pointers and long long sizes), which CuPy passes as int64."""
+    def _launch(
+        self, name: str, grid: tuple[int, int], block: tuple[int, int], args: tuple, smem: int = 0
+    ) -> None:
+        """Launch on torch's current stream of this device with `smem` bytes of dynamic shared memory;
+        every argument is a 64-bit integer (the kernels take pointers and long long sizes), which CuPy
+        passes as int64."""
         handle = torch.cuda.current_stream(self.device).cuda_stream
         stream = self._streams.get(handle)
         if stream is None:
@@ -315,4 +405,4 @@ class CudaLoraOps:
                 stream = self._cupy.cuda.ExternalStream(handle, self.device.index)
             self._streams[handle] = stream
         with self._cupy_device:
-            self._kernels[name](grid, block, args, stream=stream)
+            self._kernels[name](grid, block, args, shared_mem=smem, stream=stream)
