@@ -56,6 +56,8 @@ KILL_GRACE_S = 10.0
 # After a child died the others cannot serve: they get this long to stop before being killed.
 FAILURE_STOP_TIMEOUT_S = 10.0
 POLL_S = 0.1
+# A shutdown signal repeated at least this long after the first one kills the children at once.
+FORCE_AFTER_S = 1.0
 UDS_MAX_BYTES = 107  # sun_path is 108 bytes with the trailing NUL
 
 
@@ -503,14 +505,20 @@ class Supervisor:
         self.children: list[Child] = []
         self.stop_requested = threading.Event()
         self.force = threading.Event()
+        self._first_signal_at: float | None = None
 
     def on_signal(self, signum: int, _frame: object) -> None:
-        if self.stop_requested.is_set():
-            logger.warning("second %s: killing everything now", signal.Signals(signum).name)
-            self.force.set()
-        else:
+        # A repeat within FORCE_AFTER_S is the same request delivered twice (GNU make forwards SIGTERM to
+        # the launcher that also got it as a group member); a later one (a second Ctrl-C) forces.
+        # State changes come before logging: a handler can run nested inside another one.
+        now, first = time.monotonic(), self._first_signal_at
+        if first is None:
+            self._first_signal_at = now
+            self.stop_requested.set()
             logger.info("received %s: shutting down", signal.Signals(signum).name)
-        self.stop_requested.set()
+        elif now - first >= FORCE_AFTER_S and not self.force.is_set():
+            self.force.set()
+            logger.warning("%s again: killing everything now", signal.Signals(signum).name)
 
     def start(self, name: str, argv: list[str]) -> Child:
         child = Child(name, argv)

@@ -334,6 +334,29 @@ def test_sigterm_stops_router_then_workers_exit_0(tmp_path):
     assert "worker-0 | worker0 says hello" in err and "router | router says hello" in err
 
 
+def test_a_signal_delivered_twice_at_once_stays_graceful(tmp_path):
+    # `make serve` gets the group's SIGTERM and forwards it: the launcher sees two at once.
+    run = Run(tmp_path, {"router": "slow_stop"}, n=1)
+    run.wait_for("ready-router")
+    run.proc.send_signal(signal.SIGTERM)
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish()
+    assert code == 0, err
+    assert "killing everything" not in err
+
+
+def test_a_later_second_signal_kills_at_once(tmp_path):
+    run = Run(tmp_path, {"router": "ignore_term"}, n=1, timeout=60)
+    run.wait_for("ready-router")
+    start = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    time.sleep(launcher.FORCE_AFTER_S + 0.5)
+    run.proc.send_signal(signal.SIGINT)
+    code, err = run.finish()
+    assert code == 1 and "SIGINT again: killing everything now" in err, err
+    assert time.monotonic() - start < 30
+
+
 def test_sigint_works_like_sigterm(tmp_path):
     run = Run(tmp_path, {}, n=1)
     run.wait_for("ready-router")
