@@ -37,7 +37,8 @@ echo "== pytest -m gpu"
 PYTEST_OPTS=(-q -m gpu -p no:cacheprovider -o addopts="" -o asyncio_mode=auto -o timeout=0 -W "ignore::pytest.PytestConfigWarning" -rfE --tb=short --continue-on-collection-errors --durations=10)
 set -o pipefail
 start=$(date +%s)
-$PY -m pytest "${PYTEST_OPTS[@]}" tests/ 2>&1 | tee "$LOGS/pytest.log"
+# Only the GPU-bearing folders: the router/launcher tests need generated stubs and pydantic, absent there.
+$PY -m pytest "${PYTEST_OPTS[@]}" tests/kernels tests/worker --ignore=tests/worker/test_server.py 2>&1 | tee "$LOGS/pytest.log"
 test_rc=$?
 echo "pytest exit $test_rc in $(( $(date +%s) - start )) s"
 
