@@ -85,11 +85,20 @@ def one_request(url: str, prompt: str, adapter: str | None, max_new_tokens: int,
 
 
 def has_stream(url: str) -> bool:
+    request = urllib.request.Request(
+        url + "/generate_stream",
+        data=json.dumps({"inputs": "x", "parameters": {"max_new_tokens": 1}}).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
     try:
-        status, _ = post(url + "/generate_stream", {"inputs": "x", "parameters": {"max_new_tokens": 1}}, 60)
+        with urllib.request.urlopen(request, timeout=60) as resp:
+            resp.read()
+            return True
+    except urllib.error.HTTPError as err:
+        return err.code not in (404, 405)
     except OSError:
         return False
-    return status not in (404, 405)
 
 
 def percentile(values: list[float], q: float) -> float:
