@@ -641,6 +641,7 @@ def _run(
 
 def _fail(sup: Supervisor, dead: Child) -> int:
     dead.reap()
+    sup.children.remove(dead)  # reaped and reported here; the others are stopped below
     logger.error("%s", dead.failure_report())
     logger.error("stopping the other processes")
     sup.stop_all(failed=True)
