@@ -20,6 +20,9 @@ from worker.runner import ModelRunner, PrefillRequest
 from worker.sampler import SamplingParams
 
 BLOCK_SIZE = 4
+# The mix over the tiny model's session adapters (tests/conftest.py `tiny_adapters`) and prompt lengths.
+TINY_MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
+TINY_LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
 
 
 @dataclass

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.adapter_factory import save_random_adapter, save_random_model
-from tests.worker.engine_scenario import build_runner, run_scenario, scenario_prompts
+from tests.worker.engine_scenario import TINY_LENGTHS, TINY_MIX, build_runner, run_scenario, scenario_prompts
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
 
 COMMON = dict(
@@ -69,8 +69,7 @@ def test_unsupported_architecture_is_refused(tmp_path):
 def test_half_precision_runs_close_to_float32(tiny_model_dir, tiny_adapters):
     """bf16 and fp16 serve the same batch; their distributions stay near the float32 ones."""
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
-    mix = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
-    prompts = scenario_prompts(runner.hf_config.vocab_size, mix, [5, 9, 3, 12, 7, 1, 6, 4])
+    prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     ref = run_scenario(runner, slots, prompts)
     for dtype in ("bfloat16", "float16"):
         half, half_slots = build_runner(tiny_model_dir, tiny_adapters, dtype=dtype)

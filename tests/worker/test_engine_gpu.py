@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.worker.engine_scenario import build_runner, run_scenario, scenario_prompts
+from tests.worker.engine_scenario import TINY_LENGTHS, TINY_MIX, build_runner, run_scenario, scenario_prompts
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
-from tests.worker.test_engine_vs_peft import LENGTHS, MIX
 
 pytestmark = pytest.mark.gpu
 
@@ -17,6 +16,6 @@ def test_cuda_engine_equals_peft(tiny_model_dir, tiny_adapters):
     runner, slots = build_runner(tiny_model_dir, tiny_adapters, device="cuda")
     assert isinstance(runner.lora_ops, CudaLoraOps)
     assert not runner.lora_ops.decode_uses_segments  # decode really takes the bgmv kernels
-    prompts = scenario_prompts(runner.hf_config.vocab_size, MIX, LENGTHS)
+    prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     records = run_scenario(runner, slots, prompts)
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=2e-4)

@@ -8,11 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.worker.engine_scenario import build_runner, run_scenario, scenario_prompts
+from tests.worker.engine_scenario import TINY_LENGTHS, TINY_MIX, build_runner, run_scenario, scenario_prompts
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
-
-MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
-LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
 
 
 @pytest.mark.parametrize("fuse", [True, False], ids=["fused-stacks", "per-module-stacks"])
@@ -23,7 +20,7 @@ def test_mixed_batch_equals_peft(fuse, tiny_model_dir, tiny_adapters, monkeypatc
     monkeypatch.setattr(TorchLoraOps, "fuse_sub_modules", fuse)
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
     assert len(runner.model.layers[0].self_attn.qkv_proj.lora_stacks) == (1 if fuse else 3)
-    prompts = scenario_prompts(runner.hf_config.vocab_size, MIX, LENGTHS)
+    prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     records = run_scenario(runner, slots, prompts)
     assert all(len(r.tokens) >= 3 for r in records.values())
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
@@ -31,10 +28,10 @@ def test_mixed_batch_equals_peft(fuse, tiny_model_dir, tiny_adapters, monkeypatc
 
 def test_greedy_tokens_same_alone_and_in_mixed_batch(tiny_model_dir, tiny_adapters):
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
-    prompts = scenario_prompts(runner.hf_config.vocab_size, MIX, LENGTHS)
+    prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     mixed = run_scenario(runner, slots, prompts)
     # The same request (adapter r16_mlp) alone, with filler base requests so the scenario shape holds.
-    alone_prompts = {rid: (None, [5, 6]) for rid in range(len(MIX))}
+    alone_prompts = {rid: (None, [5, 6]) for rid in range(len(TINY_MIX))}
     alone_prompts[3] = prompts[3]
     runner2, slots2 = build_runner(tiny_model_dir, {"r16_mlp": tiny_adapters["r16_mlp"]})
     alone = run_scenario(runner2, slots2, alone_prompts)

@@ -13,10 +13,7 @@ import torch
 import torch.multiprocessing as mp
 
 from tests.adapter_factory import save_random_adapter, save_random_model, tiny_llama_config
-from tests.worker.engine_scenario import build_runner, run_scenario, scenario_prompts
-
-MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
-LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
+from tests.worker.engine_scenario import TINY_LENGTHS, TINY_MIX, build_runner, run_scenario, scenario_prompts
 
 
 def _free_port() -> int:
@@ -74,7 +71,7 @@ def assert_same(tp_records, single):
 @pytest.mark.parametrize("ws", [2, 4])
 def test_tp_equals_single_rank(ws, tiny_model_dir, tiny_adapters):
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
-    prompts = scenario_prompts(runner.hf_config.vocab_size, MIX, LENGTHS)
+    prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     single = run_scenario(runner, slots, prompts)
     assert_same(run_tp(ws, tiny_model_dir, tiny_adapters, prompts), single)
 
