@@ -8,7 +8,10 @@ Request metrics carry an `adapter` label: the adapter id, the base model's id fo
 and "" for requests that never named a loaded adapter (a body that is not a request, an unknown
 adapter_id). A request is counted in `tgi_request_count` once it is validated, or when it fails, so
 count - success - failure is the number of requests in flight. Ours, next to TGI's: `multilora_*` gauges
-of loaded adapters, adapter slots and KV blocks. Not emitted (no counterpart here): speculative
+of loaded adapters, adapter slots and KV blocks. `multilora_adapter_slots_used` counts the slots holding an
+adapter (static: every adapter is loaded at startup); `multilora_adapter_slots_active` counts the slots
+that queued or running requests refer to, and `multilora_kv_blocks_used` the blocks they hold, so both
+are 0 whenever no request is in flight. Not emitted (no counterpart here): speculative
 `tgi_request_skipped_tokens`, and the shard-side `tgi_batch_decode/filter/concat_duration`.
 """
 
@@ -117,6 +120,11 @@ class Metrics:
         self.slots_used = Gauge(
             "multilora_adapter_slots_used", "Adapter slots holding an adapter", registry=r
         )
+        self.slots_active = Gauge(
+            "multilora_adapter_slots_active",
+            "Adapter slots that queued or running requests refer to",
+            registry=r,
+        )
         self.slots_total = Gauge("multilora_adapter_slots_total", "Adapter slots of the workers", registry=r)
         self.blocks_used = Gauge("multilora_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.blocks_total = Gauge("multilora_kv_blocks_total", "KV cache blocks of the workers", registry=r)
@@ -130,6 +138,7 @@ class Metrics:
         self.batch_max_tokens.set_function(lambda: sum(s.num_tokens for s in scheduler.running))
         self.adapters_loaded.set_function(lambda: len(adapters.infos()))
         self.slots_used.set_function(lambda: len({a.slot for a in adapters.infos()}))
+        self.slots_active.set_function(lambda: len(active_slots(scheduler)))
         self.slots_total.set(num_adapter_slots)
         self.blocks_used.set_function(lambda: blocks.num_blocks - blocks.num_free)
         self.blocks_total.set(blocks.num_blocks)
@@ -175,6 +184,11 @@ class Metrics:
         self.batch_next_size.observe(size)
         if joining:
             self.batch_concat.labels("wait_exceeded" if waited else "backpressure").inc()
+
+
+def active_slots(scheduler: Scheduler) -> set[int]:
+    """The adapter slots (not the base model's 0) of the sequences waiting or running."""
+    return {s.params.lora_slot for s in (*scheduler.queue, *scheduler.running) if s.params.lora_slot}
 
 
 class RequestRecord:

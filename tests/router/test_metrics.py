@@ -36,6 +36,7 @@ TGI_TYPES = {
     "tgi_batch_forward_duration": "histogram",
     "multilora_adapters_loaded": "gauge",
     "multilora_adapter_slots_used": "gauge",
+    "multilora_adapter_slots_active": "gauge",
     "multilora_adapter_slots_total": "gauge",
     "multilora_kv_blocks_used": "gauge",
     "multilora_kv_blocks_total": "gauge",
@@ -150,22 +151,29 @@ async def test_gauges_follow_the_batch(start_router):
     assert value(m, "multilora_adapters_loaded") == 2
     assert value(m, "multilora_adapter_slots_used") == 2
     assert value(m, "multilora_adapter_slots_total") == 4
+    assert value(m, "multilora_adapter_slots_active") == 0
     assert value(m, "tgi_batch_max_total_tokens") == 256
 
     h.fakes[0].step_delay = 0.02
-    running = asyncio.create_task(h.generate("Hi", max_new_tokens=20))  # 3 + 20 tokens = 6 blocks
+    running = [
+        asyncio.create_task(h.generate("Hi", max_new_tokens=20)),  # 3 + 20 tokens = 6 blocks
+        asyncio.create_task(h.generate("Hi", max_new_tokens=20, adapter_id="adapter-two")),
+        asyncio.create_task(h.generate("Hi", max_new_tokens=20, adapter_id="adapter-two")),
+    ]
     async with asyncio.timeout(5):
-        while not h.state.scheduler.running:
+        while len(h.state.scheduler.running) < 3:
             await asyncio.sleep(0.005)
     _, m = await scrape(h)
-    assert value(m, "tgi_batch_current_size") == 1
-    assert value(m, "tgi_batch_current_max_tokens") == 23
-    assert value(m, "multilora_kv_blocks_used") == 6
-    assert (await running).status == 200
+    assert value(m, "tgi_batch_current_size") == 3
+    assert value(m, "tgi_batch_current_max_tokens") == 3 * 23
+    assert value(m, "multilora_kv_blocks_used") == 3 * 6
+    assert value(m, "multilora_adapter_slots_active") == 1  # the base model takes no slot
+    assert [r.status for r in await asyncio.gather(*running)] == [200] * 3
     await h.settle()
     _, m = await scrape(h)
     assert value(m, "tgi_batch_current_size") == 0
     assert value(m, "multilora_kv_blocks_used") == 0
+    assert value(m, "multilora_adapter_slots_active") == 0
     assert value(m, "tgi_queue_size") == 0
 
 
