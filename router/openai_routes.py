@@ -1,9 +1,10 @@
 """OpenAI-compatible routes: `POST /v1/chat/completions`, `POST /v1/completions`, `GET /v1/models`.
 
 `model` picks the adapter: the base model's id, "tgi" (what text-generation's chat client always sends),
-"" or no model mean the base model; an adapter id means that adapter; any other name is a 404 in
-OpenAI's error envelope (code `model_not_found`). TGI instead serves the base model for unknown names.
-Responses echo the adapter id, or the base model's id.
+"dummy" (what huggingface_hub's chat_completion sends without `model=`), "" or no model mean the base
+model; an adapter id means that adapter; any other name is a 404 in OpenAI's error envelope (code
+`model_not_found`). TGI instead serves the base model for unknown names. Responses echo the adapter id,
+or the base model's id.
 
 The request becomes a TGI GenerateRequest and goes through the same validation: the chat route renders
 the model's chat template (router/chat_template.py) and tokenizes it without adding special tokens; the
@@ -16,10 +17,13 @@ OpenAI does) and to 16 on completions (OpenAI's legacy default). `frequency_pena
 returned text, as OpenAI leaves it out.
 
 Streams are OpenAI's: `data: <chunk>` events ending in a blank line, an optional usage chunk with
-`choices: []` (`stream_options.include_usage`), then `data: [DONE]`. Every chunk repeats
-`delta.role` and carries `delta.tool_calls: null` (text-generation's chat client requires both). An
-error once streaming has started is one `data: {"error": {...}}` event, then `[DONE]`. Errors before
-that are JSON in OpenAI's envelope, which also carries TGI's `error_type`.
+`choices: []` (`stream_options.include_usage`), then `data: [DONE]` (with the space, which
+huggingface_hub needs), except for `model: "tgi"`: text-generation's chat client, which always sends
+that name, parses every `data:` line as JSON and fails on `[DONE]`; openai and huggingface_hub also end
+cleanly without it. Every chunk repeats `delta.role` and carries `delta.tool_calls: null`
+(text-generation's chat client requires both). An error once streaming has started is one
+`data: {"error": {...}}` event, then `[DONE]` (same rule). Errors before that are JSON in OpenAI's
+envelope, which also carries TGI's `error_type`.
 """
 
 from __future__ import annotations
@@ -62,9 +66,12 @@ from router.validation import ValidRequest
 MAX_CLIENT_BATCH_SIZE = 4
 # OpenAI's default max_tokens for the legacy completions endpoint.
 COMPLETIONS_MAX_TOKENS = 16
-# The model names that mean the base model, besides its own id.
-BASE_MODEL_ALIASES = ("", "tgi")
+# The model names that mean the base model, besides its own id: text-generation's fixed chat model and
+# huggingface_hub's placeholder when chat_completion gets no `model=`.
+BASE_MODEL_ALIASES = ("", "tgi", "dummy")
 DONE = sse_event("[DONE]", space=True)
+# text-generation's chat client sends this model name on every request and cannot parse `[DONE]`.
+NO_DONE_MODEL = "tgi"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -252,7 +259,7 @@ async def _chat_stream(
             return out
 
         await write_stream(
-            resp, tagged_steps([seq], stream.KEEPALIVE_S), record, event, _error_event, trailer=DONE
+            resp, tagged_steps([seq], stream.KEEPALIVE_S), record, event, _error_event, _trailer(body)
         )
         return resp
     finally:
@@ -306,7 +313,7 @@ async def _completions_stream(
             return out
 
         await write_stream(
-            resp, tagged_steps(seqs, stream.KEEPALIVE_S), record, event, _error_event, trailer=DONE
+            resp, tagged_steps(seqs, stream.KEEPALIVE_S), record, event, _error_event, _trailer(body)
         )
         return resp
     finally:
@@ -445,6 +452,11 @@ async def _generate_all(state: State, valids: list[ValidRequest]) -> list[Genera
     finally:
         for task in tasks:
             task.cancel()
+
+
+def _trailer(body: ChatCompletionRequest | CompletionRequest) -> bytes:
+    """`data: [DONE]`, unless the request comes from text-generation's chat client (see the docstring)."""
+    return b"" if body.model == NO_DONE_MODEL else DONE
 
 
 def _sse(payload: dict) -> bytes:

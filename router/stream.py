@@ -3,8 +3,9 @@
 Framing (TGI's, which is axum's `Event::json_data`): each event is `data:<json>` and a blank line, with
 no space after the colon, and nothing after the last event (no `data: [DONE]`: text-generation and
 lorax-client fail on it). The OpenAI routes frame events as OpenAI does, `data: <json>`, and end with
-`data: [DONE]` (router/openai_routes.py). A stream idle for `KEEPALIVE_S` gets a comment line (`:`),
-as axum's default keep-alive sends, so proxies and clients do not time out while a request waits.
+`data: [DONE]` unless text-generation's chat client asks (router/openai_routes.py). A stream idle for
+`KEEPALIVE_S` gets a comment line (`:`), as axum's default keep-alive sends, so proxies and clients do
+not time out while a request waits.
 
 A stream's status and headers leave once the request is validated: validation errors are plain JSON
 errors with their status codes; errors after that (a failed generation) arrive as one last event,

@@ -15,11 +15,13 @@ PROMPT = "<s>[user] hi\n[assistant] "  # the tiny tokenizer's template over MESS
 HEADER = {"id", "object", "created", "model", "system_fingerprint"}
 
 
-def oai_events(raw: bytes) -> list[dict]:
-    """An OpenAI stream's chunks, checking the framing: `data: <json>` + blank line, then `data: [DONE]`."""
+def oai_events(raw: bytes, done: bool = True) -> list[dict]:
+    """An OpenAI stream's chunks, checking the framing: `data: <json>` + blank line, then `data: [DONE]`
+    (or, with `done=False`, nothing after the last chunk)."""
     text = raw.decode()
-    assert text.endswith("data: [DONE]\n\n"), text[-60:]
-    chunks = [c for c in text.split("\n\n")[:-2] if c != ":"]
+    assert text.endswith("\n\n"), text[-60:]
+    assert text.endswith("data: [DONE]\n\n") == done, text[-60:]
+    chunks = [c for c in text.split("\n\n")[: -2 if done else -1] if c != ":"]
     assert all(c.startswith("data: {") and "\n" not in c for c in chunks), chunks
     return [json.loads(c.removeprefix("data: ")) for c in chunks]
 
@@ -89,6 +91,7 @@ async def test_chat_eos_and_stop_are_stop(start_router):
         (None, 0, BASE_MODEL_ID),
         ("", 0, BASE_MODEL_ID),
         ("tgi", 0, BASE_MODEL_ID),
+        ("dummy", 0, BASE_MODEL_ID),
         (BASE_MODEL_ID, 0, BASE_MODEL_ID),
         ("org/adapter-one", 1, "org/adapter-one"),
         ("adapter-two", 2, "adapter-two"),
@@ -257,6 +260,21 @@ async def test_chat_stream_matches_non_stream(start_router):
     assert [c["choices"][0]["finish_reason"] for c in chunks] == [None] * len(SCRIPTS[1]) + ["stop"]
     text = "".join(c["choices"][0]["delta"]["content"] for c in chunks)
     assert text == full["choices"][0]["message"]["content"] == SCRIPTS[1]
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/v1/completions"])
+async def test_model_tgi_streams_end_without_done(start_router, route):
+    """text-generation's chat client (always `model: "tgi"`) fails on `[DONE]`; every other name gets it."""
+    h = await start_router()
+    body = {"messages": MESSAGES, "prompt": "Hi", "max_tokens": 3, "temperature": 0, "stream": True}
+    for model, done in [("tgi", False), ("dummy", True), (BASE_MODEL_ID, True), (None, True)]:
+        chunks = oai_events(await (await h.http.post(route, json={**body, "model": model})).read(), done)
+        assert len(chunks) == 3 and chunks[-1]["choices"][0]["finish_reason"] == "length", model
+    # The same holds for a stream that ends in an error event.
+    for f in h.fakes:
+        f.fail_at_token = 2
+    chunks = oai_events(await (await h.http.post(route, json={**body, "model": "tgi"})).read(), False)
+    assert len(chunks) == 2 and chunks[-1]["error_type"] == "generation"
 
 
 async def test_chat_stream_include_usage(start_router, encode):
