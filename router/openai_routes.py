@@ -3,8 +3,9 @@
 `model` picks the adapter: the base model's id, "tgi" (what text-generation's chat client always sends),
 "dummy" (what huggingface_hub's chat_completion sends without `model=`), "" or no model mean the base
 model; an adapter id means that adapter; any other name is a 404 in OpenAI's error envelope (code
-`model_not_found`). TGI instead serves the base model for unknown names. Responses echo the adapter id,
-or the base model's id.
+`model_not_found`). TGI instead serves the base model for unknown names. A top-level `adapter_id` (what
+openai's and huggingface_hub's `extra_body` carry) picks the adapter as well; with a `model` that names
+another adapter it is a 422. Responses echo the adapter id, or the base model's id.
 
 The request becomes a TGI GenerateRequest and goes through the same validation: the chat route renders
 the model's chat template (router/chat_template.py) and tokenizes it without adding special tokens; the
@@ -112,7 +113,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
     with state.metrics.request() as record, state.concurrency.acquire():
         body = await read_json(request, ChatCompletionRequest)
         start = time.monotonic()
-        model, adapter_id = resolve_model(state, body.model)
+        model, adapter_id = resolve_model(state, body.model, body.adapter_id)
         record.adapter_id = adapter_id
         if body.tools:
             raise OpenAIError("tools are not supported by this server", "tools")
@@ -158,7 +159,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
     with state.metrics.request() as record, state.concurrency.acquire():
         body = await read_json(request, CompletionRequest)
         start = time.monotonic()
-        model, adapter_id = resolve_model(state, body.model)
+        model, adapter_id = resolve_model(state, body.model, body.adapter_id)
         record.adapter_id = adapter_id
         if body.suffix is not None:
             raise OpenAIError(
@@ -373,15 +374,22 @@ class _Context:
         }
 
 
-def resolve_model(state: State, model: str | None) -> tuple[str, str | None]:
+def resolve_model(state: State, model: str | None, adapter_id: str | None = None) -> tuple[str, str | None]:
     """(the model name responses echo, the adapter_id to run); ModelNotFoundError for unknown names."""
     base = state.config.model_id
+    param = "model"
+    if adapter_id is not None:
+        if model is not None and model not in BASE_MODEL_ALIASES and model not in (base, adapter_id):
+            raise OpenAIError(
+                f"`model` `{model}` and `adapter_id` `{adapter_id}` name different adapters", "adapter_id"
+            )
+        model, param = adapter_id, "adapter_id"
     if model is None or model in BASE_MODEL_ALIASES or model == base:
         return base, None
     try:
         state.adapters.slot_for(model)
     except UnknownAdapterError:
-        raise ModelNotFoundError(model) from None
+        raise ModelNotFoundError(model, param) from None
     return model, model
 
 

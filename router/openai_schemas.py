@@ -63,7 +63,8 @@ class _Sampling(_Body):
     temperature: float | None = None
     top_p: float | None = None
     user: str | None = None
-    # Not OpenAI's, but TGI's and vLLM's extensions.
+    # Not OpenAI's: the adapter by its TGI name (clients' `extra_body`), and TGI's and vLLM's extensions.
+    adapter_id: str | None = None
     top_k: int | None = None
     repetition_penalty: float | None = None
 
@@ -111,10 +112,10 @@ class OpenAIError(ApiError):
 class ModelNotFoundError(OpenAIError):
     error_type = "model_not_found"
 
-    def __init__(self, model: str):
+    def __init__(self, model: str, param: str = "model"):
         super().__init__(
             f"The model `{model}` does not exist; GET /v1/models lists the base model and its adapters",
-            "model",
+            param,
             status=404,
             code="model_not_found",
         )

@@ -1,7 +1,9 @@
 """Real third-party clients against the router over HTTP on 127.0.0.1 (fake workers behind it).
 
 text-generation 0.7.0 and lorax-client 0.6.3 pin huggingface-hub<1.0, which transformers 5 cannot share,
-so they are installed with --no-deps; a test whose client is missing is skipped. The sync clients run in
+so they are installed with --no-deps; a test whose client is missing is skipped. huggingface_hub's
+InferenceClient is tested here in the version the venv has (>= 1.0); tests/e2e/test_hub_clients.py runs
+0.36 (the version the other two pin) in a venv of its own. The sync clients run in
 a thread (the server shares the test's event loop). Every stream test checks that events arrived: the
 clients silently yield nothing for a body they cannot parse.
 """
@@ -17,6 +19,8 @@ from tests.router.conftest import BASE_MODEL_ID, SCRIPTS
 text_generation = pytest.importorskip("text_generation", reason="pip install --no-deps text-generation")
 lorax = pytest.importorskip("lorax", reason="pip install --no-deps lorax-client")
 openai = pytest.importorskip("openai", reason="pip install openai")
+hub = pytest.importorskip("huggingface_hub")
+hub_errors = pytest.importorskip("huggingface_hub.errors")
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 # text-generation and lorax-client call pydantic's deprecated `.dict()`.
@@ -65,6 +69,13 @@ async def test_text_generation_client(url):
     chat = await run(client.chat, messages=MESSAGES, max_tokens=4, temperature=0)  # model is always "tgi"
     assert chat.choices[0].message.content == SCRIPTS[0][:4] and chat.model == BASE_MODEL_ID
 
+    def chat_stream():  # it parses every `data:` line as JSON: the stream must not end in `[DONE]`
+        return list(client.chat(messages=MESSAGES, max_tokens=4, temperature=0, stream=True))
+
+    chunks = await run(chat_stream)
+    assert len(chunks) == 4 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[0][:4]
+    assert chunks[-1].choices[0].finish_reason == "length"
+
 
 async def test_text_generation_async_client(url):
     client = text_generation.AsyncClient(url, timeout=30)
@@ -74,6 +85,8 @@ async def test_text_generation_async_client(url):
     assert len(events) == 4 and events[-1].generated_text == SCRIPTS[0][:4]
     with pytest.raises(text_generation.errors.ValidationError, match="max_new_tokens"):
         [e async for e in client.generate_stream("Hello", max_new_tokens=10_000)]
+    chunks = [c async for c in await client.chat(messages=MESSAGES, max_tokens=3, stream=True)]
+    assert len(chunks) == 3 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[0][:3]
 
 
 # ---- lorax-client -----------------------------------------------------------------------------
@@ -207,6 +220,79 @@ async def test_openai_async_client(url):
         assert len(chunks) == 4 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[1][:4]
 
 
+# ---- huggingface_hub ------------------------------------------------------------------------------
+
+
+async def test_hub_text_generation(url):
+    client = hub.InferenceClient(base_url=url, timeout=30)  # posts to `url` itself: TGI's `POST /`
+    assert await run(client.text_generation, "Hi", max_new_tokens=5) == SCRIPTS[0][:5]
+    r = await run(client.text_generation, "Hi", adapter_id="adapter-two", max_new_tokens=6, details=True)
+    assert r.generated_text == SCRIPTS[2][:6] and r.details.finish_reason == "length"
+    assert r.details.generated_tokens == 6 and len(r.details.tokens) == 6
+
+    def stream(**kwargs):
+        return list(client.text_generation("Hi", stream=True, **kwargs))
+
+    texts = await run(stream, adapter_id="org/adapter-one", max_new_tokens=40)
+    # Without details it yields every token's text, the EOS token's too (it does not filter specials).
+    assert len(texts) == len(SCRIPTS[1]) + 1 and "".join(texts) == SCRIPTS[1] + "</s>"
+    events = await run(stream, adapter_id="adapter-two", max_new_tokens=6, details=True)
+    assert len(events) == 6 and "".join(e.token.text for e in events) == events[-1].generated_text
+    assert events[-1].generated_text == SCRIPTS[2][:6] and events[-1].details.finish_reason == "length"
+
+    with pytest.raises(hub_errors.ValidationError, match="adapter `missing` is not loaded"):
+        await run(client.text_generation, "Hi", adapter_id="missing", max_new_tokens=2)
+    with pytest.raises(hub_errors.ValidationError, match="adapter `missing`"):
+        await run(stream, adapter_id="missing", max_new_tokens=2)
+
+    info_client = hub.InferenceClient(base_url=url, provider="hf-inference", timeout=30)
+    assert await run(info_client.health_check) is True
+    assert (await run(info_client.get_endpoint_info))["model_id"] == BASE_MODEL_ID
+
+
+async def test_hub_chat_completion(url):
+    client = hub.InferenceClient(base_url=url, timeout=30)
+    r = await run(client.chat_completion, MESSAGES, model="adapter-two", max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == SCRIPTS[2][:5] and r.model == "adapter-two"
+    # Without `model=` it sends "dummy", which means the base model.
+    r = await run(client.chat_completion, MESSAGES, max_tokens=5, temperature=0)
+    assert r.choices[0].message.content == SCRIPTS[0][:5] and r.model == BASE_MODEL_ID
+    # The /v1 base URL reaches the same route; `extra_body` carries `adapter_id`.
+    v1 = hub.InferenceClient(base_url=url + "/v1", timeout=30)
+    r = await run(
+        v1.chat_completion, MESSAGES, max_tokens=5, temperature=0, extra_body={"adapter_id": "adapter-two"}
+    )
+    assert r.choices[0].message.content == SCRIPTS[2][:5] and r.model == "adapter-two"
+
+    def stream(**kwargs):
+        return list(client.chat_completion(MESSAGES, max_tokens=5, temperature=0, stream=True, **kwargs))
+
+    for model, slot in [("org/adapter-one", 1), (None, 0)]:
+        chunks = await run(stream, model=model, stream_options={"include_usage": True})
+        assert len(chunks) == 6, model  # five tokens, then the usage chunk
+        assert "".join(c.choices[0].delta.content for c in chunks[:-1]) == SCRIPTS[slot][:5]
+        assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 5
+
+    with pytest.raises(hub_errors.HfHubHTTPError, match="`nope` does not exist") as info:
+        await run(client.chat_completion, MESSAGES, model="nope", max_tokens=2)
+    assert info.value.response.status_code == 404
+
+
+async def test_hub_async_client(url):
+    async with hub.AsyncInferenceClient(base_url=url, timeout=30) as client:
+        texts = [t async for t in await client.text_generation("Hi", max_new_tokens=4, stream=True)]
+        assert len(texts) == 4 and "".join(texts) == SCRIPTS[0][:4]
+        r = await client.text_generation("Hi", adapter_id="adapter-two", max_new_tokens=4, details=True)
+        assert r.generated_text == SCRIPTS[2][:4] and r.details.generated_tokens == 4
+        stream = await client.chat_completion(
+            MESSAGES, model="org/adapter-one", max_tokens=4, temperature=0, stream=True
+        )
+        chunks = [c async for c in stream]
+        assert len(chunks) == 4 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[1][:4]
+        with pytest.raises(hub_errors.ValidationError, match="adapter `missing`"):
+            await client.text_generation("Hi", adapter_id="missing", max_new_tokens=2)
+
+
 # ---- errors once a stream started ---------------------------------------------------------------
 
 
@@ -242,3 +328,39 @@ async def test_errors_mid_stream_reach_each_client_as_its_error(served, url):
         return chunks
 
     assert len(await run(openai_stream)) == 2
+
+    def hub_streams():
+        client = hub.InferenceClient(base_url=url, timeout=30)
+        counts = []
+        for call in (
+            lambda: client.text_generation("Hi", max_new_tokens=10, stream=True),
+            lambda: client.chat_completion(MESSAGES, max_tokens=10, stream=True),
+        ):
+            items = []
+            with pytest.raises(hub_errors.GenerationError, match="Request failed during generation"):
+                for item in call():
+                    items.append(item)
+            counts.append(len(items))
+        return counts
+
+    assert await run(hub_streams) == [2, 2]
+
+    def tgi_chat_stream():
+        chunks = []
+        # text-generation's sync chat stream cannot map an error event (it reads `resp.status`, which
+        # requests' Response lacks): clients.md 3.5. Its async client maps it.
+        with pytest.raises(AttributeError, match="status"):
+            for c in text_generation.Client(url, timeout=30).chat(
+                messages=MESSAGES, max_tokens=10, stream=True
+            ):
+                chunks.append(c)
+        return chunks
+
+    assert len(await run(tgi_chat_stream)) == 2
+    chunks = []
+    with pytest.raises(text_generation.errors.GenerationError, match="Request failed during generation"):
+        async for c in await text_generation.AsyncClient(url, timeout=30).chat(
+            messages=MESSAGES, max_tokens=10, stream=True
+        ):
+            chunks.append(c)
+    assert len(chunks) == 2

@@ -106,6 +106,29 @@ async def test_model_selects_the_adapter(start_router, model, slot, echoed):
     assert [s.lora_slot for r in h.fakes[0].requests("Prefill") for s in r.sequences] == [slot, slot]
 
 
+async def test_adapter_id_field_selects_the_adapter(start_router):
+    """`extra_body={"adapter_id": ...}` (openai, huggingface_hub) picks the adapter like `model` does."""
+    h = await start_router()
+    for model in (None, "tgi", "dummy", BASE_MODEL_ID, "adapter-two"):
+        body = await (
+            await chat(h, model=model, adapter_id="adapter-two", max_tokens=4, temperature=0)
+        ).json()
+        assert body["model"] == "adapter-two" and body["choices"][0]["message"]["content"] == SCRIPTS[2][:4]
+    body = await (await complete(h, adapter_id="org/adapter-one", prompt="Hi", max_tokens=4)).json()
+    assert body["model"] == "org/adapter-one" and body["choices"][0]["text"] == SCRIPTS[1][:4]
+    assert [s.lora_slot for r in h.fakes[0].requests("Prefill") for s in r.sequences] == [2] * 5 + [1]
+
+    resp = await chat(h, model="org/adapter-one", adapter_id="adapter-two")
+    assert resp.status == 422
+    err = (await resp.json())["error"]
+    assert err["param"] == "adapter_id" and "name different adapters" in err["message"]
+    resp = await complete(h, adapter_id="nope", prompt="Hi")
+    assert resp.status == 404
+    err = (await resp.json())["error"]
+    assert err["param"] == "adapter_id" and err["code"] == "model_not_found"
+    assert len(h.fakes[0].requests("Prefill")) == 6
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_unknown_model_is_404_in_openai_envelope(start_router, stream):
     h = await start_router()
