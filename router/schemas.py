@@ -1,8 +1,10 @@
 """TGI's request bodies as pydantic models, and the JSON shapes of its responses.
 
-Requests accept what real clients send: unknown keys are ignored (lorax's `adapter_source`, `api_token`,
-`merged_adapters`, ...) and an explicit `null` means "use the default". Types are strict (no "20" for
-20), as in TGI's serde types.
+Requests accept what real clients send: unknown keys are ignored (lorax's `adapter_source` and
+`api_token`: adapters are picked by their loaded id) and an explicit `null` means "use the default".
+lorax-client's features this server lacks (`merged_adapters`, `response_format`, `ignore_eos_token`,
+`return_k_alternatives`) are parsed so that validation can refuse them when set, not silently ignore
+them. Types are strict (no "20" for 20), as in TGI's serde types.
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ class GenerateParameters(BaseModel):
     truncate: int | None = None
     typical_p: float | None = None
     watermark: bool = False
+    # lorax-client's, refused when set (router/validation.py).
+    merged_adapters: Any = None
+    response_format: Any = None
+    ignore_eos_token: bool = False
+    return_k_alternatives: int | None = None
 
     @model_validator(mode="before")
     @classmethod

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from router.adapters import AdapterRegistry, UnknownAdapterError
 from router.errors import AdapterNotLoadedError, ValidationError
 from router.limits import Limits
-from router.schemas import GenerateRequest
+from router.schemas import GenerateParameters, GenerateRequest
 from router.sequence import Sampling, SequenceParams
 from router.tokenizer import ModelTokenizer
 
@@ -91,6 +91,7 @@ class Validator:
             raise ValidationError("grammar is not supported")
         if p.watermark:
             raise ValidationError("`watermark` is not supported by this server")
+        _refuse_lorax_extras(p)
         if not request.inputs:
             raise ValidationError("`inputs` cannot be empty")
         if p.truncate is not None and not 0 < p.truncate <= lim.max_input_tokens:
@@ -154,6 +155,20 @@ class Validator:
             return_full_text=bool(p.return_full_text),
             adapter_id=None if slot == 0 else p.adapter_id,
         )
+
+
+def _refuse_lorax_extras(p: GenerateParameters) -> None:
+    """lorax-client's parameters this server does not implement: a request that sets one fails."""
+    if p.merged_adapters is not None:
+        raise ValidationError(
+            "`merged_adapters` is not supported by this server; pass one loaded `adapter_id`"
+        )
+    if p.response_format is not None:
+        raise ValidationError("`response_format` is not supported by this server")
+    if p.ignore_eos_token:
+        raise ValidationError("`ignore_eos_token` is not supported by this server")
+    if p.return_k_alternatives:
+        raise ValidationError("`return_k_alternatives` is not supported by this server; use `top_n_tokens`")
 
 
 def _warps(temperature: float, top_k: int | None, top_p: float | None, typical_p: float | None) -> bool:

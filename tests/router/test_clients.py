@@ -125,6 +125,19 @@ async def test_lorax_client_errors(url):
 
     with pytest.raises(lorax.errors.ValidationError, match="adapter `missing`"):
         await run(stream)
+    # Features of LoRAX's this server lacks are refused, not ignored.
+    for kwargs, name in [
+        ({"merged_adapters": lorax.types.MergedAdapters(ids=["adapter-two"], weights=[1.0], density=1.0)},
+         "merged_adapters"),
+        ({"response_format": {"type": "json_object", "schema": {"type": "object"}}}, "response_format"),
+        ({"ignore_eos_token": True}, "ignore_eos_token"),
+        ({"return_k_alternatives": 2}, "return_k_alternatives"),
+    ]:  # fmt: skip
+        with pytest.raises(lorax.errors.ValidationError, match=f"`{name}` is not supported"):
+            await run(client.generate, "Hi", max_new_tokens=2, **kwargs)
+    # adapter_source and api_token are accepted: the adapter is found by its loaded id.
+    r = await run(client.generate, "Hi", adapter_id="adapter-two", adapter_source="local", api_token="t")
+    assert r.generated_text == SCRIPTS[2]
     aclient = lorax.AsyncClient(url, timeout=1)
     r = await aclient.generate("Hi", adapter_id="org/adapter-one", max_new_tokens=3)
     assert r.generated_text == SCRIPTS[1][:3]
