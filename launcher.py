@@ -4,9 +4,12 @@
 
 Settings come from CLI flags (`--model-id`) or environment variables with TGI's names (`MODEL_ID`), and
 nowhere else. They are composed once into one `WorkerConfig` per rank and one `RouterConfig`, which the
-children receive as JSON (`--config-json`). Startup: resolve the model and the LORA_ADAPTERS entries to
-local directories, start NUM_SHARD workers (`python -m worker`), wait until each answers the Health RPC,
-then start the router (`python -m router`), which loads the adapters and serves HTTP.
+children receive as JSON: a worker on its command line (`--config-json`), the router on its stdin
+(`--config-json -`), because its config holds API_KEY and a command line is visible to every user in
+`ps`. API_KEY is also left out of the children's environment.
+Startup: resolve the model and the LORA_ADAPTERS entries to local directories, start NUM_SHARD workers
+(`python -m worker`), wait until each answers the Health RPC, then start the router (`python -m router`),
+which loads the adapters and serves HTTP.
 Shutdown on SIGTERM/SIGINT: the router first (it stops accepting and finishes in-flight requests), then
 the workers; exit 0. If any child dies, the others are stopped and the launcher exits 1.
 """
@@ -59,6 +62,8 @@ POLL_S = 0.1
 # A shutdown signal repeated at least this long after the first one kills the children at once.
 FORCE_AFTER_S = 1.0
 UDS_MAX_BYTES = 107  # sun_path is 108 bytes with the trailing NUL
+# Settings the children must not inherit from the launcher's environment (they get them in their config).
+SECRET_ENV = ("API_KEY",)
 
 
 def _router_default(name: str) -> Any:
@@ -434,7 +439,7 @@ def _child_setup() -> None:  # pragma: no cover - runs in the child between fork
 class Child:
     """A child process in its own process group, its output forwarded line by line with a prefix."""
 
-    def __init__(self, name: str, argv: list[str], tail_lines: int = 40) -> None:
+    def __init__(self, name: str, argv: list[str], stdin: bytes | None = None, tail_lines: int = 40) -> None:
         self.name = name
         self.tail: deque[str] = deque(maxlen=tail_lines)
         global _libc
@@ -443,17 +448,27 @@ class Child:
         self.popen = subprocess.Popen(
             argv,
             cwd=ROOT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            stdin=subprocess.DEVNULL,
+            env={**{k: v for k, v in os.environ.items() if k not in SECRET_ENV}, "PYTHONUNBUFFERED": "1"},
+            stdin=subprocess.DEVNULL if stdin is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             process_group=0,  # a terminal's Ctrl-C reaches the launcher only; it orders the shutdown
             preexec_fn=_child_setup,
         )
         self.pid = self.popen.pid
+        if stdin is not None:
+            self._feed(stdin)
         self._reader = threading.Thread(target=self._forward, name=f"output-{name}", daemon=True)
         self._reader.start()
         logger.info("started %s (pid %d)", name, self.pid)
+
+    def _feed(self, data: bytes) -> None:
+        """Write `data` to the child's stdin and close it (a child that died early reports itself)."""
+        assert self.popen.stdin is not None
+        with contextlib.suppress(BrokenPipeError):
+            self.popen.stdin.write(data)
+        with contextlib.suppress(BrokenPipeError):
+            self.popen.stdin.close()
 
     def _forward(self) -> None:
         assert self.popen.stdout is not None
@@ -520,8 +535,8 @@ class Supervisor:
             self.force.set()
             logger.warning("%s again: killing everything now", signal.Signals(signum).name)
 
-    def start(self, name: str, argv: list[str]) -> Child:
-        child = Child(name, argv)
+    def start(self, name: str, argv: list[str], stdin: bytes | None = None) -> Child:
+        child = Child(name, argv, stdin)
         self.children.append(child)
         return child
 
@@ -598,12 +613,14 @@ def supervise(
     router_argv: list[str],
     worker_ready: Callable[[int], bool],
     graceful_timeout_s: float,
+    router_stdin: bytes | None = None,
 ) -> int:
-    """Run the workers until ready, then the router, until a signal or a death; return the exit code."""
+    """Run the workers until ready, then the router (`router_stdin` on its stdin), until a signal or a
+    death; return the exit code."""
     sup = Supervisor(graceful_timeout_s)
     previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return _run(sup, worker_argvs, router_argv, worker_ready)
+        return _run(sup, worker_argvs, (router_argv, router_stdin), worker_ready)
     finally:
         for child in sup.children:  # normally all reaped already; this covers unexpected errors
             if child.poll() is None:
@@ -616,7 +633,7 @@ def supervise(
 def _run(
     sup: Supervisor,
     worker_argvs: list[list[str]],
-    router_argv: list[str],
+    router_command: tuple[list[str], bytes | None],
     worker_ready: Callable[[int], bool],
 ) -> int:
     try:
@@ -627,7 +644,7 @@ def _run(
             if dead is not None:
                 return _fail(sup, dead)
             logger.info("worker-%d is ready", rank)
-        router = sup.start("router", router_argv)
+        router = sup.start("router", *router_command)
         dead = sup.wait_until(lambda: False, "router", log_every_s=math.inf)
     except ShutdownRequested:
         return 0 if sup.stop_all(failed=False) else 1
@@ -713,9 +730,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 [py, "-m", "worker", "--config-json", w.to_json(), "--uds", u]
                 for w, u in zip(workers, router.worker_uds, strict=True)
             ],
-            [py, "-m", "router", "--config-json", router.model_dump_json()],
+            [py, "-m", "router", "--config-json", "-"],
             lambda rank: worker_health(router.worker_uds[rank]),
             settings.graceful_termination_timeout,
+            router_stdin=router.model_dump_json().encode(),
         )
     finally:
         shutil.rmtree(uds_dir, ignore_errors=True)

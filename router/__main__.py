@@ -1,5 +1,8 @@
 """`python -m router --config-json '<RouterConfig as JSON>'`: connect to the workers, then serve HTTP.
 
+`--config-json -` reads the JSON from stdin instead (the launcher's way: the config holds API_KEY, and a
+command line is visible to every user in `ps`).
+
 Startup: wait for every worker rank (up to worker_connect_timeout_s), read Info, load the adapters, then
 listen on hostname:port. SIGTERM/SIGINT stop accepting connections, let requests in flight finish (up to
 shutdown_timeout_s), and exit 0. A startup failure logs its reason and exits 1 (2 for a bad config).
@@ -64,11 +67,16 @@ async def serve(config: RouterConfig) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m router", description=__doc__.splitlines()[0])
-    parser.add_argument("--config-json", required=True, help="a RouterConfig as JSON (router/config.py)")
+    parser.add_argument(
+        "--config-json",
+        required=True,
+        help="a RouterConfig as JSON (router/config.py), or - to read it from stdin",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    text = sys.stdin.read() if args.config_json == "-" else args.config_json
     try:
-        config = RouterConfig.model_validate_json(args.config_json)
+        config = RouterConfig.model_validate_json(text)
     except pydantic.ValidationError as e:
         log.error("Invalid --config-json: %s", e)
         return 2

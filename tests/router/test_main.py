@@ -58,6 +58,18 @@ def test_bad_config_exits_2():
     assert "Invalid --config-json" in proc.stderr and "worker_uds" in proc.stderr
 
 
+def test_config_from_stdin():
+    proc = subprocess.run(
+        [sys.executable, "-m", "router", "--config-json", "-"],
+        input='{"model_id": "from-stdin"}',
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2
+    assert "Invalid --config-json" in proc.stderr and "worker_uds" in proc.stderr
+    assert "from-stdin" in proc.stderr  # the input pydantic quotes came from stdin
+
+
 async def test_unreachable_workers_exit_1(tiny_tokenizer_dir, sock_dir):
     config = _config(tiny_tokenizer_dir, [f"{sock_dir}/missing.sock"], worker_connect_timeout_s=0.5)
     code, out = await _run_to_end(config)
