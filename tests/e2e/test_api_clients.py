@@ -2,17 +2,24 @@
 
 Greedy decoding in float32 is batch-invariant, so each route must give exactly the tokens /generate gives
 for the same prompt and adapter: streaming or not, TGI or OpenAI, our HTTP or a third-party client.
+huggingface_hub runs as a script (tests/e2e/hub_client.py) in two versions: the test venv's (>= 1.0) and
+0.36, the one text-generation and lorax-client pin, from a cached venv of its own (tests/e2e/client_venv.py;
+its first build needs the package index).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 import urllib.request
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
 
-from tests.e2e.harness import Server
+from tests.e2e.client_venv import client_venv
+from tests.e2e.harness import Server, get
 from tests.e2e.test_serving import tiny_env
 
 # text-generation and lorax-client call pydantic's deprecated `.dict()`.
@@ -26,6 +33,10 @@ PROMPT = "The capital of France is"
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
 NEW_TOKENS = 8
 ADAPTERS = ("a_r4", "b_r8")
+HUB_CLIENT = Path(__file__).with_name("hub_client.py")
+# The huggingface_hub that pip resolves next to text-generation 0.7.0 and lorax-client 0.6.3 (with aiohttp,
+# which its AsyncInferenceClient needs).
+HUB_036 = "huggingface_hub[inference]==0.36.2"
 
 
 @pytest.fixture(scope="module")
@@ -49,6 +60,20 @@ def reference(server):
         out[adapter] = body
     texts = [out[a]["generated_text"] for a in out]
     assert len(set(texts)) == len(texts), texts  # the adapters change the output
+    return out
+
+
+@pytest.fixture(scope="module")
+def chat_reference(server, e2e_model_dir):
+    """/generate's greedy output for the chat template's prompt over MESSAGES, per adapter."""
+    prompt = AutoTokenizer.from_pretrained(e2e_model_dir).apply_chat_template(
+        MESSAGES, add_generation_prompt=True, tokenize=False
+    )
+    out = {}
+    for adapter in (None, *ADAPTERS):
+        status, body = server.generate(prompt, max_new_tokens=NEW_TOKENS, adapter_id=adapter)
+        assert status == 200, body
+        out[adapter] = body["generated_text"]
     return out
 
 
@@ -97,26 +122,20 @@ def test_third_party_tgi_clients(server, reference):
         lx.generate(PROMPT, adapter_id="no-such-adapter", max_new_tokens=2)
 
 
-def test_openai_client_picks_adapters_by_model(server, reference, e2e_model_dir):
+def test_openai_client_picks_adapters_by_model(server, reference, chat_reference):
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0, timeout=120)
     assert [m.id for m in client.models.list().data][1:] == list(ADAPTERS)
-    # The chat template's prompt through /generate is the reference for the chat route.
-    prompt = AutoTokenizer.from_pretrained(e2e_model_dir).apply_chat_template(
-        MESSAGES, add_generation_prompt=True, tokenize=False
-    )
     for adapter in ADAPTERS:
-        status, ref = server.generate(prompt, max_new_tokens=NEW_TOKENS, adapter_id=adapter)
-        assert status == 200, ref
         chat = client.chat.completions.create(
             model=adapter, messages=MESSAGES, max_tokens=NEW_TOKENS, temperature=0
         )
-        assert chat.choices[0].message.content == ref["generated_text"], adapter
+        assert chat.choices[0].message.content == chat_reference[adapter], adapter
         chunks = list(
             client.chat.completions.create(
                 model=adapter, messages=MESSAGES, max_tokens=NEW_TOKENS, temperature=0, stream=True
             )
         )
-        assert chunks and "".join(c.choices[0].delta.content for c in chunks) == ref["generated_text"]
+        assert chunks and "".join(c.choices[0].delta.content for c in chunks) == chat_reference[adapter]
 
         completion = client.completions.create(
             model=adapter, prompt=PROMPT, max_tokens=NEW_TOKENS, temperature=0
@@ -124,3 +143,65 @@ def test_openai_client_picks_adapters_by_model(server, reference, e2e_model_dir)
         assert completion.choices[0].text == reference[adapter]["generated_text"]
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="no-such-adapter", prompt=PROMPT, max_tokens=2)
+
+
+def test_text_generation_chat(server, chat_reference):
+    """text-generation's chat always sends `model: "tgi"` (the base model); its stream fails on `[DONE]`."""
+    tgi = text_generation.Client(server.url, timeout=120)
+    chat = tgi.chat(messages=MESSAGES, max_tokens=NEW_TOKENS, temperature=0)
+    assert chat.choices[0].message.content == chat_reference[None]
+    chunks = list(tgi.chat(messages=MESSAGES, max_tokens=NEW_TOKENS, temperature=0, stream=True))
+    assert chunks and "".join(c.choices[0].delta.content for c in chunks) == chat_reference[None]
+
+
+@pytest.mark.parametrize("hub_version", ["test venv", "0.36"])
+def test_huggingface_hub_clients(server, reference, chat_reference, hub_version):
+    python = sys.executable if hub_version == "test venv" else client_venv(HUB_036)
+    cfg = {
+        "url": server.url,
+        "prompt": PROMPT,
+        "messages": MESSAGES,
+        "adapters": list(ADAPTERS),
+        "new_tokens": NEW_TOKENS,
+    }
+    proc = subprocess.run(
+        [str(python), str(HUB_CLIENT), json.dumps(cfg)], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    out = json.loads(proc.stdout.splitlines()[-1])
+    major = int(out["version"].split(".")[0])
+    assert major >= 1 if hub_version == "test venv" else out["version"].startswith("0.36."), out["version"]
+
+    sync = out["sync"]
+    base_tokens = reference[None]["details"]["tokens"]
+    assert sync["base_text"] == reference[None]["generated_text"]
+    assert sync["base_stream_texts"] == [t["text"] for t in base_tokens]  # every token's text, specials too
+    for adapter in ADAPTERS:
+        got, ref = sync["adapters"][adapter], reference[adapter]
+        ref_ids = [t["id"] for t in ref["details"]["tokens"]]
+        assert got["generate"] == {
+            "generated_text": ref["generated_text"],
+            "finish_reason": ref["details"]["finish_reason"],
+            "generated_tokens": ref["details"]["generated_tokens"],
+            "token_ids": ref_ids,
+        }, adapter
+        assert got["stream_token_ids"] == ref_ids and got["stream_generated_text"] == ref["generated_text"]
+        assert got["stream_finish_reason"] == ref["details"]["finish_reason"]
+        assert got["chat"] == chat_reference[adapter] and got["chat_model"] == adapter
+        assert got["chat_stream"] and "".join(got["chat_stream"]) == chat_reference[adapter]
+    # Without `model=` the client sends "dummy": the base model.
+    model_id = json.loads(get(server.url + "/info")[1])["model_id"]
+    assert sync["default_chat"] == {"content": chat_reference[None], "model": model_id}
+    errors = sync["errors"]
+    for kind in ("generate", "stream"):
+        assert errors[kind]["class"] == "ValidationError" and "not loaded" in errors[kind]["message"], errors
+    assert errors["chat"]["class"] == "HfHubHTTPError" and errors["chat"]["status"] == 404, errors
+    assert sync["health"] is True and sync["info_model_id"] == model_id
+
+    asy = out["async"]
+    ref = reference[asy["adapter"]]
+    assert (
+        asy["generate"]["token_ids"] == asy["stream_token_ids"] == [t["id"] for t in ref["details"]["tokens"]]
+    )
+    assert asy["chat"] == "".join(asy["chat_stream"]) == chat_reference[asy["adapter"]]
+    assert asy["missing_adapter_error"] == "ValidationError"
