@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 
 def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web.Application:
     """The router app; `client` (tests) replaces the channels to `config.worker_uds`, and is not closed."""
+    # A path with doubled or trailing slashes is redirected (308 keeps the method and body) to its route:
+    # text-generation's chat client given a base URL ending in "/" posts to `//v1/chat/completions`.
+    slashes = web.normalize_path_middleware(append_slash=False, remove_slash=True, merge_slashes=True)
     app = web.Application(
-        middlewares=[error_middleware, auth_middleware], client_max_size=config.payload_limit
+        middlewares=[error_middleware, slashes, auth_middleware], client_max_size=config.payload_limit
     )
     app[CONFIG] = config
     app.cleanup_ctx.append(_serving(client))

@@ -77,6 +77,19 @@ async def test_text_generation_client(url):
     assert chunks[-1].choices[0].finish_reason == "length"
 
 
+async def test_text_generation_chat_with_a_trailing_slash(url):
+    """Given `url/`, text-generation posts chat to `//v1/chat/completions`; the router redirects it (308)."""
+    client = text_generation.Client(url + "/", timeout=30)
+    chat = await run(client.chat, messages=MESSAGES, max_tokens=4, temperature=0)
+    assert chat.choices[0].message.content == SCRIPTS[0][:4]
+    chunks = await run(lambda: list(client.chat(messages=MESSAGES, max_tokens=4, stream=True)))
+    assert len(chunks) == 4 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[0][:4]
+    aclient = text_generation.AsyncClient(url + "/", timeout=30)
+    chunks = [c async for c in await aclient.chat(messages=MESSAGES, max_tokens=3, stream=True)]
+    assert len(chunks) == 3 and "".join(c.choices[0].delta.content for c in chunks) == SCRIPTS[0][:3]
+    assert (await run(client.generate, "Hello", max_new_tokens=2)).generated_text == SCRIPTS[0][:2]
+
+
 async def test_text_generation_async_client(url):
     client = text_generation.AsyncClient(url, timeout=30)
     r = await client.generate("Hello", max_new_tokens=3, top_n_tokens=2)

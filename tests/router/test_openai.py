@@ -129,6 +129,21 @@ async def test_adapter_id_field_selects_the_adapter(start_router):
     assert len(h.fakes[0].requests("Prefill")) == 6
 
 
+async def test_doubled_or_trailing_slashes_redirect_to_the_route(start_router):
+    h = await start_router()
+    root = str(h.http.make_url("")).rstrip("/")
+    post = h.http.session.post  # the test client refuses "//..." paths
+    for path, target in [
+        ("//v1/chat/completions", "/v1/chat/completions"),
+        ("/v1/chat/completions/", "/v1/chat/completions"),
+        ("/generate/", "/generate"),
+    ]:
+        resp = await post(root + path, json={"messages": MESSAGES}, allow_redirects=False)
+        assert resp.status == 308 and resp.headers["Location"] == target, path
+    resp = await post(root + "//v1/nothing", json={})
+    assert resp.status == 404 and (await resp.json())["error_type"] == "not_found"
+
+
 @pytest.mark.parametrize("stream", [False, True])
 async def test_unknown_model_is_404_in_openai_envelope(start_router, stream):
     h = await start_router()
