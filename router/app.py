@@ -20,7 +20,7 @@ from router.auth import auth_middleware
 from router.block_manager import BlockManager
 from router.client import ShardedClient
 from router.config import RouterConfig
-from router.grpc_service import grpc_serving
+from router.grpc_service import grpc_drain, grpc_serving
 from router.limits import ConfigError, Limits
 from router.metrics import Metrics
 from router.middleware import error_middleware
@@ -45,6 +45,7 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web
     app.cleanup_ctx.append(_serving(client))
     if config.grpc_port is not None:
         app.cleanup_ctx.append(grpc_serving)  # after _serving: starts once the state is up, stops first
+        app.on_shutdown.append(grpc_drain)  # drains alongside HTTP, not after it
     setup_routes(app)
     return app
 

@@ -3,16 +3,19 @@
 A request takes HTTP's path: API key, the concurrency limit shared with HTTP, the same pydantic
 GenerateRequest and validation, `infer.run` (non-streaming) or one sequence's steps (streaming), and the
 same metrics. Errors are the HTTP errors turned into status codes (table in public.proto), with the same
-messages. The server starts once the router's state is up and stops first at shutdown, letting calls in
-flight finish within `shutdown_timeout_s`.
+messages. The server starts once the router's state is up. At shutdown it stops taking calls when HTTP
+stops taking requests (`grpc_drain`, an on_shutdown hook), and the calls in flight get the same
+`shutdown_timeout_s` as HTTP's requests, at the same time; the scheduler stops after both.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import math
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import NoReturn
 
 import grpc
@@ -43,6 +46,28 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 GRPC_PORT = web.AppKey("grpc_port", int)
 """The port the public gRPC server listens on (differs from the config's when that is 0)."""
+
+
+@dataclass
+class _Drain:
+    """Stops the server once: no new calls, `grace_s` for the calls in flight, then they are cancelled."""
+
+    server: grpc.aio.Server
+    health: health.aio.HealthServicer
+    grace_s: float
+    task: asyncio.Task | None = None
+
+    def start(self) -> asyncio.Task:
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._stop())
+        return self.task
+
+    async def _stop(self) -> None:
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace=self.grace_s)
+
+
+GRPC_DRAIN = web.AppKey("grpc_drain", _Drain)
 HEALTH_TIMEOUT_S = 5.0
 
 _FINISH = {
@@ -148,12 +173,19 @@ async def grpc_serving(app: web.Application) -> AsyncIterator[None]:
     for service in ("", SERVICE_NAME):
         await checker.set(service, health_pb2.HealthCheckResponse.SERVING)
     app[GRPC_PORT] = port
+    app[GRPC_DRAIN] = drain = _Drain(server, checker, config.shutdown_timeout_s)
     log.info("Public gRPC API listening on %s:%d", config.hostname, port)
     try:
         yield
     finally:
-        await checker.enter_graceful_shutdown()
-        await server.stop(grace=config.shutdown_timeout_s)
+        await drain.start()  # started by grpc_drain already, unless startup failed after this context
+
+
+async def grpc_drain(app: web.Application) -> None:
+    """An on_shutdown hook: start draining the gRPC calls while aiohttp drains the HTTP requests (it
+    waits for those after on_shutdown, and leaves the cleanup contexts only then)."""
+    if GRPC_DRAIN in app:
+        app[GRPC_DRAIN].start()
 
 
 # ---- conversions ---------------------------------------------------------------------------------

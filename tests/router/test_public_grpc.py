@@ -4,8 +4,10 @@ as HTTP, as status codes."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp.test_utils import TestServer
@@ -244,3 +246,25 @@ async def test_port_in_use_stops_startup(sock_dir, tiny_tokenizer_dir):
             finally:
                 await server.close()
                 await client.close()
+
+
+async def test_grpc_drains_alongside_http_not_after(start_router, connect):
+    # Both a gRPC stream and an HTTP request outlast the 1 s window: shutdown must take ~1 s, not 2.
+    h = await start_router(world_size=1, grpc_port=0, shutdown_timeout_s=1.0)
+    stub, _ = await connect(h)
+    h.fakes[0].step_delay = 0.2
+    call = stub.GenerateStream(request(max_new_tokens=20))
+    await call.read()
+    http = asyncio.create_task(h.generate("Hi", max_new_tokens=20))
+    async with asyncio.timeout(5):
+        while len(h.state.scheduler.running) < 2:
+            await asyncio.sleep(0.01)
+    start = asyncio.get_running_loop().time()
+    await h.http.close()
+    elapsed = asyncio.get_running_loop().time() - start
+    assert 0.9 < elapsed < 1.8, elapsed
+    with pytest.raises(grpc.aio.AioRpcError):  # cut off at the end of the window, not finished
+        while await call.read() is not grpc.aio.EOF:
+            pass
+    with contextlib.suppress(aiohttp.ClientError):  # also cut off
+        await http
