@@ -390,3 +390,34 @@ async def test_errors_mid_stream_reach_each_client_as_its_error(served, url):
         ):
             chunks.append(c)
     assert len(chunks) == 2
+
+
+# ---- API_KEY ------------------------------------------------------------------------------------
+
+
+async def test_each_client_passes_the_api_key(start_router):
+    key = "s3cret"
+    h = await start_router(api_key=key)
+    url = str(h.http.make_url("")).rstrip("/")
+    bearer = {"Authorization": f"Bearer {key}"}
+
+    tgi = text_generation.Client(url, headers=bearer, timeout=30)
+    assert (await run(tgi.generate, "Hi", max_new_tokens=2)).generated_text == SCRIPTS[0][:2]
+    lx = lorax.Client(url, headers=bearer, timeout=30)
+    assert (await run(lx.generate, "Hi", adapter_id="adapter-two", max_new_tokens=2)).generated_text == (
+        SCRIPTS[2][:2]
+    )
+    oai = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=30)
+    r = await run(oai.chat.completions.create, model="tgi", messages=MESSAGES, max_tokens=2)
+    assert r.choices[0].message.content == SCRIPTS[0][:2]
+    hc = hub.InferenceClient(base_url=url, api_key=key, timeout=30)
+    assert await run(hc.text_generation, "Hi", max_new_tokens=2) == SCRIPTS[0][:2]
+
+    # A wrong key: each client's error for a 401.
+    with pytest.raises(openai.AuthenticationError):
+        await run(_openai(url).chat.completions.create, model="tgi", messages=MESSAGES, max_tokens=2)
+    with pytest.raises(text_generation.errors.UnknownError, match="Unauthorized"):
+        await run(text_generation.Client(url, timeout=30).generate, "Hi", max_new_tokens=2)
+    with pytest.raises(hub_errors.HfHubHTTPError) as info:
+        await run(hub.InferenceClient(base_url=url, api_key="wrong").chat_completion, MESSAGES, max_tokens=2)
+    assert info.value.response.status_code == 401
