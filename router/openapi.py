@@ -70,8 +70,8 @@ _HEALTH = "200 with an empty body when every worker rank answers, else 503"
 _GEN, _SERVICE, _OPENAI = "Text Generation", "Service", "OpenAI"
 
 ROUTES = [
-    Route("POST", "/generate", "Generate text (TGI)", _GEN, GenerateRequest, GenerateResponse,
-          errors=GENERATION_ERRORS),
+    Route("POST", "/generate", "Generate text (TGI); /generate_stream's events if `stream`", _GEN,
+          CompatGenerateRequest, GenerateResponse, stream=StreamResponse, errors=GENERATION_ERRORS),
     Route("POST", "/generate_stream", "Generate text, one server-sent event per token (TGI)", _GEN,
           GenerateRequest, stream=StreamResponse, errors=GENERATION_ERRORS),
     Route("POST", "/", "TGI's compat route: a one-element array, or /generate_stream's events if `stream`",

@@ -45,11 +45,15 @@ def setup_routes(app: web.Application) -> None:
     )
 
 
-async def generate(request: web.Request) -> web.Response:
-    """TGI `POST /generate`: one GenerateResponse object."""
+async def generate(request: web.Request) -> web.StreamResponse:
+    """TGI `POST /generate`: one GenerateResponse object. With `"stream": true` (which TGI ignores here)
+    it streams as /generate_stream does: huggingface_hub given `base_url=.../generate` posts its streams to
+    it, and would read a JSON answer as an empty stream."""
     state = request.app[STATE]
     with state.metrics.request() as record, state.concurrency.acquire():
-        body = await read_json(request, GenerateRequest)
+        body = await read_json(request, CompatGenerateRequest)
+        if body.stream:
+            return await stream.generate_stream(request, state, body, record)
         return await _generate(state, body, record, as_list=False)
 
 

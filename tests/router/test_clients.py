@@ -271,6 +271,13 @@ async def test_hub_text_generation(url):
     with pytest.raises(hub_errors.ValidationError, match="adapter `missing`"):
         await run(stream, adapter_id="missing", max_new_tokens=2)
 
+    # Given `url/generate` it posts there, streams too.
+    on_generate = hub.InferenceClient(base_url=url + "/generate", timeout=30)
+    r = await run(on_generate.text_generation, "Hi", adapter_id="adapter-two", max_new_tokens=3, details=True)
+    assert r.generated_text == SCRIPTS[2][:3]
+    texts = await run(lambda: list(on_generate.text_generation("Hi", max_new_tokens=4, stream=True)))
+    assert texts == list(SCRIPTS[0][:4])
+
     info_client = hub.InferenceClient(base_url=url, provider="hf-inference", timeout=30)
     assert await run(info_client.health_check) is True
     assert (await run(info_client.get_endpoint_info))["model_id"] == BASE_MODEL_ID

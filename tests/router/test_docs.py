@@ -40,7 +40,7 @@ async def test_document_is_well_formed(start_router):
     assert refs and all(r.removeprefix("#/components/schemas/") in schemas for r in refs)
     generate = doc["paths"]["/generate"]["post"]
     body = generate["requestBody"]["content"]["application/json"]["schema"]
-    assert body == {"$ref": "#/components/schemas/GenerateRequest"}
+    assert body == {"$ref": "#/components/schemas/CompatGenerateRequest"}
     params = schemas["GenerateParameters"]["properties"]
     assert {"adapter_id", "max_new_tokens", "top_n_tokens", "stop", "seed", "details"} <= set(params)
     assert set(generate["responses"]) == {"200", "400", "401", "413", "415", "422", "424", "429"}
