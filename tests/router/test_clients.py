@@ -170,6 +170,16 @@ async def test_openai_chat(url):
     )
     assert r.choices[0].message.content == SCRIPTS[2][:5] and r.choices[0].finish_reason == "length"
     assert r.model == "adapter-two" and r.usage.completion_tokens == 5
+    # `extra_body` lands at the top level: `adapter_id` picks the adapter as `model` does.
+    r = await run(
+        client.chat.completions.create,
+        model="tgi",
+        messages=MESSAGES,
+        max_tokens=5,
+        temperature=0,
+        extra_body={"adapter_id": "org/adapter-one"},
+    )
+    assert r.choices[0].message.content == SCRIPTS[1][:5] and r.model == "org/adapter-one"
 
     def stream():
         return list(
