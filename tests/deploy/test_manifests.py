@@ -153,6 +153,10 @@ def containers(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [c for spec in pod_specs(resources) for c in spec["containers"]]
 
 
+def default_setting(name: str) -> Any:
+    return launcher.Settings.model_fields[name].default
+
+
 def container_env(container: dict[str, Any], resources: list[dict[str, Any]]) -> dict[str, Any]:
     """Name -> value (or valueFrom) of every variable the container gets, ConfigMaps included."""
     configmaps = {r["metadata"]["name"]: r["data"] for r in resources if r["kind"] == "ConfigMap"}
@@ -343,9 +347,7 @@ def test_probes_hit_router_routes_on_the_served_port(target: str) -> None:
                 continue
             probe = container[kind]["httpGet"]
             assert probe["path"] in paths, f"{target}: {kind} path {probe['path']} is not a router route"
-            assert ports[probe["port"]] == int(
-                env.get("PORT", launcher.Settings.model_fields["port"].default)
-            )
+            assert ports[probe["port"]] == int(env.get("PORT", default_setting("port")))
             # The router waits HEALTH_TIMEOUT_S for the workers before answering 503.
             assert container[kind]["timeoutSeconds"] > HEALTH_TIMEOUT_S
 
@@ -360,7 +362,7 @@ def test_termination_grace_covers_the_drain(target: str) -> None:
         for container in spec["containers"]:
             env = container_env(container, TARGETS[target])
             drain = float(
-                env.get("GRACEFUL_TERMINATION_TIMEOUT", launcher.Settings().graceful_termination_timeout)
+                env.get("GRACEFUL_TERMINATION_TIMEOUT", default_setting("graceful_termination_timeout"))
             )
             pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
             # The router gets the drain plus KILL_GRACE_S; then the workers stop (their own grace).
@@ -516,6 +518,15 @@ def test_dockerfile_variants_choose_base_and_torch() -> None:
     assert ("FROM", "base-${VARIANT}") in instructions
     assert "TORCH_SPEC=torch==2.13.0+cpu" in DOCKERFILE.read_text()  # the Makefile's CPU pin
     assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_manifest_cache_paths_are_the_images(target: str) -> None:
+    image = dockerfile_env()
+    for container in containers(TARGETS[target]):
+        env = container_env(container, TARGETS[target])
+        for name in ("HUGGINGFACE_HUB_CACHE", "MULTILORA_CACHE", "PORT", "HOSTNAME"):
+            assert env.get(name, image[name]) == image[name], f"{target}: {name} differs from the image's"
 
 
 def test_dockerfile_env_vars_are_known() -> None:
