@@ -16,6 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from transformers import AutoTokenizer
 
 from tests.e2e.client_venv import client_venv
@@ -205,3 +206,29 @@ def test_huggingface_hub_clients(server, reference, chat_reference, hub_version)
     )
     assert asy["chat"] == "".join(asy["chat_stream"]) == chat_reference[asy["adapter"]]
     assert asy["missing_adapter_error"] == "ValidationError"
+
+
+def test_metrics_count_client_requests_per_adapter(server):
+    """No client reads /metrics; scraped with prometheus_client's parser, the counters follow the requests."""
+
+    def samples() -> dict[tuple[str, str], float]:
+        status, text = get(server.url + "/metrics")
+        assert status == 200
+        return {
+            (s.name, s.labels.get("adapter", "")): s.value
+            for family in text_string_to_metric_families(text.decode())
+            for s in family.samples
+        }
+
+    before = samples()
+    lx = lorax.Client(server.url, timeout=120)
+    for adapter in (*ADAPTERS, ADAPTERS[1]):
+        lx.generate(PROMPT, adapter_id=adapter, max_new_tokens=2)
+    after = samples()
+
+    def moved(name: str, adapter: str) -> float:
+        return after[(name, adapter)] - before.get((name, adapter), 0.0)
+
+    for name in ("tgi_request_count_total", "tgi_request_success_total"):
+        assert (moved(name, ADAPTERS[0]), moved(name, ADAPTERS[1])) == (1, 2), name
+    assert moved("tgi_request_generated_tokens_sum", ADAPTERS[1]) == 4
