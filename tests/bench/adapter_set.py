@@ -1,0 +1,84 @@
+"""Random PEFT adapters for the benchmark, made reproducibly from a seed and kept in a cache dir.
+
+Two kinds:
+- `mixed`: ranks 8, 16, 32 in turn, on all seven projections (q, k, v, o, gate, up, down);
+- `small`: rank 8 on q and v only, for runs with hundreds of adapters registered (the server reserves
+  every slot at MAX_LORA_RANK for all projections, so a small rank keeps 1000 slots in memory).
+
+For each (rank, targets) peft writes one template adapter (tests/adapter_factory.py); adapter i is that
+template's files with its A and B redrawn from seed (seed, i). So every file is what peft writes, and a
+thousand adapters take seconds, not a model load each.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests.adapter_factory import ALL_TARGETS, save_random_adapter
+
+KINDS = {
+    "mixed": [(8, ALL_TARGETS), (16, ALL_TARGETS), (32, ALL_TARGETS)],
+    "small": [(8, ("q_proj", "v_proj"))],
+}
+WEIGHT_STD = 0.02  # small enough that outputs stay text-like; the figures do not depend on it
+WEIGHTS = "adapter_model.safetensors"
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("MULTILORA_CACHE") or "~/.cache/multilora"
+    return Path(root).expanduser() / "bench-adapters"
+
+
+def adapter_spec(kind: str, i: int) -> tuple[int, tuple[str, ...]]:
+    specs = KINDS[kind]
+    return specs[i % len(specs)]
+
+
+def max_rank(kind: str, n: int) -> int:
+    return max(adapter_spec(kind, i)[0] for i in range(n))
+
+
+def make_adapters(model_dir: Path, kind: str, n: int, seed: int = 0, cache_dir: Path | None = None):
+    """{name: dir} of n adapters of `kind` (names `<kind>0000`...), made once into the cache."""
+    root = (cache_dir or default_cache_dir()) / f"{kind}-s{seed}"
+    out = {}
+    for i in range(n):
+        rank, targets = adapter_spec(kind, i)
+        template = _template(model_dir, root / f"_template-r{rank}-{len(targets)}", rank, targets)
+        out[f"{kind}{i:04d}"] = _clone(template, root / f"{i:04d}", seed=seed * 100_003 + i)
+    return out
+
+
+def _template(model_dir: Path, out: Path, rank: int, targets: tuple[str, ...]) -> Path:
+    if not (out / WEIGHTS).is_file():
+        tmp = out.with_name(out.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_random_adapter(model_dir, tmp, r=rank, alpha=2 * rank, target_modules=targets, seed=0)
+        shutil.rmtree(out, ignore_errors=True)
+        tmp.rename(out)
+    return out
+
+
+def _clone(template: Path, out: Path, seed: int) -> Path:
+    if (out / WEIGHTS).is_file():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(template / "adapter_config.json", out / "adapter_config.json")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = {
+        k: (torch.randn(v.shape, generator=gen) * WEIGHT_STD).to(v.dtype)
+        for k, v in sorted(load_file(template / WEIGHTS).items())
+    }
+    save_file(tensors, out / (WEIGHTS + ".tmp"))
+    os.replace(out / (WEIGHTS + ".tmp"), out / WEIGHTS)  # written last: its presence means complete
+    return out
+
+
+def launcher_spec(adapters: dict[str, Path]) -> str:
+    """LORA_ADAPTERS for these adapters: `name=/dir,...`."""
+    return ",".join(f"{name}={path}" for name, path in adapters.items())

@@ -1,0 +1,106 @@
+"""The machine's ceilings (memory copy bandwidth, bf16 GEMM FLOP/s) and the model sizes for P3, P4, P6."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+
+def _best_time(fn, repeats: int) -> float:
+    fn()  # warm-up: first-touch page faults, oneDNN kernel selection
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def copy_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
+    """Bytes/s of `dst.copy_(src)` over a tensor far larger than the caches, read + write bytes counted."""
+    src = torch.ones(size_bytes // 4, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    return 2 * size_bytes / _best_time(lambda: dst.copy_(src), repeats)
+
+
+def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one bf16 n x n @ n x n matmul (2 n^3 FLOPs) on torch's default threads."""
+    a = torch.randn(n, n).to(torch.bfloat16)
+    b = torch.randn(n, n).to(torch.bfloat16)
+    return 2 * n**3 / _best_time(lambda: torch.matmul(a, b), repeats)
+
+
+def describe() -> dict:
+    cpu = platform.processor() or platform.machine()
+    with open("/proc/cpuinfo") as f:
+        names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+    with open("/proc/meminfo") as f:
+        mem_kib = int(next(line.split()[1] for line in f if line.startswith("MemTotal")))
+    return {
+        "cpu": names[0] if names else cpu,
+        "logical_cpus": os.cpu_count(),
+        "memory_gib": round(mem_kib / 2**20, 1),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+    }
+
+
+def model_size(model_dir: Path) -> dict:
+    """Parameters and bytes of the checkpoint (tied embeddings counted once: they are read once per
+    decode step, as the LM head) — the weight bytes a decode step must read."""
+    params = nbytes = 0
+    for path in sorted(model_dir.glob("*.safetensors")):
+        with safe_open(path, "pt") as f:
+            for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+                t = f.get_slice(key)
+                numel = 1
+                for d in t.get_shape():
+                    numel *= d
+                params += numel
+                nbytes += numel * _dtype_size(t.get_dtype())
+    config = json.loads((model_dir / "config.json").read_text())
+    return {"parameters": params, "weight_bytes": nbytes, "num_layers": config["num_hidden_layers"]}
+
+
+def _dtype_size(name: str) -> int:
+    return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1}[name]
+
+
+def lora_slot_bytes(model_dir: Path, max_rank: int, device: str = "cpu", dtype=torch.bfloat16) -> int:
+    """Bytes one adapter slot takes in the worker's LoRA stacks at `max_rank`, read from the engine's
+    own layout (the model is built on the meta device, so nothing is allocated)."""
+    from transformers import AutoConfig
+
+    from worker.kernels import select_lora_ops
+    from worker.lora.stacks import LoraLayout
+    from worker.models.llama import LlamaForCausalLM
+    from worker.parallel import ParallelContext
+
+    config = AutoConfig.from_pretrained(model_dir)
+    ops = select_lora_ops(torch.device(device))
+    meta = torch.device("meta")
+
+    def stacks(num_slots: int) -> int:
+        layout = LoraLayout(num_slots, max_rank, ops.stack_dtype(dtype), meta, ops.fuse_sub_modules)
+        model = LlamaForCausalLM(config, ParallelContext(), dtype, meta, layout)
+        total = 0
+        for module in model.modules():
+            found = getattr(module, "lora_stacks", None)
+            for s in found if isinstance(found, list) else []:
+                total += s.lora_a_stack.nbytes + s.lora_b_stack.nbytes
+        return total
+
+    return stacks(3) - stacks(2)
+
+
+def available_memory() -> int:
+    with open("/proc/meminfo") as f:
+        return int(next(line.split()[1] for line in f if line.startswith("MemAvailable"))) * 1024

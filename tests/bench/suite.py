@@ -1,0 +1,273 @@
+"""Issue 6's benchmark suite: our server (base-only, 8 adapters, up to 1000) against transformers+peft.
+
+    .venv/bin/python -m tests.bench.suite [--quick] [--out bench-results]     # make bench / bench-quick
+
+One run measures, on this machine and the same seeded requests:
+1. the machine: memory copy bandwidth and bf16 GEMM FLOP/s (machine.py);
+2. our server base-only: a lone request at a time, then saturated (the largest concurrency);
+3. our server with 8 `mixed` adapters (r 8/16/32, all projections), uniform popularity: a concurrency
+   sweep (a lone request first, the saturated run last), then Poisson arrivals at half the saturated
+   request rate;
+4. our server with `small` adapters (r8 on q, v) registered in growing numbers up to 1000 (or what fits
+   in memory), zipf popularity, saturated;
+5. transformers+peft with the same 8 adapters on the saturated run's requests (hf_baseline.py).
+Then it prints every run side by side and the ratios P1-P6 against their targets (ratios.py), and
+writes bench.json and bench.png to the output dir. Each server is a fresh `launcher.py` (harness.Server);
+peak RSS is its whole process tree's, startup included.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import shlex
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from tests.bench import adapter_set, hf_baseline, loadgen, machine, plot, ratios
+from tests.bench.figures import summarize
+from tests.bench.rss_monitor import RssMonitor
+from tests.bench.workload import Request, build_requests, poisson_offsets, render_chat, with_adapters
+from tests.e2e.harness import ROOT, Server
+
+P3_TARGET = 1000
+MEMORY_SHARE = 0.6  # of MemAvailable that the LoRA stacks of the many-adapter server may take
+MEMORY_RESERVE = 3 * 2**30  # model, KV cache, router, clients
+
+
+@dataclass(frozen=True)
+class Plan:
+    requests: int  # per saturated run
+    lengths: tuple[int, int]  # max_new_tokens drawn uniformly from this range
+    concurrencies: tuple[int, ...]  # the 8-adapter sweep: first 1 (lone), last the saturating one
+    lone_requests: int
+    poisson_requests: int
+    scaling: tuple[int, ...]  # registered small adapters; starts at 8, ends at P3's count
+    hf_batch_size: int
+    seed: int = 0
+
+
+FULL = Plan(
+    requests=128,
+    lengths=(32, 160),
+    concurrencies=(1, 4, 16, 32, 64),
+    lone_requests=8,
+    poisson_requests=64,
+    scaling=(8, 64, 256, P3_TARGET),
+    hf_batch_size=32,
+)
+QUICK = Plan(
+    requests=8,
+    lengths=(8, 16),
+    concurrencies=(1, 4),
+    lone_requests=2,
+    poisson_requests=4,
+    scaling=(8, 16),
+    hf_batch_size=4,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny run (< 3 min): checks the harness")
+    parser.add_argument("--out", type=Path, default=None, help="results dir (default bench-results[/quick])")
+    parser.add_argument("--model-dir", type=Path, default=None, help="default: the converted SmolLM2")
+    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for every launcher")
+    args = parser.parse_args(argv)
+    plan = QUICK if args.quick else FULL
+    out_dir = args.out or ROOT / ("bench-results/quick" if args.quick else "bench-results")
+    env = dict(kv.split("=", 1) for kv in args.env)
+    if args.model_dir:
+        env["MODEL_ID"] = str(args.model_dir)
+    results = run_suite(plan, _model_dir(args.model_dir), env, quick=args.quick)
+    results["command"] = shlex.join(["python", "-m", "tests.bench.suite", *(argv or sys.argv[1:])])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(results, indent=1))
+    plot.plot(results, out_dir / "bench.png")
+    print(report(results))
+    print(f"\nwrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
+    failed = sum(r.get("failed", 0) for r in results["runs"].values())
+    return 1 if failed else 0
+
+
+def _model_dir(given: Path | None) -> Path:
+    if given:
+        return given
+    from worker.model_source import DEFAULT_CACHE_DIR, prepare_default_model
+
+    return prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
+
+
+def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> dict:
+    start = time.perf_counter()
+    info = machine.describe()
+    info["copy_bytes_per_s"] = machine.copy_bandwidth()
+    info["gemm_flops_per_s"] = machine.gemm_flops()
+    model = machine.model_size(model_dir)
+    setup_start = time.perf_counter()
+    texts = render_chat(model_dir, _prompts())
+    base = build_requests(texts, plan.requests, plan.lengths, plan.seed)
+    mixed = adapter_set.make_adapters(model_dir, "mixed", 8, plan.seed)
+    mixed_reqs = with_adapters(base, list(mixed), "uniform", plan.seed + 2)
+    sat = plan.concurrencies[-1]
+    setup_s = {"machine": setup_start - start, "adapters_and_prompts": time.perf_counter() - setup_start}
+    runs: dict[str, dict] = {}
+    servers: dict[str, dict] = {}
+    sweep: list[dict] = []
+
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        work = Path(tmp)
+        with _served("base", {}, work, env, servers) as url:
+            runs["base_lone"] = _closed(url, base[: plan.lone_requests], 1)
+            runs["base_saturated"] = _closed(url, base, sat)
+        with _served("mixed8", mixed, work, env, servers) as url:
+            for c in plan.concurrencies:
+                n = max(plan.lone_requests, min(plan.requests, 4 * c))
+                sweep.append({"concurrency": c, **_closed(url, mixed_reqs[:n], c)})
+            runs["mixed8_lone"], runs["mixed8_saturated"] = sweep[0], sweep[-1]
+            rate = runs["mixed8_saturated"]["requests_per_s"] / 2
+            reqs = mixed_reqs[: plan.poisson_requests]
+            offsets = poisson_offsets(len(reqs), rate, plan.seed + 3)
+            runs["mixed8_half_load"] = {"rate": rate, **summarize(loadgen.run_poisson(url, reqs, offsets))}
+        scaling, why = _scaling(plan, model_dir)
+        small = adapter_set.make_adapters(model_dir, "small", scaling[-1], plan.seed)
+        points = []
+        for n in scaling:
+            names = list(small)[:n]
+            reqs = with_adapters(base, names, "zipf", plan.seed + 4)
+            with _served(f"small{n}", {k: small[k] for k in names}, work, env, servers) as url:
+                points.append({"registered": n, **_closed(url, reqs, sat)})
+            points[-1]["server_peak_rss_bytes"] = servers[f"small{n}"]["peak_rss_bytes"]
+        runs["small8_zipf"] = points[0]
+        runs["many_registered"] = {**points[-1], "why": why}
+        runs["hf_peft"] = hf_baseline.run_baseline(model_dir, mixed, mixed_reqs, plan.hf_batch_size, work)
+
+    for name, run in runs.items():
+        for server in ("base", "mixed8"):
+            if name.startswith(server):
+                run["server_peak_rss_bytes"] = servers[server]["peak_rss_bytes"]
+    figures = {**runs, "machine": info, "model": model}
+    return {
+        "title": _title(info, quick),
+        "mode": "quick" if quick else "full",
+        "plan": asdict(plan),
+        "machine": info,
+        "model": {**model, "dir": str(model_dir)},
+        "runs": runs,
+        "concurrency_sweep": sweep,
+        "adapter_scaling": points,
+        "servers": servers,
+        "ratios": {k: r.as_dict() for k, r in ratios.compute(figures).items()},
+        "setup_s": setup_s,
+        "suite_wall_s": time.perf_counter() - start,
+    }
+
+
+def _prompts() -> list[str]:
+    from tests.bench.workload import load_prompts
+
+    return load_prompts()
+
+
+def _closed(url: str, requests: list[Request], concurrency: int) -> dict:
+    return {"concurrency": concurrency, **summarize(loadgen.run_concurrency(url, requests, concurrency))}
+
+
+def _scaling(plan: Plan, model_dir: Path) -> tuple[list[int], str]:
+    """The registered counts that fit in memory now, and why the last one is what it is."""
+    rank = adapter_set.max_rank("small", 1)
+    per_slot = machine.lora_slot_bytes(model_dir, rank)
+    budget = MEMORY_SHARE * machine.available_memory() - MEMORY_RESERVE
+    fit = max(8, int(budget // per_slot))
+    want = plan.scaling[-1]
+    counts = sorted({min(n, fit) for n in plan.scaling})
+    gib = 2**30
+    if fit >= want:
+        why = f"fits: {want} slots × {per_slot / 2**20:.1f} MiB = {want * per_slot / gib:.1f} GiB of stacks"
+    else:
+        why = (
+            f"{want} slots × {per_slot / 2**20:.1f} MiB = {want * per_slot / gib:.1f} GiB of LoRA stacks "
+            f"exceed {budget / gib:.1f} GiB ({MEMORY_SHARE:.0%} of available memory less a reserve)"
+        )
+    return counts, why
+
+
+@contextlib.contextmanager
+def _served(name: str, adapters: dict[str, Path], work: Path, env: dict[str, str], record: dict):
+    """A fresh launcher serving `adapters`; yields its URL after one untimed warm-up request."""
+    server = Server(work / f"{name}.log", env={**env, "LORA_ADAPTERS": adapter_set.launcher_spec(adapters)})
+    t0 = time.perf_counter()
+    entry = {"registered": len(adapters)}
+    with RssMonitor(server.proc.pid) as rss:
+        try:
+            server.wait_ready(timeout=1800)
+            entry["startup_s"] = time.perf_counter() - t0
+            first = next(iter(adapters), None)
+            loadgen.run_concurrency(server.url, [Request(0, "Hello", 2, first)], 1)
+            yield server.url
+        finally:
+            entry["exit_code"] = server.stop()
+    entry["peak_rss_bytes"] = rss.peak_bytes
+    entry["total_s"] = time.perf_counter() - t0  # startup, runs and shutdown
+    record[name] = entry
+
+
+def _title(info: dict, quick: bool) -> str:
+    mode = "QUICK (harness check, not a measurement)" if quick else "full"
+    return f"multilora bench, {mode}: {info['cpu']}, {info['torch_threads']} threads, torch {info['torch']}"
+
+
+def report(results: dict) -> str:
+    """Every run side by side, then the ratios against their targets."""
+    m = results["machine"]
+    lines = [
+        results["title"],
+        f"copy bandwidth {m['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write), "
+        f"bf16 GEMM {m['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+        f"model {results['model']['parameters'] / 1e6:.1f}M parameters, "
+        f"{results['model']['weight_bytes'] / 2**20:.0f} MiB",
+        "",
+        f"{'run':<22} {'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'p99':>8} "
+        f"{'ITL p50':>8} {'p99':>8} {'early':>5} {'RSS GiB':>7}",
+    ]
+    rows = [(k, v) for k, v in results["runs"].items()]
+    rows += [(f"mixed8 c={s['concurrency']}", s) for s in results["concurrency_sweep"][1:-1]]
+    rows += [(f"small{s['registered']} zipf", s) for s in results["adapter_scaling"][1:-1]]
+    for name, r in rows:
+        rss = r.get("server_peak_rss_bytes", r.get("peak_rss_bytes"))
+        lines.append(
+            f"{name:<22} {r.get('concurrency', r.get('batch_size', '-')):>5} {r['requests']:>5} "
+            f"{r['output_tokens_per_s']:>8.1f} {r['requests_per_s']:>7.2f} {_ms(r.get('ttft_p50_s')):>9} "
+            f"{_ms(r.get('ttft_p99_s')):>8} {_ms(r.get('itl_p50_s')):>8} {_ms(r.get('itl_p99_s')):>8} "
+            f"{r.get('early_stops', '-'):>5} {'-' if rss is None else f'{rss / 2**30:.2f}':>7}"
+        )
+    lines += [
+        "",
+        "servers: " + ", ".join(_server_line(k, v) for k, v in results["servers"].items()),
+        f"transformers+peft: {results['runs']['hf_peft']['total_s']:.0f} s; "
+        f"suite: {results['suite_wall_s']:.0f} s",
+        "",
+    ]
+    for rid, r in results["ratios"].items():
+        value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
+        met = {True: "met", False: "NOT met", None: "-"}[r["met"]]
+        lines.append(f"{rid}  {value:>7}  target {r['target']:<7} {met:<8} {r['measure']}")
+        lines.append(f"{'':<5}{r['detail']}")
+    return "\n".join(lines)
+
+
+def _server_line(name: str, s: dict) -> str:
+    up = s.get("startup_s", float("nan"))
+    return f"{name} ({s['registered']} adapters, up in {up:.0f} s, {s['total_s']:.0f} s in all)"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.1f}ms"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
