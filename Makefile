@@ -7,7 +7,7 @@ PIP := $(PY) -m pip
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
 STAMP := .make/installed
 
-.PHONY: install model test lint serve demo-adapters bench clean
+.PHONY: install model test lint serve demo-adapters bench bench-quick clean
 
 PROTOS := $(wildcard proto/*.proto)
 STUBS := $(PROTOS:.proto=_pb2_grpc.py)
@@ -48,6 +48,15 @@ serve: install
 # Retrain the committed demo adapters (deterministic, single-threaded; a few minutes on a CPU).
 demo-adapters: install
 	$(PY) scripts/train_demo_adapters.py
+
+# Issue 6's benchmark suite (tests/bench/suite.py): our server base-only, with 8 and up to 1000 adapters,
+# and transformers+peft on the same requests; prints P1-P6 and writes bench-results/bench.{json,png}.
+# Run it on a quiet machine. bench-quick (< 3 min) only checks the harness; its figures mean nothing.
+bench: install
+	$(PY) -m tests.bench.suite $(BENCH_ARGS)
+
+bench-quick: install
+	$(PY) -m tests.bench.suite --quick $(BENCH_ARGS)
 
 clean:
 	rm -rf .make $(VENV)
