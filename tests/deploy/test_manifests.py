@@ -1,22 +1,17 @@
-"""deploy/: the Kubernetes manifests and the Dockerfile, checked without a cluster, an engine or a network.
+"""deploy/k8s: the Kubernetes manifests, checked without a cluster or a network.
 
 - Every resource (the kustomize base and GPU overlay rendered, the adapter rules, the LeaderWorkerSet's
   pod templates and Service) validates strictly against the Kubernetes API schemas that
   kubernetes-validate ships, for the oldest and newest Kubernetes the manifests are meant for. The
   LeaderWorkerSet itself is a CRD without a schema there: its structure is checked here by hand.
-- Every environment variable a manifest or the Dockerfile sets is a launcher setting or a listed
-  pass-through; probes hit routes the router serves; grace periods cover the launcher's drain.
-- The Dockerfile installs with the README's command (`make install`) and runs as a non-root user.
-
-Overlays are rendered by a small strategic merge covering what the overlays here use; when kubectl is
-installed, a test checks that it gives what `kubectl kustomize` gives.
+- Every environment variable a manifest sets is a launcher setting or a listed pass-through, with a value
+  the launcher accepts; probes hit routes the router serves; grace periods cover the launcher's drain;
+  the HPA's metric is the one the adapter rule serves and the router exports.
 """
 
 from __future__ import annotations
 
-import ast
 import copy
-import fnmatch
 import json
 import re
 import shutil
@@ -34,146 +29,34 @@ from router.limits import Limits
 from router.metrics import Metrics
 from router.metrics import render as render_metrics
 from router.routes import HEALTH_TIMEOUT_S, setup_routes
-
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-K8S = DEPLOY / "k8s"
-DOCKERFILE = DEPLOY / "Dockerfile"
-KUSTOMIZE_DIRS = [K8S / "base", K8S / "overlays" / "gpu"]
-LWS_FILE = K8S / "lws" / "leaderworkerset.yaml"
-ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
-# The oldest Kubernetes the manifests target (preStop `sleep`, PDB unhealthyPodEvictionPolicy: 1.30)
-# and the newest whose schemas the package ships.
-K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
-
-SETTINGS_ENV = {launcher.env_name(name) for name in launcher.Settings.model_fields}
-# Variables read by the libraries in the launcher's children, not by the launcher (children inherit the
-# launcher's environment).
-PASS_THROUGH_ENV = {
-    "HF_TOKEN": "huggingface_hub: token for gated or private Hub repos",
-}
-# Image-level variables of the Dockerfile, besides the settings and the pass-throughs.
-DOCKERFILE_ENV = {
-    "HOME": "the runtime user's home, on the data volume (libraries cache under it)",
-    "HF_HOME": "huggingface_hub's home (token, xet cache), on the data volume",
-    "CUPY_CACHE_DIR": "cupy's compiled-kernel cache, on the data volume",
-    "PYTHONUNBUFFERED": "log lines reach `kubectl logs` at once",
-    "PIP_NO_CACHE_DIR": "build only",
-    "PIP_DISABLE_PIP_VERSION_CHECK": "build only",
-    "TORCH_SPEC": "build only: the Makefile's variable, per variant",
-    "TORCH_INDEX": "build only: where the CPU build of torch comes from",
-    "EXTRAS": "build only: the project extra of the variant (gpu: cupy)",
-}
-# Set only by the LeaderWorkerSet template: settings the launcher does not have yet (see that file).
-PENDING_LWS_ENV = {"NODE_RANK", "NUM_NODES"}
-LWS_SPEC_KEYS = {"replicas", "startupPolicy", "leaderWorkerTemplate", "rolloutStrategy", "networkConfig"}
-LWS_TEMPLATE_KEYS = {"size", "restartPolicy", "leaderTemplate", "workerTemplate", "subGroupPolicy"}
-# The worker's own stop window after SIGTERM (worker/__main__.py; read from the source: no torch import).
-WORKER_SHUTDOWN_GRACE_S = next(
-    node.value.value
-    for node in ast.parse((ROOT / "worker" / "__main__.py").read_text()).body
-    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == "SHUTDOWN_GRACE_S"
+from tests.deploy.deploy_files import (
+    ADAPTER_RULES,
+    K8S,
+    K8S_VERSIONS,
+    KUSTOMIZE_DIRS,
+    LWS,
+    LWS_DOCS,
+    LWS_FILE,
+    LWS_SPEC_KEYS,
+    LWS_TEMPLATE_KEYS,
+    PASS_THROUGH_ENV,
+    PENDING_LWS_ENV,
+    RENDERED,
+    ROOT,
+    SETTINGS_ENV,
+    TARGETS,
+    WORKER_SHUTDOWN_GRACE_S,
+    container_env,
+    containers,
+    default_setting,
+    dockerfile_env,
+    dockerfile_env_paths,
+    dockerfile_user,
+    kustomize_build,
+    load_yaml,
+    pod_specs,
+    readme_section,
 )
-
-
-# ---- rendering -----------------------------------------------------------------------------------
-
-# Strategic-merge keys of the lists the overlays patch (the Kubernetes API's patchMergeKey); other lists
-# are replaced, as for `tolerations`.
-MERGE_KEYS = {
-    "containers": "name",
-    "initContainers": "name",
-    "env": "name",
-    "volumes": "name",
-    "volumeMounts": "mountPath",
-    "ports": "containerPort",
-}
-
-
-def load_yaml(path: Path) -> list[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
-
-
-def strategic_merge(base: Any, patch: Any, key: str | None = None) -> Any:
-    if isinstance(base, dict) and isinstance(patch, dict):
-        merged = dict(base)
-        for name, value in patch.items():
-            merged[name] = strategic_merge(base[name], value, name) if name in base else value
-        return merged
-    if isinstance(base, list) and isinstance(patch, list) and key in MERGE_KEYS:
-        field = MERGE_KEYS[key]
-        by_key = {item[field]: item for item in patch}
-        kept = [
-            strategic_merge(item, by_key.pop(item[field]), None) if item[field] in by_key else item
-            for item in base
-        ]
-        return [item for item in patch if item[field] in by_key] + kept
-    return copy.deepcopy(patch)
-
-
-def kustomize_build(directory: Path) -> list[dict[str, Any]]:
-    """The resources of a kustomization, for the fields used here: resources, images, patches."""
-    kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
-    unknown = set(kustomization) - {"apiVersion", "kind", "resources", "images", "patches"}
-    assert not unknown, f"{directory}: kustomize_build() does not implement {sorted(unknown)}"
-    resources: list[dict[str, Any]] = []
-    for entry in kustomization["resources"]:
-        path = directory / entry
-        resources += kustomize_build(path) if path.is_dir() else load_yaml(path)
-    for patch_entry in kustomization.get("patches", []):
-        assert set(patch_entry) == {"path"}, f"only strategic-merge patch files are rendered: {patch_entry}"
-        for patch in load_yaml(directory / patch_entry["path"]):
-            index = next(
-                i
-                for i, r in enumerate(resources)
-                if (r["kind"], r["metadata"]["name"]) == (patch["kind"], patch["metadata"]["name"])
-            )
-            resources[index] = strategic_merge(resources[index], patch)
-    for image in kustomization.get("images", []):
-        for container in containers(resources):
-            name, _, tag = container["image"].partition(":")
-            if name == image["name"]:
-                name, tag = image.get("newName", name), image.get("newTag", tag)
-                container["image"] = f"{name}:{tag}" if tag else name
-    return resources
-
-
-def pod_specs(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    specs = []
-    for resource in resources:
-        if resource["kind"] == "Deployment":
-            specs.append(resource["spec"]["template"]["spec"])
-        elif resource["kind"] == "LeaderWorkerSet":
-            template = resource["spec"]["leaderWorkerTemplate"]
-            specs += [template[t]["spec"] for t in ("leaderTemplate", "workerTemplate") if t in template]
-    return specs
-
-
-def containers(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [c for spec in pod_specs(resources) for c in spec["containers"]]
-
-
-def default_setting(name: str) -> Any:
-    return launcher.Settings.model_fields[name].default
-
-
-def container_env(container: dict[str, Any], resources: list[dict[str, Any]]) -> dict[str, Any]:
-    """Name -> value (or valueFrom) of every variable the container gets, ConfigMaps included."""
-    configmaps = {r["metadata"]["name"]: r["data"] for r in resources if r["kind"] == "ConfigMap"}
-    env: dict[str, Any] = {}
-    for source in container.get("envFrom", []):
-        env.update(configmaps[source["configMapRef"]["name"]])
-    for var in container.get("env", []):
-        env[var["name"]] = var.get("value", var.get("valueFrom"))
-    return env
-
-
-RENDERED = {d.relative_to(K8S).as_posix(): kustomize_build(d) for d in KUSTOMIZE_DIRS}
-LWS_DOCS = load_yaml(LWS_FILE)
-(LWS,) = [d for d in LWS_DOCS if d["kind"] == "LeaderWorkerSet"]
-# Each target: what one `kubectl apply` creates.
-TARGETS = {**RENDERED, "lws": LWS_DOCS}
-
 
 # ---- schemas -------------------------------------------------------------------------------------
 
@@ -445,81 +328,6 @@ def test_pdb_and_hpa_keep_one_replica_through_a_drain() -> None:
     assert hpa["spec"]["minReplicas"] - pdb["spec"]["maxUnavailable"] >= 1
 
 
-# ---- Dockerfile ----------------------------------------------------------------------------------
-
-
-def dockerfile_instructions() -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n(\s*#.*\n)*", " ", DOCKERFILE.read_text())
-    lines = [line.strip() for line in text.splitlines()]
-    return [
-        (line.split(None, 1)[0].upper(), line.split(None, 1)[1])
-        for line in lines
-        if line and not line.startswith("#")
-    ]
-
-
-def final_stage() -> list[tuple[str, str]]:
-    instructions = dockerfile_instructions()
-    last_from = max(i for i, (op, _) in enumerate(instructions) if op == "FROM")
-    return instructions[last_from:]
-
-
-def dockerfile_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    for op, args in dockerfile_instructions():
-        if op == "ENV":
-            env.update(dict(re.findall(r'(\w+)=("[^"]*"|\S*)', args)))
-    return {k: v.strip('"') for k, v in env.items()}
-
-
-def dockerfile_env_paths() -> list[str]:
-    return [v for k, v in dockerfile_env().items() if k in {"HOME", "HF_HOME", "CUPY_CACHE_DIR"}]
-
-
-def dockerfile_user() -> int:
-    users = [args for op, args in final_stage() if op == "USER"]
-    assert users, "the image must set USER"
-    uid = users[-1].split(":")[0]
-    # Kubernetes' runAsNonRoot can verify a numeric user only.
-    assert uid.isdigit() and int(uid) != 0, f"USER must be a numeric non-root uid, got {uid!r}"
-    return int(uid)
-
-
-def test_dockerfile_installs_with_the_readme_command() -> None:
-    runs = [args for op, args in final_stage() if op == "RUN"]
-    assert any(re.match(r"make install\b", args) for args in runs), "the image must run `make install`"
-    # The README's `make serve` and `make test` install through the same target.
-    makefile = (ROOT / "Makefile").read_text()
-    for target in ("serve", "test"):
-        assert re.search(rf"^{target}: install\b", makefile, re.M)
-        assert f"make {target}" in (ROOT / "README.md").read_text()
-    assert "make install" in readme_section("Deploying")
-
-
-def test_dockerfile_runs_the_launcher_as_non_root_on_port_3000() -> None:
-    stage = final_stage()
-    assert dockerfile_user() != 0
-    entrypoint = [args for op, args in stage if op == "ENTRYPOINT"][-1]
-    assert json.loads(entrypoint) == ["/app/.venv/bin/python", "/app/launcher.py"]
-    assert "3000" in [args for op, args in stage if op == "EXPOSE"]
-    env = dockerfile_env()
-    assert env["PORT"] == "3000" and env["HOSTNAME"] == "0.0.0.0"
-    volumes = json.loads([args for op, args in stage if op == "VOLUME"][-1])
-    for name in ("HUGGINGFACE_HUB_CACHE", "MULTILORA_CACHE", *("HOME", "HF_HOME", "CUPY_CACHE_DIR")):
-        assert any(env[name].startswith(v) for v in volumes), f"{name} is not on a volume"
-
-
-def test_dockerfile_variants_choose_base_and_torch() -> None:
-    instructions = dockerfile_instructions()
-    assert ("ARG", "VARIANT=cpu") in instructions
-    stages = {args.split(" AS ")[1] for op, args in instructions if op == "FROM" and " AS " in args}
-    assert stages == {"base-cpu", "base-cuda"}
-    assert ("FROM", "base-${VARIANT}") in instructions
-    assert "TORCH_SPEC=torch==2.13.0+cpu" in DOCKERFILE.read_text()  # the Makefile's CPU pin
-    assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
-
-
 @pytest.mark.parametrize("target", TARGETS)
 def test_manifest_cache_paths_are_the_images(target: str) -> None:
     image = dockerfile_env()
@@ -527,74 +335,3 @@ def test_manifest_cache_paths_are_the_images(target: str) -> None:
         env = container_env(container, TARGETS[target])
         for name in ("HUGGINGFACE_HUB_CACHE", "MULTILORA_CACHE", "PORT", "HOSTNAME"):
             assert env.get(name, image[name]) == image[name], f"{target}: {name} differs from the image's"
-
-
-def test_dockerfile_env_vars_are_known() -> None:
-    unknown = set(dockerfile_env()) - SETTINGS_ENV - set(PASS_THROUGH_ENV) - set(DOCKERFILE_ENV)
-    assert not unknown, f"unexplained image variables: {sorted(unknown)}"
-
-
-def test_dockerignore_keeps_what_make_install_needs() -> None:
-    patterns = [
-        p.strip()
-        for p in (ROOT / ".dockerignore").read_text().splitlines()
-        if p.strip() and not p.startswith("#")
-    ]
-
-    def ignored(path: str) -> bool:
-        parts = path.split("/")
-        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
-        return any(
-            fnmatch.fnmatch(p, pat.removeprefix("**/")) or fnmatch.fnmatch(p, pat)
-            for pat in patterns
-            for p in prefixes
-        )
-
-    for needed in (
-        "Makefile",
-        "pyproject.toml",
-        "README.md",
-        "launcher.py",
-        "router/app.py",
-        "worker/__main__.py",
-        "proto/generate.proto",
-        "proto/generate_stubs.py",
-        "demo_adapters/pirate/adapter_config.json",
-        "csrc",
-    ):
-        assert (ROOT / needed).exists(), needed
-        assert not ignored(needed), f".dockerignore drops {needed}"
-    for dropped in (
-        ".venv/bin/python",
-        ".git/HEAD",
-        "router/__pycache__/app.cpython-311.pyc",
-        "proto/generate_pb2.py",
-    ):
-        assert ignored(dropped), f".dockerignore keeps {dropped}"
-
-
-# ---- README --------------------------------------------------------------------------------------
-
-
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {title}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README has no '## {title}' section"
-    return match.group(1)
-
-
-def test_readme_documents_the_deployment() -> None:
-    section = readme_section("Deploying")
-    for needed in (
-        "docker build -f deploy/Dockerfile",
-        "VARIANT=cuda",
-        "deploy/k8s/base",
-        "deploy/k8s/overlays/gpu",
-        "tgi_queue_size",
-        "prometheus-adapter-rules.yaml",
-        "/health",
-        "LeaderWorkerSet",
-        "KV_CACHE_MEMORY",
-        "LORA_ADAPTERS",
-    ):
-        assert needed in section, needed

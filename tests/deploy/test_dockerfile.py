@@ -1,0 +1,120 @@
+"""deploy/Dockerfile and .dockerignore, checked without a container engine; the README's Deploying
+section.
+
+The image must install with the README's command (`make install`), run the launcher as a numeric
+non-root user on port 3000, keep its caches on the volume, and set only known variables.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import re
+
+from tests.deploy.deploy_files import (
+    DOCKERFILE,
+    DOCKERFILE_ENV,
+    PASS_THROUGH_ENV,
+    ROOT,
+    SETTINGS_ENV,
+    dockerfile_env,
+    dockerfile_instructions,
+    dockerfile_user,
+    final_stage,
+    readme_section,
+)
+
+
+def test_dockerfile_installs_with_the_readme_command() -> None:
+    runs = [args for op, args in final_stage() if op == "RUN"]
+    assert any(re.match(r"make install\b", args) for args in runs), "the image must run `make install`"
+    # The README's `make serve` and `make test` install through the same target.
+    makefile = (ROOT / "Makefile").read_text()
+    for target in ("serve", "test"):
+        assert re.search(rf"^{target}: install\b", makefile, re.M)
+        assert f"make {target}" in (ROOT / "README.md").read_text()
+    assert "make install" in readme_section("Deploying")
+
+
+def test_dockerfile_runs_the_launcher_as_non_root_on_port_3000() -> None:
+    stage = final_stage()
+    assert dockerfile_user() != 0
+    entrypoint = [args for op, args in stage if op == "ENTRYPOINT"][-1]
+    assert json.loads(entrypoint) == ["/app/.venv/bin/python", "/app/launcher.py"]
+    assert "3000" in [args for op, args in stage if op == "EXPOSE"]
+    env = dockerfile_env()
+    assert env["PORT"] == "3000" and env["HOSTNAME"] == "0.0.0.0"
+    volumes = json.loads([args for op, args in stage if op == "VOLUME"][-1])
+    for name in ("HUGGINGFACE_HUB_CACHE", "MULTILORA_CACHE", *("HOME", "HF_HOME", "CUPY_CACHE_DIR")):
+        assert any(env[name].startswith(v) for v in volumes), f"{name} is not on a volume"
+
+
+def test_dockerfile_variants_choose_base_and_torch() -> None:
+    instructions = dockerfile_instructions()
+    assert ("ARG", "VARIANT=cpu") in instructions
+    stages = {args.split(" AS ")[1] for op, args in instructions if op == "FROM" and " AS " in args}
+    assert stages == {"base-cpu", "base-cuda"}
+    assert ("FROM", "base-${VARIANT}") in instructions
+    assert "TORCH_SPEC=torch==2.13.0+cpu" in DOCKERFILE.read_text()  # the Makefile's CPU pin
+    assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
+
+
+def test_dockerfile_env_vars_are_known() -> None:
+    unknown = set(dockerfile_env()) - SETTINGS_ENV - set(PASS_THROUGH_ENV) - set(DOCKERFILE_ENV)
+    assert not unknown, f"unexplained image variables: {sorted(unknown)}"
+
+
+def test_dockerignore_keeps_what_make_install_needs() -> None:
+    patterns = [
+        p.strip()
+        for p in (ROOT / ".dockerignore").read_text().splitlines()
+        if p.strip() and not p.startswith("#")
+    ]
+
+    def ignored(path: str) -> bool:
+        parts = path.split("/")
+        prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+        return any(
+            fnmatch.fnmatch(p, pat.removeprefix("**/")) or fnmatch.fnmatch(p, pat)
+            for pat in patterns
+            for p in prefixes
+        )
+
+    for needed in (
+        "Makefile",
+        "pyproject.toml",
+        "README.md",
+        "launcher.py",
+        "router/app.py",
+        "worker/__main__.py",
+        "proto/generate.proto",
+        "proto/generate_stubs.py",
+        "demo_adapters/pirate/adapter_config.json",
+        "csrc",
+    ):
+        assert (ROOT / needed).exists(), needed
+        assert not ignored(needed), f".dockerignore drops {needed}"
+    for dropped in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "router/__pycache__/app.cpython-311.pyc",
+        "proto/generate_pb2.py",
+    ):
+        assert ignored(dropped), f".dockerignore keeps {dropped}"
+
+
+def test_readme_documents_the_deployment() -> None:
+    section = readme_section("Deploying")
+    for needed in (
+        "docker build -f deploy/Dockerfile",
+        "VARIANT=cuda",
+        "deploy/k8s/base",
+        "deploy/k8s/overlays/gpu",
+        "tgi_queue_size",
+        "prometheus-adapter-rules.yaml",
+        "/health",
+        "LeaderWorkerSet",
+        "KV_CACHE_MEMORY",
+        "LORA_ADAPTERS",
+    ):
+        assert needed in section, needed
