@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -19,3 +19,5 @@ class ForwardBatch:
     context_lens: torch.Tensor | None  # decode: [num_seqs] int64, tokens in the cache incl. the new one
     logits_indices: torch.Tensor  # [num_rows_out] int64, rows whose logits are computed
     lora: LoraBatch | None
+    # Attention masks shared by the layers of one step (made by the first layer that needs one).
+    masks: dict[tuple, torch.Tensor] = field(default_factory=dict)

@@ -33,6 +33,20 @@ class LoraOps(Protocol):
         self, y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset: int = 0
     ) -> None: ...
 
+    # sgmv_shrink into the scratch y, then sgmv_expand from it (one call lets an implementation fuse).
+    def sgmv_lora(
+        self,
+        x,
+        lora_a_stack,
+        lora_b_stack,
+        segment_indptr,
+        segment_slot_ids,
+        lora_ranks,
+        y,
+        out,
+        out_offset=0,
+    ) -> None: ...
+
 
 def select_lora_ops(device: torch.device) -> LoraOps:
     """The fast implementation for `device`: CUDA kernels on a GPU, grouped torch matmuls on the CPU."""

@@ -246,6 +246,22 @@ class CudaLoraOps:
             out_offset,
         )
 
+    def sgmv_lora(
+        self,
+        x,
+        lora_a_stack,
+        lora_b_stack,
+        segment_indptr,
+        segment_slot_ids,
+        lora_ranks,
+        y,
+        out,
+        out_offset: int = 0,
+    ) -> None:
+        """Semantics: sgmv_shrink into the scratch y, then sgmv_expand from it (two launches)."""
+        self.sgmv_shrink(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
+        self.sgmv_expand(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)
+
     def _shrink(self, op, x, lora_a_stack, slot_ids, segment_indptr, segment_slot_ids, lora_ranks, y):
         dev = self.device
         _check(op, "x", x, None, 2, dev, False)

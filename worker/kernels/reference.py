@@ -120,3 +120,22 @@ def sgmv_expand_ref(
                 delta = y[i, :r].float() @ lora_b_stack[s, :r].float()
                 dst = out[i, out_offset : out_offset + h_out]
                 dst.copy_((dst.float() + delta).to(out.dtype))
+
+
+def sgmv_lora_ref(
+    x: torch.Tensor,
+    lora_a_stack: torch.Tensor,
+    lora_b_stack: torch.Tensor,
+    segment_indptr: torch.Tensor,
+    segment_slot_ids: torch.Tensor,
+    lora_ranks: torch.Tensor,
+    out: torch.Tensor,
+    out_offset: int = 0,
+) -> None:
+    """Semantics: the shrink then the expand of each segment, through a float32 intermediate:
+    out[p:q, o:o+h_out] += (x[p:q] @ lora_a_stack[s, :r].T) @ lora_b_stack[s, :r]  (float32 sum, rounded
+    once). Implementations take a scratch y [num_tokens, max_rank] float32 and leave it unspecified.
+    """
+    y = torch.zeros(x.shape[0], lora_a_stack.shape[1], dtype=torch.float32)
+    sgmv_shrink_ref(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
+    sgmv_expand_ref(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)

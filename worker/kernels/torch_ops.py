@@ -18,6 +18,8 @@ from itertools import accumulate
 
 import torch
 
+from worker.kernels.torch_grouped import GroupedLora
+
 # A bgmv batch whose slots already form at most (distinct slots + this) runs is computed run by run in
 # place; past that, one sort plus a gather/scatter of the rows (about four ops) is cheaper than the
 # extra matmuls.
@@ -142,6 +144,9 @@ class TorchLoraOps:
     # One stack per fused layer (qkv, gate_up): per-call overhead, not flops, dominates these matmuls.
     fuse_sub_modules = True
 
+    def __init__(self):
+        self.grouped = GroupedLora()
+
     def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """float32 for every model dtype: fp32 matmuls are ~9x faster than bf16 ones on the CPU."""
         return torch.float32
@@ -223,3 +228,35 @@ class TorchLoraOps:
         bounds, slots, ranks = segment_indptr.tolist(), segment_slot_ids.tolist(), lora_ranks.tolist()
         groups = _groups(bounds, slots, ranks, y.shape[0], lora_b_stack)
         _expand_groups(y, lora_b_stack, groups, out, out_offset)
+
+    def sgmv_lora(
+        self,
+        x,
+        lora_a_stack,
+        lora_b_stack,
+        segment_indptr,
+        segment_slot_ids,
+        lora_ranks,
+        y,
+        out,
+        out_offset: int = 0,
+    ) -> None:
+        """Semantics: sgmv_shrink(x, lora_a_stack, ..., y) then sgmv_expand(y, lora_b_stack, ..., out,
+        out_offset); y is scratch [num_tokens, max_rank] float32 whose contents are left unspecified.
+
+        Many short segments (decode) run as two batched matmuls over padded segments (torch_grouped.py);
+        few or long ones (prefill) as one matmul per segment.
+        """
+        _check(x, lora_a_stack, y, 2, "sgmv_lora")
+        _check(y, lora_b_stack, y, 1, "sgmv_lora")
+        _check_out(out, x.shape[0], lora_b_stack.shape[2], out_offset, "sgmv_lora")
+        plan = self.grouped.plan(segment_indptr, segment_slot_ids, x.shape[0])
+        ranks = lora_ranks.tolist()
+        if len(ranks) != lora_a_stack.shape[0]:
+            raise ValueError(f"lora_ranks {ranks} do not fit a stack of shape {tuple(lora_a_stack.shape)}")
+        buckets = self.grouped.buckets(plan, ranks)
+        if buckets is None:
+            self.sgmv_shrink(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
+            self.sgmv_expand(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)
+            return
+        self.grouped.apply(plan, buckets, x, lora_a_stack, lora_b_stack, ranks, out, out_offset)

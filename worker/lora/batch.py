@@ -59,15 +59,14 @@ class LoraBatch:
                 self.scratch[rows] = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
             y = self.scratch[rows]
             if self.use_segments:
-                self.ops.sgmv_shrink(
-                    x, st.lora_a_stack, self.segment_indptr, self.segment_slot_ids, st.lora_ranks, y
-                )
-                self.ops.sgmv_expand(
-                    y,
+                self.ops.sgmv_lora(
+                    x,
+                    st.lora_a_stack,
                     st.lora_b_stack,
                     self.segment_indptr,
                     self.segment_slot_ids,
                     st.lora_ranks,
+                    y,
                     out,
                     st.out_offset,
                 )
