@@ -35,8 +35,7 @@ from tests.bench.workload import Request, build_requests, poisson_offsets, rende
 from tests.e2e.harness import ROOT, Server
 
 P3_TARGET = 1000
-MEMORY_SHARE = 0.6  # of MemAvailable that the LoRA stacks of the many-adapter server may take
-MEMORY_RESERVE = 3 * 2**30  # model, KV cache, router, clients
+MEMORY_RESERVE = 4 * 2**30  # of MemAvailable, left for the model, KV cache, router, clients and slack
 
 
 @dataclass(frozen=True)
@@ -62,7 +61,7 @@ FULL = Plan(
 )
 QUICK = Plan(
     requests=8,
-    lengths=(8, 16),
+    lengths=(4, 8),
     concurrencies=(1, 4),
     lone_requests=2,
     poisson_requests=4,
@@ -130,6 +129,8 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
                 sweep.append({"concurrency": c, **_closed(url, mixed_reqs[:n], c)})
             runs["mixed8_lone"], runs["mixed8_saturated"] = sweep[0], sweep[-1]
             rate = runs["mixed8_saturated"]["requests_per_s"] / 2
+            if rate <= 0:
+                raise RuntimeError(f"no request completed in the saturated run: {runs['mixed8_saturated']}")
             reqs = mixed_reqs[: plan.poisson_requests]
             offsets = poisson_offsets(len(reqs), rate, plan.seed + 3)
             runs["mixed8_half_load"] = {"rate": rate, **summarize(loadgen.run_poisson(url, reqs, offsets))}
@@ -181,7 +182,7 @@ def _scaling(plan: Plan, model_dir: Path) -> tuple[list[int], str]:
     """The registered counts that fit in memory now, and why the last one is what it is."""
     rank = adapter_set.max_rank("small", 1)
     per_slot = machine.lora_slot_bytes(model_dir, rank)
-    budget = MEMORY_SHARE * machine.available_memory() - MEMORY_RESERVE
+    budget = machine.available_memory() - MEMORY_RESERVE
     fit = max(8, int(budget // per_slot))
     want = plan.scaling[-1]
     counts = sorted({min(n, fit) for n in plan.scaling})
@@ -191,7 +192,7 @@ def _scaling(plan: Plan, model_dir: Path) -> tuple[list[int], str]:
     else:
         why = (
             f"{want} slots × {per_slot / 2**20:.1f} MiB = {want * per_slot / gib:.1f} GiB of LoRA stacks "
-            f"exceed {budget / gib:.1f} GiB ({MEMORY_SHARE:.0%} of available memory less a reserve)"
+            f"exceed {budget / gib:.1f} GiB (available memory less {MEMORY_RESERVE / gib:.0f} GiB)"
         )
     return counts, why
 
