@@ -8,7 +8,7 @@ children receive as JSON: a worker on its command line (`--config-json`), the ro
 (`--config-json -`), because its config holds API_KEY and a command line is visible to every user in
 `ps`. API_KEY is also left out of the children's environment.
 Startup: resolve the model and the LORA_ADAPTERS entries to local directories, start NUM_SHARD workers
-(`python -m worker`), wait until each answers the Health RPC, then start the router (`python -m router`),
+(`python -m worker`), wait until each listens on its socket, then start the router (`python -m router`),
 which loads the adapters and serves HTTP.
 Shutdown on SIGTERM/SIGINT: the router first (it stops accepting and finishes in-flight requests), then
 the workers; exit 0. If any child dies, the others are stopped and the launcher exits 1.
@@ -25,6 +25,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -590,20 +591,19 @@ class Supervisor:
         return self.stop(workers, self.graceful_timeout_s + KILL_GRACE_S) and clean
 
 
-def worker_health(uds_path: str) -> bool:
-    """True when the worker on `uds_path` answers the Health RPC."""
-    if not os.path.exists(uds_path):
-        return False
-    import grpc
+def worker_listening(uds_path: str) -> bool:
+    """True when the worker's gRPC server accepts connections on `uds_path`, which it binds once its model
+    is loaded (the router then waits for every rank's Health RPC itself).
 
-    from proto import generate_pb2, generate_pb2_grpc
-
-    with grpc.insecure_channel(f"unix://{uds_path}") as channel:
+    Deliberately not a gRPC call: a process that has used gRPC can abort or deadlock the children it forks
+    afterwards (grpc/grpc#43055: gRPC's at-fork handlers restart its poller in the child, whose fds
+    subprocess then closes before exec), and the launcher forks the router after these checks.
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(2.0)
         try:
-            generate_pb2_grpc.TextGenerationServiceStub(channel).Health(
-                generate_pb2.HealthRequest(), timeout=2.0
-            )
-        except grpc.RpcError:
+            sock.connect(uds_path)
+        except OSError:
             return False
     return True
 
@@ -731,7 +731,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 for w, u in zip(workers, router.worker_uds, strict=True)
             ],
             [py, "-m", "router", "--config-json", "-"],
-            lambda rank: worker_health(router.worker_uds[rank]),
+            lambda rank: worker_listening(router.worker_uds[rank]),
             settings.graceful_termination_timeout,
             router_stdin=router.model_dump_json().encode(),
         )

@@ -228,6 +228,25 @@ def test_uds_paths_are_private(tmp_path):
         launcher.make_uds_paths(tmp_path / ("x" * 120), 1)
 
 
+def test_worker_listening_without_grpc():
+    # gRPC in the launcher process could abort or hang the router it forks later (grpc/grpc#43055).
+    code = textwrap.dedent(
+        """
+        import os, socket, sys, tempfile
+        import launcher
+        path = os.path.join(tempfile.mkdtemp(dir="/tmp"), "w.sock")
+        assert not launcher.worker_listening(path)
+        server = socket.socket(socket.AF_UNIX)
+        server.bind(path)
+        assert not launcher.worker_listening(path)  # bound, not listening
+        server.listen()
+        assert launcher.worker_listening(path)
+        assert "grpc" not in sys.modules, "the launcher imported grpc"
+        """
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT)
+
+
 def test_bad_lora_adapters_entry_stops_startup(tiny_model_dir, tmp_path, caplog):
     bad = f"good={_write_adapter_config(tmp_path / 'good', r=8)},bad={tmp_path / 'missing'}"
     code = launcher.main(["--model-id", str(tiny_model_dir), "--lora-adapters", bad])
