@@ -53,7 +53,7 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web
 def _serving(given: ShardedClient | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def serving(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
-        client = given or ShardedClient(config.worker_uds)
+        client = given or ShardedClient(config.worker_uds, config.worker_tcp, config.worker_token)
         try:
             state = await start(config, client)
             app[STATE] = state
@@ -74,7 +74,7 @@ def _serving(given: ShardedClient | None) -> Callable[[web.Application], AsyncIt
 
 async def start(config: RouterConfig, client: ShardedClient) -> State:
     tokenizer = ModelTokenizer.from_model_dir(config.model_dir)
-    log.info("Waiting for %d worker rank(s): %s", client.world_size, ", ".join(client.uds_paths))
+    log.info("Waiting for %d worker rank(s): %s", client.world_size, ", ".join(client.targets))
     await client.wait_ready(config.worker_connect_timeout_s)
     info = await client.info()
     if info.world_size and info.world_size != client.world_size:

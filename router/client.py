@@ -3,6 +3,9 @@
 Ranks run each step in lockstep, so a call succeeds only when every rank answers. The first error from any
 rank fails the call at once (the other ranks' calls are cancelled) and is raised as `WorkerError`
 naming the rank, so a broken rank never leaves a request waiting on the others.
+
+The ranks on this node are reached over unix sockets; in a multi-node group, those of the other nodes over
+TCP, with the group's token on every call as `authorization: Bearer <token>` metadata (worker/auth.py).
 """
 
 from __future__ import annotations
@@ -42,14 +45,15 @@ class WorkerError(Exception):
 
 
 class ShardedClient:
-    def __init__(self, uds_paths: Sequence[str]):
-        if not uds_paths:
-            raise ValueError("at least one worker socket is needed")
+    def __init__(self, uds_paths: Sequence[str], tcp_addresses: Sequence[str] = (), token: str | None = None):
+        """Ranks 0..len(uds_paths)-1 on unix sockets, then the ranks at `tcp_addresses` (`host:port`)."""
+        if not uds_paths and not tcp_addresses:
+            raise ValueError("at least one worker rank is needed")
         self.uds_paths = list(uds_paths)
-        self._channels = [
-            grpc.aio.insecure_channel(f"unix://{path}", options=_CHANNEL_OPTIONS) for path in uds_paths
-        ]
+        self.targets = [f"unix://{path}" for path in uds_paths] + list(tcp_addresses)
+        self._channels = [grpc.aio.insecure_channel(t, options=_CHANNEL_OPTIONS) for t in self.targets]
         self._stubs = [TextGenerationServiceStub(ch) for ch in self._channels]
+        self._metadata = (("authorization", f"Bearer {token}"),) if token else None
 
     @property
     def world_size(self) -> int:
@@ -61,7 +65,9 @@ class ShardedClient:
     async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Send `request` to every rank; return rank 0's reply, or raise the first rank error."""
         calls: list[Callable[..., Awaitable[Any]]] = [getattr(stub, method) for stub in self._stubs]
-        tasks = [asyncio.ensure_future(call(request, timeout=timeout)) for call in calls]
+        tasks = [
+            asyncio.ensure_future(call(request, timeout=timeout, metadata=self._metadata)) for call in calls
+        ]
         try:
             pending = set(tasks)
             while pending:

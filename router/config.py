@@ -28,6 +28,11 @@ class RouterConfig(BaseModel):
     hostname: str = "0.0.0.0"
     port: int = 3000
     worker_uds: list[str]
+    """Unix sockets of the ranks on this node (ranks 0..len-1)."""
+    worker_tcp: list[str] = []
+    """`host:port` of the ranks on other nodes of a multi-node group, in rank order after `worker_uds`."""
+    worker_token: str | None = None
+    """The group's WORKER_TOKEN, sent to every rank (the TCP ranks refuse calls without it)."""
     adapters: list[AdapterSource] = []
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None

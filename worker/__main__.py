@@ -1,9 +1,12 @@
 """Run one worker rank: python -m worker --config-json '<WorkerConfig JSON>' --uds /path/to/rank.sock
 
 Loads the model (joining the process group first when world_size > 1), serves the router's gRPC service on
-the unix socket (mode 0600) and logs "ready". SIGTERM or SIGINT stops it gracefully: no new RPCs, the
-step in progress finishes, exit 0. A startup error (bad config or model dir, unsupported architecture,
-a KV budget too small for one block, a socket that cannot be bound) is logged and exits non-zero.
+the unix socket (mode 0600) and logs "ready". A rank of a multi-node group outside node 0 serves on TCP
+instead (`--listen host:port --token-stdin`): its first stdin line is the group's WORKER_TOKEN, which every
+call must carry (worker/auth.py); the token never appears on the command line.
+SIGTERM or SIGINT stops it gracefully: no new RPCs, the step in progress finishes, exit 0. A startup error
+(bad config or model dir, unsupported architecture, a KV budget too small for one block, a socket or port
+that cannot be bound, --listen without a token) is logged and exits non-zero.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from worker.config import WorkerConfig
 from worker.parallel import init_parallel
 from worker.runner import ModelRunner
-from worker.server import start_server, stop_server
+from worker.server import start_server, start_tcp_server, stop_server
 
 log = logging.getLogger("worker")
 # How long RPCs in flight at shutdown get to finish; the step in progress is finished even after that.
@@ -33,7 +36,12 @@ EXIT_STARTUP_FAILED = 1
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m worker", description=__doc__.splitlines()[0])
     parser.add_argument("--config-json", required=True, help="WorkerConfig as JSON (WorkerConfig.to_json())")
-    parser.add_argument("--uds", required=True, type=Path, help="unix socket path to serve gRPC on")
+    where = parser.add_mutually_exclusive_group(required=True)
+    where.add_argument("--uds", type=Path, help="unix socket path to serve gRPC on")
+    where.add_argument("--listen", metavar="HOST:PORT", help="TCP address to serve gRPC on (needs a token)")
+    parser.add_argument(
+        "--token-stdin", action="store_true", help="read the worker token from the first line of stdin"
+    )
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
@@ -72,25 +80,31 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
     return runner
 
 
-async def serve(runner: ModelRunner, uds: Path) -> int:
-    """Serve until SIGTERM or SIGINT, then stop gracefully. Returns the exit code."""
+async def serve(runner: ModelRunner, uds: Path | None, listen: str | None = None, token: str = "") -> int:
+    """Serve on `uds`, or on TCP `listen` to callers with `token`, until SIGTERM or SIGINT, then stop
+    gracefully. Returns the exit code."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     try:
-        server, servicer = await start_server(runner, uds)
+        if uds is not None:
+            server, servicer = await start_server(runner, uds)
+        else:
+            assert listen is not None
+            server, servicer = await start_tcp_server(runner, listen, token)
     except OSError as err:
         log.error("cannot serve: %s: %s", err, err.__cause__ or "")
         return EXIT_STARTUP_FAILED
     # The model's objects live as long as the process: keep the collector from scanning them during
     # steps, and at exit (which otherwise takes seconds).
     gc.freeze()
-    log.info("ready: serving on unix://%s", uds)
+    log.info("ready: serving on %s", f"unix://{uds}" if uds is not None else f"{listen} (token required)")
     await stop.wait()
     log.info("stopping: finishing the RPCs in flight (grace %.0f s)", SHUTDOWN_GRACE_S)
     await stop_server(server, servicer, SHUTDOWN_GRACE_S)
-    uds.unlink(missing_ok=True)
+    if uds is not None:
+        uds.unlink(missing_ok=True)
     log.info("stopped")
     return 0
 
@@ -104,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
         log.error("bad --config-json: %s", err)
         return EXIT_BAD_CONFIG
     setup_logging(config.rank, args.log_level)
+    token = sys.stdin.readline().strip() if args.token_stdin else ""
+    if args.listen is not None and not token:
+        log.error("--listen needs a non-empty worker token (--token-stdin): TCP callers must present it")
+        return EXIT_BAD_CONFIG
     try:
         runner = build_runner(config)
     except Exception as err:
@@ -112,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s: %s", type(err).__name__, err, exc_info=not expected)
         return EXIT_STARTUP_FAILED
     try:
-        return asyncio.run(serve(runner, args.uds))
+        return asyncio.run(serve(runner, args.uds, args.listen, token))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

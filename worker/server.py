@@ -31,6 +31,7 @@ import grpc
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
+from worker.auth import TokenInterceptor
 from worker.lora.adapter import AdapterError, load_peft_adapter
 from worker.runner import ModelRunner, PrefillRequest, RequestError, TokenOutput
 from worker.sampler import SamplingParams
@@ -302,6 +303,18 @@ def _involved(request) -> str:
     return "no request ids"
 
 
+def _new_server(runner: ModelRunner, token: str | None = None) -> tuple[grpc.aio.Server, WorkerServicer]:
+    servicer = WorkerServicer(runner)
+    # A step with top_n_tokens near the vocab size can exceed gRPC's default 4 MiB, so message sizes are
+    # not limited (the router's channel must match).
+    server = grpc.aio.server(
+        interceptors=[TokenInterceptor(token)] if token is not None else None,
+        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)],
+    )
+    pb_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    return server, servicer
+
+
 async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grpc.aio.Server, WorkerServicer]:
     """Serve `runner` on the unix socket `uds`, which only this user may connect to (mode 0600).
 
@@ -310,13 +323,7 @@ async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grp
     path = Path(uds)
     if path.is_socket():
         path.unlink()  # left by a worker that did not exit cleanly
-    servicer = WorkerServicer(runner)
-    # Only this user's processes can connect; a step with top_n_tokens near the vocab size can exceed
-    # gRPC's default 4 MiB, so message sizes are not limited (the router's channel must match).
-    server = grpc.aio.server(
-        options=[("grpc.max_send_message_length", -1), ("grpc.max_receive_message_length", -1)]
-    )
-    pb_grpc.add_TextGenerationServiceServicer_to_server(servicer, server)
+    server, servicer = _new_server(runner)
     # The socket is created with the umask; a restrictive one closes the gap until the chmod below.
     old_umask = os.umask(0o177)
     try:
@@ -328,6 +335,25 @@ async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grp
     finally:
         os.umask(old_umask)
     os.chmod(path, 0o600)
+    return server, servicer
+
+
+async def start_tcp_server(
+    runner: ModelRunner, address: str, token: str
+) -> tuple[grpc.aio.Server, WorkerServicer]:
+    """Serve `runner` on TCP `address` (`host:port`) to callers that present `token` (worker/auth.py).
+
+    For the ranks of a multi-node group outside node 0, which the router reaches over the network.
+    Raises OSError when the address cannot be bound (port taken, unknown host).
+    """
+    server, servicer = _new_server(runner, token)
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpc's "Failed to bind to address ..."
+        raise OSError(f"cannot listen on {address}") from err
+    if bound == 0:
+        raise OSError(f"cannot listen on {address}")
+    await server.start()
     return server, servicer
 
 
