@@ -22,6 +22,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import subprocess
 import sys
 import tempfile
 import time
@@ -84,6 +85,8 @@ def main(argv: list[str] | None = None) -> int:
         env["MODEL_ID"] = str(args.model_dir)
     results = run_suite(plan, _model_dir(args.model_dir), env, quick=args.quick)
     results["command"] = shlex.join(["python", "-m", "tests.bench.suite", *(argv or sys.argv[1:])])
+    results["git"] = _git_state()
+    results["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "bench.json").write_text(json.dumps(results, indent=1))
     plot.plot(results, out_dir / "bench.png")
@@ -91,6 +94,13 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
     failed = sum(r.get("failed", 0) for r in results["runs"].values())
     return 1 if failed else 0
+
+
+def _git_state() -> dict:
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+
+    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--", "."))}
 
 
 def _model_dir(given: Path | None) -> Path:

@@ -1,0 +1,111 @@
+"""The benchmark's pure parts: seeded workload, percentiles, run figures and the P1-P6 arithmetic."""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+
+from tests.bench import ratios
+from tests.bench.figures import percentile, summarize
+from tests.bench.loadgen import Record, Run
+from tests.bench.workload import (
+    Request,
+    build_requests,
+    load_prompts,
+    poisson_offsets,
+    popularity_weights,
+    with_adapters,
+)
+
+
+def test_prompts_are_varied_and_unique():
+    prompts = load_prompts()
+    assert len(prompts) >= 16
+    assert len(set(prompts)) == len(prompts)
+
+
+def test_workload_is_reproducible_and_within_bounds():
+    texts = [f"t{i}" for i in range(5)]
+    a = build_requests(texts, 40, (4, 9), seed=3)
+    assert a == build_requests(texts, 40, (4, 9), seed=3)
+    assert a != build_requests(texts, 40, (4, 9), seed=4)
+    assert all(4 <= r.max_new_tokens <= 9 for r in a)
+    assert {r.text for r in a} == set(texts)
+    names = ["x", "y", "z"]
+    mixed = with_adapters(a, names, "uniform", seed=1)
+    assert [r.max_new_tokens for r in mixed] == [r.max_new_tokens for r in a]
+    assert {r.adapter for r in mixed} == set(names)
+    assert with_adapters(a, [], "uniform", seed=1) == a
+
+
+def test_zipf_prefers_the_first_adapters():
+    w = popularity_weights(4, "zipf")
+    assert w == pytest.approx([1, 1 / 2, 1 / 3, 1 / 4])
+    reqs = [Request(i, "p", 1) for i in range(4000)]
+    picks = [r.adapter for r in with_adapters(reqs, ["a", "b", "c", "d"], "zipf", seed=0)]
+    assert picks.count("a") > 1.7 * picks.count("b") > 2.5 * picks.count("d")
+    with pytest.raises(ValueError):
+        popularity_weights(3, "pareto")
+
+
+def test_poisson_offsets_have_the_rate():
+    offsets = poisson_offsets(4000, rate=5.0, seed=0)
+    assert offsets[0] == 0 and offsets == sorted(offsets)
+    gaps = [b - a for a, b in zip(offsets, offsets[1:], strict=False)]
+    assert statistics.mean(gaps) == pytest.approx(0.2, rel=0.05)
+
+
+def test_percentile_nearest_rank():
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile([7.0], 99) == 7.0
+    assert percentile([], 50) is None
+
+
+def test_summarize_counts_tokens_gaps_and_early_stops():
+    ok = Record(Request(0, "p", 3), sent=10.0, token_times=[10.5, 10.6, 10.8], finish_reason="length")
+    early = Record(Request(1, "p", 5), sent=10.0, token_times=[11.0], finish_reason="eos_token")
+    failed = Record(Request(2, "p", 5), sent=10.0, error="HTTP 500")
+    s = summarize(Run([ok, early, failed], wall_s=2.0))
+    assert s["output_tokens"] == 4 and s["failed"] == 1 and s["early_stops"] == 1
+    assert s["output_tokens_per_s"] == 2.0 and s["requests_per_s"] == 1.0
+    assert s["ttft_p50_s"] == pytest.approx(0.5) and s["ttft_p99_s"] == pytest.approx(1.0)
+    assert s["itl_p50_s"] == pytest.approx(0.1) and s["itl_p99_s"] == pytest.approx(0.2)
+    assert s["first_error"] == "HTTP 500"
+
+
+def _figures(**over):
+    run = {"output_tokens_per_s": 100.0, "ttft_p50_s": 0.1, "itl_p50_s": 0.01}
+    f = {
+        "base_saturated": run,
+        "mixed8_saturated": {**run, "output_tokens_per_s": 96.0},
+        "hf_peft": {"output_tokens_per_s": 20.0, "batch_size": 32},
+        "small8_zipf": {"output_tokens_per_s": 90.0},
+        "many_registered": {"output_tokens_per_s": 72.0, "registered": 1000, "why": "fits"},
+        "base_lone": {"itl_p50_s": 0.005},
+        "mixed8_lone": {"ttft_p50_s": 0.05},
+        "mixed8_half_load": {"ttft_p50_s": 0.15, "rate": 2.0},
+        "machine": {"copy_bytes_per_s": 50e9, "gemm_flops_per_s": 1e12},
+        "model": {"weight_bytes": 200_000_000, "parameters": 100_000_000},
+    }
+    f.update(over)
+    return f
+
+
+def test_ratios_arithmetic_and_targets():
+    r = ratios.compute(_figures())
+    assert r["P1"].value == pytest.approx(0.96) and r["P1"].met
+    assert r["P2"].value == pytest.approx(4.8) and r["P2"].met is False
+    assert r["P3"].value == pytest.approx(0.8) and r["P3"].met is False
+    assert r["P4"].value == pytest.approx(1.25) and r["P4"].met  # 5 ms / (200 MB / 50 GB/s)
+    assert r["P5"].value == pytest.approx(3.0) and r["P5"].met is False
+    assert r["P6"].value == pytest.approx(96 / 5000) and r["P6"].met is False
+    assert "P1" in ratios.table(r)
+
+
+def test_ratio_without_a_figure_is_none_not_a_crash():
+    r = ratios.compute(_figures(mixed8_lone={"ttft_p50_s": None}))
+    assert r["P5"].value is None and r["P5"].met is None
+    assert r["P5"].as_dict()["target"] == "<= 2"
