@@ -10,6 +10,9 @@ children receive as JSON: a worker on its command line (`--config-json`), the ro
 Startup: resolve the model and the LORA_ADAPTERS entries to local directories, start NUM_SHARD workers
 (`python -m worker`), wait until each listens on its socket, then start the router (`python -m router`),
 which loads the adapters and serves HTTP.
+One tensor-parallel group can span NUM_NODES nodes, one launcher each (launcher_nodes.py): node NODE_RANK
+starts its share of the ranks; only node 0 starts the router, which reaches the other nodes' ranks over
+TCP (WORKER_ADDRESSES) with WORKER_TOKEN.
 Shutdown on SIGTERM/SIGINT: the router first (it stops accepting and finishes in-flight requests), then
 the workers; exit 0. If any child dies, the others are stopped and the launcher exits 1.
 """
@@ -40,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from pydantic import ByteSize, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+import launcher_nodes
 from router.config import AdapterSource, RouterConfig
 from worker.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, ModelSourceError
 
@@ -64,7 +68,7 @@ POLL_S = 0.1
 FORCE_AFTER_S = 1.0
 UDS_MAX_BYTES = 107  # sun_path is 108 bytes with the trailing NUL
 # Settings the children must not inherit from the launcher's environment (they get them in their config).
-SECRET_ENV = ("API_KEY",)
+SECRET_ENV = ("API_KEY", "WORKER_TOKEN")
 
 
 def _router_default(name: str) -> Any:
@@ -89,7 +93,10 @@ class Settings(BaseSettings):
     model_id: str = Field(DEFAULT_MODEL_ID, description="Base model: a Hugging Face repo id or a local dir.")
     revision: str | None = Field(None, description="Hub revision of MODEL_ID (auto: the default branch).")
     num_shard: int = Field(1, ge=1, description="Tensor-parallel worker ranks (processes).")
-    hostname: str = Field(_router_default("hostname"), description="Address the HTTP server binds.")
+    hostname: str = Field(
+        _router_default("hostname"),
+        description="Address the HTTP server binds (on nodes other than 0: the ranks' gRPC ports).",
+    )
     port: int = Field(_router_default("port"), ge=1, le=65535, description="HTTP port.")
     device: Literal["cpu", "cuda"] | None = Field(
         None, description="cpu or cuda (auto: cuda when available)."
@@ -156,6 +163,31 @@ class Settings(BaseSettings):
     )
     master_addr: str = Field("127.0.0.1", description="torch.distributed rendezvous address (NUM_SHARD>1).")
     master_port: int = Field(29500, ge=1, le=65535, description="torch.distributed rendezvous port.")
+    num_nodes: int = Field(
+        1, ge=1, description="Nodes (pods) one tensor-parallel group spans; NUM_SHARD counts all their ranks."
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="This node's index: it starts ranks NODE_RANK*L .. NODE_RANK*L+L-1 (L = NUM_SHARD/"
+        "NUM_NODES); node 0 also runs the router, at MASTER_ADDR.",
+    )
+    worker_addresses: str = Field(
+        "",
+        description="Node 0 of several: comma-separated `host[:port]` of nodes 1..NUM_NODES-1, where the "
+        "router reaches their ranks (port: their WORKER_PORT_BASE).",
+    )
+    worker_port_base: int = Field(
+        29600,
+        ge=1,
+        le=65535,
+        description="Nodes other than 0: local rank i serves gRPC on TCP HOSTNAME:WORKER_PORT_BASE+i.",
+    )
+    worker_token: str = Field(
+        "",
+        description="Shared secret of a multi-node group (needed when NUM_NODES>1): the TCP ranks refuse "
+        "calls without it.",
+    )
     huggingface_hub_cache: Path | None = Field(
         None, description="Hugging Face hub cache (auto: huggingface_hub's default)."
     )
@@ -173,6 +205,9 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"MAX_INPUT_TOKENS ({limits[0]}) must be less than MAX_TOTAL_TOKENS ({limits[1]})"
             )
+        problems = launcher_nodes.check(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
         return self
 
     def resolved_device(self) -> str:
@@ -365,13 +400,16 @@ def compose(
         master_port=settings.master_port,
     )
     try:
-        workers = [WorkerConfig(rank=rank, **common) for rank in range(settings.num_shard)]
+        ranks = launcher_nodes.NodeLayout.of(settings).ranks
+        workers = [WorkerConfig(rank=rank, **common) for rank in ranks]
         router = RouterConfig(
             model_id=settings.model_id,
             model_dir=str(model_dir),
             hostname=settings.hostname,
             port=settings.port,
             worker_uds=uds_paths,
+            worker_tcp=launcher_nodes.remote_rank_addresses(settings),
+            worker_token=settings.worker_token or None,
             adapters=[
                 AdapterSource(id=a.spec.id, source=_source(a.spec), path=str(a.path)) for a in adapters
             ],
@@ -610,17 +648,27 @@ def worker_listening(uds_path: str) -> bool:
 
 def supervise(
     worker_argvs: list[list[str]],
-    router_argv: list[str],
+    router_argv: list[str] | None,
     worker_ready: Callable[[int], bool],
     graceful_timeout_s: float,
     router_stdin: bytes | None = None,
+    worker_ranks: Sequence[int] | None = None,
+    worker_stdin: bytes | None = None,
 ) -> int:
-    """Run the workers until ready, then the router (`router_stdin` on its stdin), until a signal or a
-    death; return the exit code."""
+    """Run the workers (global ranks `worker_ranks`, default 0..; `worker_stdin` on their stdin) until
+    ready, then the router (`router_stdin` on its stdin; None: none, on a node other than 0), until a
+    signal or a death; return the exit code."""
     sup = Supervisor(graceful_timeout_s)
     previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    ranks = list(range(len(worker_argvs)) if worker_ranks is None else worker_ranks)
     try:
-        return _run(sup, worker_argvs, (router_argv, router_stdin), worker_ready)
+        return _run(
+            sup,
+            list(zip(ranks, worker_argvs, strict=True)),
+            worker_stdin,
+            (router_argv, router_stdin),
+            worker_ready,
+        )
     finally:
         for child in sup.children:  # normally all reaped already; this covers unexpected errors
             if child.poll() is None:
@@ -632,19 +680,24 @@ def supervise(
 
 def _run(
     sup: Supervisor,
-    worker_argvs: list[list[str]],
-    router_command: tuple[list[str], bytes | None],
+    workers: list[tuple[int, list[str]]],
+    worker_stdin: bytes | None,
+    router_command: tuple[list[str] | None, bytes | None],
     worker_ready: Callable[[int], bool],
 ) -> int:
     try:
-        for rank, argv in enumerate(worker_argvs):
-            sup.start(f"worker-{rank}", argv)
-        for rank in range(len(worker_argvs)):
-            dead = sup.wait_until(lambda r=rank: worker_ready(r), f"worker-{rank}")
+        for rank, argv in workers:
+            sup.start(f"worker-{rank}", argv, worker_stdin)
+        for index, (rank, _) in enumerate(workers):
+            dead = sup.wait_until(lambda i=index: worker_ready(i), f"worker-{rank}")
             if dead is not None:
                 return _fail(sup, dead)
             logger.info("worker-%d is ready", rank)
-        router = sup.start("router", *router_command)
+        if router_command[0] is None:  # a node other than 0: its ranks serve node 0's router
+            dead = sup.wait_until(lambda: False, "workers", log_every_s=math.inf)
+            assert dead is not None
+            return _fail(sup, dead)
+        router = sup.start("router", router_command[0], router_command[1])
         dead = sup.wait_until(lambda: False, "router", log_every_s=math.inf)
     except ShutdownRequested:
         return 0 if sup.stop_all(failed=False) else 1
@@ -675,12 +728,15 @@ def prepare(settings: Settings) -> tuple[list[WorkerConfig], RouterConfig, Path]
 
     specs = parse_lora_adapters(settings.lora_adapters)
     device = settings.resolved_device()
+    local_size = launcher_nodes.NodeLayout.of(settings).local_size
     if device == "cuda":
         import torch
 
-        if settings.num_shard > torch.cuda.device_count():
+        if local_size > torch.cuda.device_count():
+            per_node = "" if settings.num_nodes == 1 else f"/NUM_NODES ({settings.num_nodes})"
             raise SettingsError(
-                f"NUM_SHARD ({settings.num_shard}) exceeds the {torch.cuda.device_count()} visible GPUs"
+                f"NUM_SHARD ({settings.num_shard}){per_node} exceeds the {torch.cuda.device_count()} "
+                "visible GPUs"
             )
     hf_cache = settings.huggingface_hub_cache.expanduser() if settings.huggingface_hub_cache else None
     try:
@@ -695,7 +751,7 @@ def prepare(settings: Settings) -> tuple[list[WorkerConfig], RouterConfig, Path]
     adapters = resolve_adapters(specs, hf_cache)
     for adapter in adapters:
         logger.info("adapter %r: %s (rank %d)", adapter.spec.id, adapter.path, adapter.rank)
-    uds_dir, uds_paths = make_uds_paths(settings.shard_uds_path, settings.num_shard)
+    uds_dir, uds_paths = make_uds_paths(settings.shard_uds_path, local_size)
     try:
         workers, router = compose(settings, model_dir, adapters, uds_paths, device)
     except SettingsError:
@@ -724,6 +780,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         workers[0].max_lora_rank,
     )
     py = sys.executable
+    if settings.node_rank > 0:  # its ranks serve node 0's router over TCP; no router here
+        listen = launcher_nodes.listen_addresses(settings)
+        try:
+            return supervise(
+                [
+                    [py, "-m", "worker", "--config-json", w.to_json(), "--listen", a, "--token-stdin"]
+                    for w, a in zip(workers, listen, strict=True)
+                ],
+                None,
+                lambda index: launcher_nodes.rank_listening(listen[index]),
+                settings.graceful_termination_timeout,
+                worker_ranks=[w.rank for w in workers],
+                worker_stdin=f"{settings.worker_token}\n".encode(),
+            )
+        finally:
+            shutil.rmtree(uds_dir, ignore_errors=True)
     try:
         return supervise(
             [
