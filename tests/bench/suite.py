@@ -26,7 +26,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from tests.bench import adapter_set, hf_baseline, loadgen, machine, plot, ratios
@@ -77,8 +77,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="results dir (default bench-results[/quick])")
     parser.add_argument("--model-dir", type=Path, default=None, help="default: the converted SmolLM2")
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for every launcher")
+    parser.add_argument("--requests", type=int, help="requests per saturated run (full: 128)")
+    parser.add_argument("--concurrencies", type=_ints, help="the 8-adapter sweep, e.g. 1,4,16,32,64")
+    parser.add_argument("--scaling", type=_ints, help="small adapters registered, e.g. 8,64,256,1000")
+    parser.add_argument("--hf-batch-size", type=int, help="transformers+peft static batch (full: 32)")
     args = parser.parse_args(argv)
     plan = QUICK if args.quick else FULL
+    given = {k: getattr(args, k) for k in ("requests", "concurrencies", "scaling", "hf_batch_size")}
+    plan = replace(plan, **{k: v for k, v in given.items() if v is not None})
+    if plan.concurrencies[0] != 1 or plan.scaling[0] != 8:
+        parser.error("--concurrencies must start at 1 (the lone request) and --scaling at 8 (P3's base)")
     out_dir = args.out or ROOT / ("bench-results/quick" if args.quick else "bench-results")
     env = dict(kv.split("=", 1) for kv in args.env)
     if args.model_dir:
@@ -94,6 +102,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nwrote {out_dir / 'bench.json'} and {out_dir / 'bench.png'}")
     failed = sum(r.get("failed", 0) for r in results["runs"].values())
     return 1 if failed else 0
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    return tuple(int(x) for x in text.split(","))
 
 
 def _git_state() -> dict:
