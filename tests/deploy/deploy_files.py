@@ -47,8 +47,8 @@ DOCKERFILE_ENV = {
     "TORCH_INDEX": "build only: where the CPU build of torch comes from",
     "EXTRAS": "build only: the project extra of the variant (gpu: cupy)",
 }
-# Set only by the LeaderWorkerSet template: settings the launcher does not have yet (see that file).
-PENDING_LWS_ENV = {"NODE_RANK", "NUM_NODES"}
+# Set only in the LeaderWorkerSet, to be expanded in other variables' values (the launcher ignores them).
+LWS_EXPANSION_ENV = {"POD_NAME": "the pod's name, from which WORKER_ADDRESSES names the worker pods"}
 LWS_SPEC_KEYS = {"replicas", "startupPolicy", "leaderWorkerTemplate", "rolloutStrategy", "networkConfig"}
 LWS_TEMPLATE_KEYS = {"size", "restartPolicy", "leaderTemplate", "workerTemplate", "subGroupPolicy"}
 # The worker's own stop window after SIGTERM (worker/__main__.py; read from the source: no torch import).

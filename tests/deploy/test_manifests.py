@@ -3,7 +3,7 @@
 - Every resource (the kustomize base and GPU overlay rendered, the adapter rules, the LeaderWorkerSet's
   pod templates and Service) validates strictly against the Kubernetes API schemas that
   kubernetes-validate ships, for the oldest and newest Kubernetes the manifests are meant for. The
-  LeaderWorkerSet itself is a CRD without a schema there: its structure is checked here by hand.
+  LeaderWorkerSet itself is a CRD without a schema there: test_lws.py checks it.
 - Every environment variable a manifest sets is a launcher setting or a listed pass-through, with a value
   the launcher accepts; probes hit routes the router serves; grace periods cover the launcher's drain;
   the HPA's metric is the one the adapter rule serves and the router exports.
@@ -36,11 +36,9 @@ from tests.deploy.deploy_files import (
     KUSTOMIZE_DIRS,
     LWS,
     LWS_DOCS,
+    LWS_EXPANSION_ENV,
     LWS_FILE,
-    LWS_SPEC_KEYS,
-    LWS_TEMPLATE_KEYS,
     PASS_THROUGH_ENV,
-    PENDING_LWS_ENV,
     RENDERED,
     ROOT,
     SETTINGS_ENV,
@@ -55,7 +53,6 @@ from tests.deploy.deploy_files import (
     kustomize_build,
     load_yaml,
     pod_specs,
-    readme_section,
 )
 
 # ---- schemas -------------------------------------------------------------------------------------
@@ -118,56 +115,12 @@ def test_render_equals_kubectl_kustomize(directory: Path) -> None:
     assert json.dumps(ours, sort_keys=True, indent=1) == json.dumps(theirs, sort_keys=True, indent=1)
 
 
-# ---- the LeaderWorkerSet (a CRD: structure checked here) -------------------------------------------
-
-
-def test_leaderworkerset_structure() -> None:
-    assert LWS["apiVersion"] == "leaderworkerset.x-k8s.io/v1"
-    spec = LWS["spec"]
-    assert set(spec) <= LWS_SPEC_KEYS
-    assert isinstance(spec["replicas"], int) and spec["replicas"] >= 1
-    assert spec.get("startupPolicy", "LeaderCreated") in {"LeaderCreated", "LeaderReady"}
-    template = spec["leaderWorkerTemplate"]
-    assert set(template) <= LWS_TEMPLATE_KEYS
-    assert isinstance(template["size"], int) and template["size"] >= 2, "one group spans several pods"
-    # A lost pod breaks the torch.distributed world: the whole group must be recreated.
-    assert template["restartPolicy"] == "RecreateGroupOnPodRestart"
-    leader = template["leaderTemplate"]["spec"]["containers"][0]
-    worker = template["workerTemplate"]["spec"]["containers"][0]
-    for container in (leader, worker):
-        env = container_env(container, LWS_DOCS)
-        assert env["MASTER_ADDR"] == "$(LWS_LEADER_ADDRESS)", "the rendezvous is on the leader"
-        assert env["NUM_NODES"] == "$(LWS_GROUP_SIZE)"
-        index_label = "metadata.labels['leaderworkerset.sigs.k8s.io/worker-index']"
-        assert env["NODE_RANK"] == {"fieldRef": {"fieldPath": index_label}}
-        gpus = container["resources"]["limits"]["nvidia.com/gpu"]
-        assert int(env["NUM_SHARD"]) == template["size"] * gpus, "NUM_SHARD is the whole group's ranks"
-    assert "rendezvous" in {p["name"] for p in leader["ports"]}
-    port = next(p for p in leader["ports"] if p["name"] == "rendezvous")["containerPort"]
-    assert int(container_env(leader, LWS_DOCS)["MASTER_PORT"]) == port
-    # Only the leader runs the router: the Service selects it alone.
-    (service,) = [d for d in LWS_DOCS if d["kind"] == "Service"]
-    leader_labels = template["leaderTemplate"]["metadata"]["labels"]
-    selector = dict(service["spec"]["selector"])
-    assert selector.pop("leaderworkerset.sigs.k8s.io/name") == LWS["metadata"]["name"]
-    assert selector.items() <= leader_labels.items()
-    assert not selector.items() <= template["workerTemplate"]["metadata"]["labels"].items()
-
-
-def test_leaderworkerset_is_marked_a_template_until_the_launcher_supports_it() -> None:
-    """The LWS file sets NODE_RANK/NUM_NODES, which the launcher does not read yet: once it does, drop
-    the file's TEMPLATE header and the README's caveat, and move them out of PENDING_LWS_ENV."""
-    assert not PENDING_LWS_ENV & SETTINGS_ENV, "the launcher now has these settings: update the LWS template"
-    assert LWS_FILE.read_text().startswith("# TEMPLATE, NOT RUNNABLE")
-    assert "template" in readme_section("Deploying").lower()
-
-
 # ---- environment ---------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("target", TARGETS)
 def test_env_vars_are_launcher_settings_or_pass_through(target: str) -> None:
-    allowed = SETTINGS_ENV | set(PASS_THROUGH_ENV) | (PENDING_LWS_ENV if target == "lws" else set())
+    allowed = SETTINGS_ENV | set(PASS_THROUGH_ENV) | (set(LWS_EXPANSION_ENV) if target == "lws" else set())
     for container in containers(TARGETS[target]):
         unknown = set(container_env(container, TARGETS[target])) - allowed
         assert not unknown, f"{target}: not a launcher setting: {sorted(unknown)}"
