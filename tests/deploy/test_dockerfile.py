@@ -10,6 +10,10 @@ from __future__ import annotations
 import fnmatch
 import json
 import re
+import subprocess
+from pathlib import Path
+
+import pytest
 
 from tests.deploy.deploy_files import (
     DOCKERFILE,
@@ -57,6 +61,43 @@ def test_dockerfile_variants_choose_base_and_torch() -> None:
     assert ("FROM", "base-${VARIANT}") in instructions
     assert "TORCH_SPEC=torch==2.13.0+cpu" in DOCKERFILE.read_text()  # the Makefile's CPU pin
     assert "torch==2.13.0" in (ROOT / "Makefile").read_text()
+
+
+def make_install_commands(path: str) -> str:
+    """What `make install` would run from scratch with `path` as PATH (dry run, nothing installed)."""
+    env = {"PATH": path, "HOME": "/nonexistent"}
+    out = subprocess.run(
+        ["/usr/bin/make", "-n", "-B", "-C", str(ROOT), "install"], env=env, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+@pytest.mark.skipif(not Path("/usr/bin/make").exists(), reason="make is not installed")
+def test_make_install_adds_the_gpu_extra_where_nvidia_smi_exists(tmp_path: Path) -> None:
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "nvidia-smi").write_text("#!/bin/sh\n")
+    (fake / "nvidia-smi").chmod(0o755)
+    cuda = make_install_commands(f"{fake}:/usr/bin:/bin")
+    cpu = make_install_commands("/usr/bin:/bin")
+    assert "-e '.[dev,gpu]'" in cuda and '"torch"' in cuda
+    assert "-e '.[dev]'" in cpu and '"torch==2.13.0"' in cpu
+
+
+def test_dockerfile_variants_set_the_makefiles_extras() -> None:
+    """A build sees no GPU: the CUDA variant passes what `make install` picks on a CUDA machine."""
+    stages: dict[str, dict[str, str]] = {}
+    for op, args in dockerfile_instructions():
+        if op == "FROM":
+            current = stages.setdefault(args.split(" AS ")[-1], {})
+        elif op == "ENV":
+            current.update({k: v.strip('"') for k, v in re.findall(r'(\w+)=("[^"]*"|\S*)', args)})
+    assert stages["base-cpu"]["INSTALL_EXTRAS"] == "dev"
+    assert stages["base-cuda"]["INSTALL_EXTRAS"] == "dev,gpu"
+    runs = [args for op, args in final_stage() if op == "RUN"]
+    assert any('make install TORCH_SPEC="$TORCH_SPEC" INSTALL_EXTRAS="$INSTALL_EXTRAS"' in r for r in runs)
+    assert not any("pip install -e" in r for r in runs), "the extras go through make install"
 
 
 def test_dockerfile_env_vars_are_known() -> None:
