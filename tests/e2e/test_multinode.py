@@ -10,6 +10,7 @@ calls without the token; both launchers must stop cleanly on SIGTERM.
 from __future__ import annotations
 
 import secrets
+import time
 
 import grpc
 import pytest
@@ -29,6 +30,19 @@ def call_remote_rank(address: str, token: str | None, request: object, method: s
     with grpc.insecure_channel(address) as channel:
         stub = pb_grpc.TextGenerationServiceStub(channel)
         getattr(stub, method)(request, timeout=10, metadata=metadata)
+
+
+def wait_for_group(node0: Server, node1: Server, timeout: float = 300.0) -> None:
+    """Until node 0 serves; fails at once with node 1's log if node 1's launcher exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        assert node1.proc.poll() is None, f"node 1 exited with {node1.proc.returncode}:\n{node1.log()}"
+        try:
+            node0.wait_ready(timeout=2.0)
+            return
+        except AssertionError:
+            if node0.proc.poll() is not None or time.monotonic() > deadline:
+                raise
 
 
 def test_two_nodes_equal_one_node(e2e_model_dir, e2e_adapters, tmp_path):
@@ -60,7 +74,7 @@ def test_two_nodes_equal_one_node(e2e_model_dir, e2e_adapters, tmp_path):
         env={**group, "NODE_RANK": "0", "WORKER_ADDRESSES": f"127.0.0.1:{worker_port}"},
     )
     try:
-        node0.wait_ready()
+        wait_for_group(node0, node1)
         assert set(node0.child_pids()) == {"worker-0", "router"}, node0.log()
         assert set(node1.child_pids()) == {"worker-1"}, node1.log()
         for case, want in expected.items():
