@@ -48,6 +48,7 @@ class Plan:
     poisson_requests: int
     scaling: tuple[int, ...]  # registered small adapters; starts at 8, ends at P3's count
     hf_batch_size: int
+    hf_requests: int | None = None  # the first this many of the saturated run's requests; None: all
     seed: int = 0
 
 
@@ -68,6 +69,7 @@ QUICK = Plan(
     poisson_requests=4,
     scaling=(8, 16),
     hf_batch_size=4,
+    hf_requests=4,
 )
 
 
@@ -167,7 +169,8 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
             points[-1]["server_peak_rss_bytes"] = servers[f"small{n}"]["peak_rss_bytes"]
         runs["small8_zipf"] = points[0]
         runs["many_registered"] = {**points[-1], "why": why}
-        runs["hf_peft"] = hf_baseline.run_baseline(model_dir, mixed, mixed_reqs, plan.hf_batch_size, work)
+        hf_reqs = mixed_reqs[: plan.hf_requests or len(mixed_reqs)]
+        runs["hf_peft"] = hf_baseline.run_baseline(model_dir, mixed, hf_reqs, plan.hf_batch_size, work)
 
     for name, run in runs.items():
         for server in ("base", "mixed8"):
