@@ -38,6 +38,10 @@ from router.state import CONFIG
 # ---- the route list ------------------------------------------------------------------------------
 
 JSON, TEXT, HTML, SSE = "application/json", "text/plain", "text/html", "text/event-stream"
+DONE = "[DONE]"
+# Errors answered before a route's handler runs (router/auth.py, aiohttp's body limit), so always in TGI's
+# ErrorResponse shape, also on routes whose own errors have another shape (the OpenAI routes).
+EDGE_ERRORS = (401, 413)
 # The errors a generation route can answer, besides 200.
 GENERATION_ERRORS = (400, 401, 413, 415, 422, 424, 429)
 
@@ -54,7 +58,9 @@ class Route:
     """The 200 body's type (any type pydantic can describe), or None for an empty body."""
     content_type: str = JSON
     stream: Any = None
-    """The type of each `text/event-stream` event, for routes that stream (alone or as an option)."""
+    """The type of each `text/event-stream` event's data, for routes that stream (alone or as an option)."""
+    stream_end: str | None = None
+    """The data of a last event that is not JSON (OpenAI's `[DONE]`)."""
     errors: tuple[int, ...] = ()
     error: Any = None
     """The error body's type; None for TGI's ErrorResponse."""
@@ -88,10 +94,10 @@ ROUTES = [
     Route("GET", "/api-doc/openapi.json", "The OpenAPI document (TGI's path)", _SERVICE, response=dict),
     Route("GET", "/openapi.json", "The OpenAPI document", _SERVICE, response=dict),
     Route("POST", "/v1/chat/completions", "OpenAI chat completion (chat template); `model` picks the adapter",
-          _OPENAI, ChatCompletionRequest, ChatCompletion, stream=ChatCompletionChunk,
+          _OPENAI, ChatCompletionRequest, ChatCompletion, stream=ChatCompletionChunk, stream_end=DONE,
           errors=(*GENERATION_ERRORS, 404), error=OpenAIErrorResponse),
     Route("POST", "/v1/completions", "OpenAI (legacy) completion, up to 4 prompts; `model` picks the adapter",
-          _OPENAI, CompletionRequest, Completion, stream=Completion,
+          _OPENAI, CompletionRequest, Completion, stream=Completion, stream_end=DONE,
           errors=(*GENERATION_ERRORS, 404), error=OpenAIErrorResponse),
     Route("GET", "/v1/models", "The base model and its adapters (OpenAI's model list)", _OPENAI,
           response=ModelList),
@@ -124,20 +130,24 @@ def build(routes: list[Route], *, auth: bool, version: str) -> dict:
     inputs += [
         (("error", i), "serialization", TypeAdapter(r.error or ErrorResponse)) for i, r in enumerate(routes)
     ]
+    inputs.append((("error", "edge"), "serialization", TypeAdapter(ErrorResponse)))
     schemas, defs = TypeAdapter.json_schemas(inputs, ref_template=ref)
+    edge_schema = schemas[("error", "edge"), "serialization"]
     paths: dict[str, dict] = {}
     for i, r in enumerate(routes):
         ok: dict[str, Any] = {"description": "OK"}
         if r.response is not None:
             ok["content"] = {r.content_type: {"schema": schemas[("resp", i), "serialization"]}}
+        error_schema = schemas[("error", i), "serialization"]
         if r.stream is not None:
-            ok.setdefault("content", {})[SSE] = {"schema": schemas[("sse", i), "serialization"]}
-        error = {"content": {JSON: {"schema": schemas[("error", i), "serialization"]}}}
+            event = sse_event_schema(schemas[("sse", i), "serialization"], error_schema, r.stream_end)
+            ok.setdefault("content", {})[SSE] = {"schema": event}
+        error_schemas = {c: edge_schema if c in EDGE_ERRORS else error_schema for c in r.errors}
         op: dict[str, Any] = {
             "summary": r.summary,
             "tags": [r.tag],
             "operationId": f"{r.method.lower()}_{r.path.strip('/').replace('/', '_') or 'root'}",
-            "responses": {"200": ok} | {str(c): {"description": _ERROR_TEXT[c], **error} for c in r.errors},
+            "responses": {"200": ok} | {str(c): _error(c, schema) for c, schema in error_schemas.items()},
         }
         if r.request is not None:
             body = {"content": {JSON: {"schema": schemas[("req", i), "validation"]}}}
@@ -157,6 +167,27 @@ def build(routes: list[Route], *, auth: bool, version: str) -> dict:
         "components": {
             "schemas": defs.get("$defs", {}),
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+        },
+    }
+
+
+def _error(code: int, schema: dict) -> dict:
+    return {"description": _ERROR_TEXT[code], "content": {JSON: {"schema": schema}}}
+
+
+def sse_event_schema(data: dict, error: dict, end: str | None) -> dict:
+    """One server-sent event as an object of its fields, the way OpenAPI 3.2 (`itemSchema`) and tools for
+    3.1 read an event stream: `data` is JSON, `data` or an error after the stream started (or `end`)."""
+    json_data = {"type": "string", "contentMediaType": JSON, "contentSchema": {"anyOf": [data, error]}}
+    return {
+        "type": "object",
+        "description": "One event: `data:<json>` and a blank line",
+        "required": ["data"],
+        "properties": {
+            "data": json_data if end is None else {"anyOf": [json_data, {"const": end}]},
+            "event": {"type": "string"},
+            "id": {"type": "string"},
+            "retry": {"type": "integer", "minimum": 0},
         },
     }
 

@@ -44,8 +44,25 @@ async def test_document_is_well_formed(start_router):
     params = schemas["GenerateParameters"]["properties"]
     assert {"adapter_id", "max_new_tokens", "top_n_tokens", "stop", "seed", "details"} <= set(params)
     assert set(generate["responses"]) == {"200", "400", "401", "413", "415", "422", "424", "429"}
-    stream = doc["paths"]["/generate_stream"]["post"]["responses"]["200"]["content"]
-    assert stream == {"text/event-stream": {"schema": {"$ref": "#/components/schemas/StreamResponse"}}}
+    stream = doc["paths"]["/generate_stream"]["post"]["responses"]["200"]["content"]["text/event-stream"]
+    # Each event as an object of its fields; `data` holds a StreamResponse or an error as JSON.
+    data = stream["schema"]["properties"]["data"]
+    assert data["contentMediaType"] == "application/json"
+    assert data["contentSchema"]["anyOf"] == [
+        {"$ref": "#/components/schemas/StreamResponse"},
+        {"$ref": "#/components/schemas/ErrorResponse"},
+    ]
+    chat = doc["paths"]["/v1/chat/completions"]["post"]["responses"]
+    assert {"const": "[DONE]"} in chat["200"]["content"]["text/event-stream"]["schema"]["properties"]["data"][
+        "anyOf"
+    ]
+    # 401 comes from the auth middleware, in TGI's shape even on OpenAI's routes.
+    assert chat["401"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/ErrorResponse"
+    }
+    assert chat["422"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/OpenAIErrorResponse"
+    }
     assert "security" not in generate  # no API_KEY here
 
 
