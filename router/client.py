@@ -37,11 +37,12 @@ _CHANNEL_OPTIONS = [
 class WorkerError(Exception):
     """A rank failed an RPC (or could not be reached)."""
 
-    def __init__(self, method: str, rank: int, detail: str):
+    def __init__(self, method: str, rank: int, detail: str, code: grpc.StatusCode | None = None):
         super().__init__(f"{method} failed on rank {rank}: {detail}")
         self.method = method
         self.rank = rank
         self.detail = detail
+        self.code = code
 
 
 class ShardedClient:
@@ -86,7 +87,7 @@ class ShardedClient:
             detail = exc.details() or exc.code().name
             if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
                 detail = f"{exc.code().name}: {detail}"
-            return WorkerError(method, rank, detail)
+            return WorkerError(method, rank, detail, exc.code())
         return WorkerError(method, rank, repr(exc))
 
     # ---- RPCs -----------------------------------------------------------------------------------
@@ -98,7 +99,10 @@ class ShardedClient:
         await self._call("Health", pb.HealthRequest(), timeout=timeout)
 
     async def wait_ready(self, timeout: float, poll_s: float = 0.2) -> None:
-        """Poll Health until every rank answers; raise TimeoutError with the last failure after `timeout`."""
+        """Poll Health until every rank answers; raise TimeoutError with the last failure after `timeout`.
+
+        A rank that refuses the worker token (UNAUTHENTICATED) will never answer: its WorkerError is raised
+        at once."""
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -106,6 +110,8 @@ class ShardedClient:
                 await self.health(timeout=max(min(remaining, 5.0), 0.1))
                 return
             except WorkerError as e:
+                if e.code == grpc.StatusCode.UNAUTHENTICATED:
+                    raise
                 if time.monotonic() + poll_s >= deadline:
                     raise TimeoutError(f"workers not ready after {timeout:.0f} s ({e})") from None
                 log.debug("waiting for workers: %s", e)

@@ -6,6 +6,7 @@ The router's real client (router/client.py) must present it in the format the wo
 from __future__ import annotations
 
 import socket
+import time
 
 import grpc
 import pytest
@@ -92,6 +93,11 @@ async def test_the_router_client_sends_the_token(tcp_rank):
     try:
         with pytest.raises(WorkerError, match="WORKER_TOKEN"):
             await wrong.health(timeout=5)
+        # Startup gives up at once: waiting would not make a wrong token right.
+        started = time.monotonic()
+        with pytest.raises(WorkerError, match="Health failed on rank 0: missing or wrong worker token"):
+            await wrong.wait_ready(timeout=60)
+        assert time.monotonic() - started < 10
     finally:
         await wrong.close()
 
