@@ -293,7 +293,8 @@ sys.path.insert(0, {root!r})
 import logging
 import launcher
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-launcher.KILL_GRACE_S = 1.0
+import launcher_supervision
+launcher_supervision.KILL_GRACE_S = 1.0
 tmp = Path({tmp!r})
 def child(role, behaviour):
     ready = str(tmp / f"ready-{{role}}")

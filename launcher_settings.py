@@ -1,0 +1,226 @@
+"""The launcher's settings: every one a CLI flag and an environment variable with TGI's name.
+
+`Settings` is read once (`load_settings`), from CLI flags over the environment and nowhere else; a bad
+value is a `SettingsError` naming the setting by both names. `settings_table` renders the README's table.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import ByteSize, Field, ValidationError, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+import launcher_nodes
+from router.config import RouterConfig
+from worker.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
+
+CPU_KV_CACHE_MEMORY = 1 << 30
+CUDA_KV_CACHE_MEMORY = 8 << 30
+
+
+def _router_default(name: str) -> Any:
+    return RouterConfig.model_fields[name].default
+
+
+class Settings(BaseSettings):
+    """Every launcher setting. `auto` (the CLI spelling of None) means derived at startup."""
+
+    model_config = SettingsConfigDict(
+        case_sensitive=False,
+        extra="forbid",
+        cli_prog_name="launcher.py",
+        cli_kebab_case=True,
+        cli_show_env_vars=True,
+        cli_hide_none_type=True,
+        cli_parse_none_str="auto",
+        env_parse_none_str="auto",
+        cli_implicit_flags=False,
+    )
+
+    model_id: str = Field(DEFAULT_MODEL_ID, description="Base model: a Hugging Face repo id or a local dir.")
+    revision: str | None = Field(None, description="Hub revision of MODEL_ID (auto: the default branch).")
+    num_shard: int = Field(1, ge=1, description="Tensor-parallel worker ranks (processes).")
+    hostname: str = Field(
+        _router_default("hostname"),
+        description="Address the HTTP server binds (on nodes other than 0: the ranks' gRPC ports).",
+    )
+    port: int = Field(_router_default("port"), ge=1, le=65535, description="HTTP port.")
+    device: Literal["cpu", "cuda"] | None = Field(
+        None, description="cpu or cuda (auto: cuda when available)."
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
+        None, description="Weights and activations. auto: bfloat16 (float16 on a GPU without bf16)."
+    )
+    lora_adapters: str = Field(
+        "",
+        description="Comma-separated adapters: `org/name`, `org/name@revision`, `name=/local/dir` or "
+        "`name=org/repo[@revision]`. Requests pick one with parameters.adapter_id (`name`, else "
+        "`org/name`). Empty: none.",
+    )
+    max_lora_rank: int | None = Field(
+        None, ge=1, description="Largest adapter rank the workers reserve (auto: the largest configured)."
+    )
+    max_lora_adapters: int | None = Field(
+        None, ge=0, description="Adapter slots per worker (auto: the number of LORA_ADAPTERS)."
+    )
+    max_input_tokens: int | None = Field(None, ge=1, description="auto: from the model and KV cache.")
+    max_total_tokens: int | None = Field(None, ge=2, description="Prompt + generated tokens per request.")
+    max_batch_prefill_tokens: int = Field(
+        _router_default("max_batch_prefill_tokens"), ge=1, description="Prompt tokens per prefill step."
+    )
+    max_batch_total_tokens: int | None = Field(None, ge=1, description="auto: what the KV cache holds.")
+    max_batch_size: int | None = Field(None, ge=1, description="auto: no limit but the token budgets.")
+    api_key: str = Field(
+        "", description="When set, generation requests need `Authorization: Bearer <API_KEY>`. Empty: open."
+    )
+    payload_limit: int = Field(
+        _router_default("payload_limit"), ge=1, description="Largest request body, bytes."
+    )
+    grpc_port: int | None = Field(
+        None, ge=0, le=65535, description="Port of the public gRPC API, 0: a free one (auto: not served)."
+    )
+    max_concurrent_requests: int = Field(
+        _router_default("max_concurrent_requests"), ge=1, description="More are answered with 429."
+    )
+    max_stop_sequences: int = Field(
+        _router_default("max_stop_sequences"), ge=0, description="Most `stop` strings per request."
+    )
+    max_top_n_tokens: int = Field(
+        _router_default("max_top_n_tokens"), ge=0, description="Largest `top_n_tokens` per request."
+    )
+    max_best_of: int = Field(_router_default("max_best_of"), ge=1, description="Largest `best_of`.")
+    waiting_served_ratio: float = Field(
+        _router_default("waiting_served_ratio"),
+        ge=0,
+        description="Waiting/running ratio above which queued requests join a running batch.",
+    )
+    max_waiting_tokens: int = Field(
+        _router_default("max_waiting_tokens"),
+        ge=0,
+        description="Decode steps after which waiting requests join anyway.",
+    )
+    kv_cache_memory: ByteSize | None = Field(
+        None, gt=0, description="KV cache per rank, bytes or e.g. `1GiB` (auto: 1GiB on CPU, 8GiB on CUDA)."
+    )
+    block_size: int = Field(16, ge=1, description="Tokens per KV cache block.")
+    shard_uds_path: Path | None = Field(
+        None,
+        description="Worker sockets go in a private dir next to this path, named `<name>-<rank>` "
+        "(auto: a fresh temporary dir).",
+    )
+    master_addr: str = Field("127.0.0.1", description="torch.distributed rendezvous address (NUM_SHARD>1).")
+    master_port: int = Field(29500, ge=1, le=65535, description="torch.distributed rendezvous port.")
+    num_nodes: int = Field(
+        1, ge=1, description="Nodes (pods) one tensor-parallel group spans; NUM_SHARD counts all their ranks."
+    )
+    node_rank: int = Field(
+        0,
+        ge=0,
+        description="This node's index: it starts ranks NODE_RANK*L .. NODE_RANK*L+L-1 (L = NUM_SHARD/"
+        "NUM_NODES); node 0 also runs the router, at MASTER_ADDR.",
+    )
+    worker_addresses: str = Field(
+        "",
+        description="Node 0 of several: comma-separated `host[:port]` of nodes 1..NUM_NODES-1, where the "
+        "router reaches their ranks (port: their WORKER_PORT_BASE).",
+    )
+    worker_port_base: int = Field(
+        29600,
+        ge=1,
+        le=65535,
+        description="Nodes other than 0: local rank i serves gRPC on TCP HOSTNAME:WORKER_PORT_BASE+i.",
+    )
+    worker_token: str = Field(
+        "",
+        description="Shared secret of a multi-node group (needed when NUM_NODES>1): the TCP ranks refuse "
+        "calls without it.",
+    )
+    huggingface_hub_cache: Path | None = Field(
+        None, description="Hugging Face hub cache (auto: huggingface_hub's default)."
+    )
+    multilora_cache: Path = Field(
+        Path(DEFAULT_CACHE_DIR), description="multilora's cache (the converted default model)."
+    )
+    graceful_termination_timeout: float = Field(
+        90.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM before a kill."
+    )
+
+    @model_validator(mode="after")
+    def _check_limits(self) -> Settings:
+        limits = (self.max_input_tokens, self.max_total_tokens)
+        if None not in limits and limits[0] >= limits[1]:  # type: ignore[operator]
+            raise ValueError(
+                f"MAX_INPUT_TOKENS ({limits[0]}) must be less than MAX_TOTAL_TOKENS ({limits[1]})"
+            )
+        problems = launcher_nodes.check(self)
+        if problems:
+            raise ValueError("\n  ".join(problems))
+        return self
+
+    def resolved_device(self) -> str:
+        if self.device is not None:
+            return self.device
+        import torch
+
+        return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_dtype(self, device: str) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        if device == "cuda":
+            import torch
+
+            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        return "bfloat16"
+
+    def resolved_kv_cache_bytes(self, device: str) -> int:
+        if self.kv_cache_memory is not None:
+            return int(self.kv_cache_memory)
+        return CUDA_KV_CACHE_MEMORY if device == "cuda" else CPU_KV_CACHE_MEMORY
+
+
+class SettingsError(Exception):
+    """A setting (or a LORA_ADAPTERS entry) is invalid; the message names it."""
+
+
+def env_name(field: str) -> str:
+    return field.upper()
+
+
+def flag_name(field: str) -> str:
+    return "--" + field.replace("_", "-")
+
+
+def load_settings(argv: Sequence[str] | None = None) -> Settings:
+    """Settings from `argv` (CLI flags) over the environment; a SettingsError names each bad setting."""
+    try:
+        return Settings(_cli_parse_args=list(sys.argv[1:] if argv is None else argv))
+    except ValidationError as exc:
+        raise SettingsError(format_validation_error(exc)) from None
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        msg = str(err["msg"]).removeprefix("Value error, ")
+        if err["loc"]:
+            field = str(err["loc"][0])
+            lines.append(f"{env_name(field)} ({flag_name(field)}): {msg}, got {err['input']!r}")
+        else:
+            lines.append(msg)
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def settings_table() -> str:
+    """The README's settings table (Markdown), generated from Settings."""
+    rows = ["| Env var | Flag | Default | Meaning |", "|---|---|---|---|"]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "auto" if default is None else ("(empty)" if default == "" else str(default))
+        desc = (field.description or "").replace("|", "\\|")
+        rows.append(f"| `{env_name(name)}` | `{flag_name(name)}` | `{shown}` | {desc} |")
+    return "\n".join(rows)
