@@ -50,6 +50,7 @@ def describe() -> dict:
         "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "load_average_1min": os.getloadavg()[0],  # at the start: other work here makes every figure noisy
     }
 
 

@@ -256,7 +256,8 @@ def report(results: dict) -> str:
         f"copy bandwidth {m['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write), "
         f"bf16 GEMM {m['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, "
         f"model {results['model']['parameters'] / 1e6:.1f}M parameters, "
-        f"{results['model']['weight_bytes'] / 2**20:.0f} MiB",
+        f"{results['model']['weight_bytes'] / 2**20:.0f} MiB; load average {m['load_average_1min']:.1f} "
+        f"at the start (other work on the machine makes every figure noisy)",
         "",
         f"{'run':<22} {'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'p99':>8} "
         f"{'ITL p50':>8} {'p99':>8} {'early':>5} {'RSS GiB':>7}",
