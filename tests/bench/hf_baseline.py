@@ -55,7 +55,8 @@ def _load(model_dir: Path, adapters: dict[str, str]):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16)
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # where the launcher serves (DEVICE=auto)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).to(device)
     model.generation_config.pad_token_id = tok.pad_token_id
     names = list(adapters)
     if names:
@@ -68,7 +69,7 @@ def _load(model_dir: Path, adapters: dict[str, str]):
 def _generate(tok, model, batch: list[Request], with_adapters: bool) -> None:
     import torch
 
-    enc = tok([r.text for r in batch], return_tensors="pt", padding=True)
+    enc = tok([r.text for r in batch], return_tensors="pt", padding=True).to(model.device)
     n = max(r.max_new_tokens for r in batch)
     kwargs = {"adapter_names": [r.adapter or "__base__" for r in batch]} if with_adapters else {}
     with torch.inference_mode():

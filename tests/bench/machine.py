@@ -13,26 +13,30 @@ from safetensors import safe_open
 
 
 def _best_time(fn, repeats: int) -> float:
-    fn()  # warm-up: first-touch page faults, oneDNN kernel selection
-    best = float("inf")
-    for _ in range(repeats):
+    def timed() -> float:
         start = time.perf_counter()
         fn()
-        best = min(best, time.perf_counter() - start)
-    return best
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # kernels are asynchronous: time them to completion
+        return time.perf_counter() - start
+
+    timed()  # warm-up: first-touch page faults, oneDNN or cuBLAS kernel selection
+    return min(timed() for _ in range(repeats))
 
 
 def copy_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
-    """Bytes/s of `dst.copy_(src)` over a tensor far larger than the caches, read + write bytes counted."""
-    src = torch.ones(size_bytes // 4, dtype=torch.float32)
+    """Bytes/s of `dst.copy_(src)` over a tensor far larger than the caches, read + write bytes counted,
+    on the serving device (the GPU's memory on CUDA)."""
+    src = torch.ones(size_bytes // 4, dtype=torch.float32, device=serving_device())
     dst = torch.empty_like(src)
     return 2 * size_bytes / _best_time(lambda: dst.copy_(src), repeats)
 
 
 def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one bf16 n x n @ n x n matmul (2 n^3 FLOPs) on torch's default threads."""
-    a = torch.randn(n, n).to(torch.bfloat16)
-    b = torch.randn(n, n).to(torch.bfloat16)
+    """FLOP/s of one bf16 n x n @ n x n matmul (2 n^3 FLOPs) on the serving device (CPU: torch's
+    default threads)."""
+    a = torch.randn(n, n, device=serving_device()).to(torch.bfloat16)
+    b = torch.randn(n, n, device=serving_device()).to(torch.bfloat16)
     return 2 * n**3 / _best_time(lambda: torch.matmul(a, b), repeats)
 
 
@@ -102,6 +106,14 @@ def lora_slot_bytes(model_dir: Path, max_rank: int, device: str = "cpu", dtype=t
     return stacks(3) - stacks(2)
 
 
+def serving_device() -> str:
+    """Where the launcher serves by default (DEVICE=auto)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
 def available_memory() -> int:
+    """Free bytes where the LoRA stacks live: the GPU's on CUDA, else the host's MemAvailable."""
+    if serving_device() == "cuda":
+        return torch.cuda.mem_get_info()[0]
     with open("/proc/meminfo") as f:
         return int(next(line.split()[1] for line in f if line.startswith("MemAvailable"))) * 1024

@@ -207,7 +207,7 @@ def _closed(url: str, requests: list[Request], concurrency: int) -> dict:
 def _scaling(plan: Plan, model_dir: Path) -> tuple[list[int], str]:
     """The registered counts that fit in memory now, and why the last one is what it is."""
     rank = adapter_set.max_rank("small", 1)
-    per_slot = machine.lora_slot_bytes(model_dir, rank)
+    per_slot = machine.lora_slot_bytes(model_dir, rank, machine.serving_device())
     budget = machine.available_memory() - MEMORY_RESERVE
     fit = max(8, int(budget // per_slot))
     want = plan.scaling[-1]
