@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 if TYPE_CHECKING:
-    from launcher import Settings
+    from launcher_settings import Settings
 
 # A guessable token would open the ranks to anyone who can reach their ports.
 MIN_TOKEN_CHARS = 16
