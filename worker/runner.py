@@ -260,8 +260,14 @@ class ModelRunner:
         return results
 
     def _row_order(self, slots: list[int]) -> list[int]:
-        """Sequences grouped by adapter slot (stable), so each adapter's rows form one segment."""
-        return sorted(range(len(slots)), key=slots.__getitem__)
+        """Sequences grouped by adapter slot (stable), so each adapter's rows form one segment; slots in
+        order of adapter rank, so adapters of one rank are neighbours (the CPU path batches them)."""
+
+        def key(i: int) -> tuple[int, int]:
+            adapter = self.adapters.get(slots[i])
+            return (adapter.rank if adapter is not None else 0, slots[i])
+
+        return sorted(range(len(slots)), key=key)
 
     def _lora_batch(self, row_slots: list[int], is_prefill: bool) -> LoraBatch | None:
         if self.lora_layout is None or not any(row_slots):

@@ -3,8 +3,11 @@
 With one matmul per segment (torch_ops.py), a decode batch of 32 rows over 8 adapters costs 16 small
 matmuls per layer stack, each dominated by ~5-10 us of dispatch: about 2,000 calls per step on a
 30-layer model, whatever the flops. Here the segments are padded to the longest one and run as one
-`bmm` pair (shrink, expand) per rank bucket, so a call costs a handful of ops whatever the number of
-adapters.
+`bmm` pair (shrink, expand) per run of consecutive segments in one rank bucket, so a call costs a
+handful of ops whatever the number of adapters (the runner orders decode rows by adapter rank, so
+there is one run per bucket). When the segments are contiguous and of equal length (no padding), x and
+out are used in place instead of gathered: at large batches the gathers' memory traffic, not the
+weights', is what LoRA costs.
 
 `bmm` needs every segment's A and B at one shape and stride, so the stack rows of the batch's slots are
 copied into [groups, rank, h] tensors, one per rank bucket (ranks rounded up to a power of two: a
@@ -27,16 +30,21 @@ _MAX_GROUP_ROWS = 64
 # Below this many segments with an adapter, one matmul per segment costs fewer ops than the path here.
 _MIN_GROUPS = 3
 
-# Segments of one stack, grouped: ((segment, ...), rank bucket) per bucket, in ascending bucket order.
+# Segments of one stack, grouped: ((segment, ...), rank bucket) per run of consecutive segments (in
+# segment order) sharing a bucket.
 Buckets = tuple[tuple[tuple[int, ...], int], ...]
 
 
 @dataclass
 class Layout:
-    pad_index: torch.Tensor  # [G * T] batch row of each padded row; padding -> num_rows (a zero row)
-    back_index: torch.Tensor  # [num_rows] padded row of each batch row; rows not computed -> G * T
     groups: int  # G
     rows: int  # T
+    # Either the padded rows are batch rows [start, start + G * T) as they are (no padding, no gaps) ...
+    start: int | None
+    # ... or they are gathered: the batch row of each padded row (padding -> num_rows, a zero row), and
+    # the padded row of each batch row (rows not computed -> G * T, the delta buffer's zero row).
+    pad_index: torch.Tensor | None  # [G * T]
+    back_index: torch.Tensor | None  # [num_rows]
 
 
 @dataclass
@@ -66,15 +74,18 @@ class SegmentPlan:
         return self.bounds[g + 1] - self.bounds[g]
 
     def layout(self, buckets: Buckets, device) -> Layout:
-        """Segments padded to T rows each, bucket after bucket.
-
-        pad_index gathers the padded input (padding reads row num_rows, the input scratch's zero row);
-        back_index gathers each batch row's delta (rows outside these segments read row G * T, the
-        delta buffer's zero row). A gather both ways: a CPU index_add_ into rows is a slow scatter.
-        """
+        """The included segments, in order, each padded to T rows (see Layout). A gather both ways
+        where needed: a CPU index_add_ into rows is a slow scatter."""
         if buckets not in self.layouts:
             segments = [g for members, _ in buckets for g in members]
             pad_rows = max(self.length(g) for g in segments)
+            first = self.bounds[segments[0]]
+            if all(
+                self.length(g) == pad_rows and self.bounds[g] == first + i * pad_rows
+                for i, g in enumerate(segments)
+            ):
+                self.layouts[buckets] = Layout(len(segments), pad_rows, first, None, None)
+                return self.layouts[buckets]
             pad: list[int] = []
             back = [len(segments) * pad_rows] * self.num_rows
             for i, g in enumerate(segments):
@@ -86,7 +97,7 @@ class SegmentPlan:
             def as_index(values):
                 return torch.tensor(values, dtype=torch.long, device=device)
 
-            self.layouts[buckets] = Layout(as_index(pad), as_index(back), len(segments), pad_rows)
+            self.layouts[buckets] = Layout(len(segments), pad_rows, None, as_index(pad), as_index(back))
         return self.layouts[buckets]
 
     def buffer(self, kind: str, rows: int, width: int, device) -> torch.Tensor:
@@ -146,10 +157,14 @@ class GroupedLora:
         longest = max(lengths)
         if longest > _MAX_GROUP_ROWS or longest * len(lengths) > _MAX_PAD_FACTOR * sum(lengths):
             return None
-        by_bucket: dict[int, list[int]] = {}
+        runs: list[tuple[list[int], int]] = []
         for g in included:
-            by_bucket.setdefault(rank_bucket(ranks[plan.slots[g]]), []).append(g)
-        return tuple((tuple(by_bucket[r]), r) for r in sorted(by_bucket))
+            bucket = rank_bucket(ranks[plan.slots[g]])
+            if runs and runs[-1][1] == bucket:
+                runs[-1][0].append(g)
+            else:
+                runs.append(([g], bucket))
+        return tuple((tuple(members), r) for members, r in runs)
 
     def apply(
         self,
@@ -169,9 +184,13 @@ class GroupedLora:
         layout = plan.layout(buckets, device)
         groups, rows = layout.groups, layout.rows
         weights = self._weights(plan, buckets, lora_a_stack, lora_b_stack, ranks)
-        xz = plan.buffer("x", n, h_in, device)  # [n + 1, h_in]
-        xz[:n].copy_(x)
-        x_pad = xz.index_select(0, layout.pad_index).view(groups, rows, h_in)  # [G, T, h_in]
+        if layout.start is not None:
+            x_rows = x.narrow(0, layout.start, groups * rows).to(torch.float32)  # [G * T, h_in]
+        else:
+            xz = plan.buffer("x", n, h_in, device)  # [n + 1, h_in], last row zero
+            xz[:n].copy_(x)
+            x_rows = xz.index_select(0, layout.pad_index)  # [G * T, h_in]
+        x_pad = x_rows.view(groups, rows, h_in)
         delta = plan.buffer("delta", groups * rows, h_out, device)  # [G * T + 1, h_out]
         delta_g = delta[:-1].view(groups, rows, h_out)
         g0 = 0
@@ -179,10 +198,12 @@ class GroupedLora:
             g1 = g0 + len(members)
             torch.bmm(torch.bmm(x_pad[g0:g1], a), b, out=delta_g[g0:g1])  # through [G_b, T, r_b]
             g0 = g1
-        acc = delta.index_select(0, layout.back_index)  # [n, h_out] float32, zero for rows not computed
         dst = out.narrow(1, out_offset, h_out)  # [n, h_out] view
-        acc += dst
-        dst.copy_(acc)
+        # In-place add of a float32 delta into a half-precision out sums in float32, rounded once.
+        if layout.start is not None:
+            dst.narrow(0, layout.start, groups * rows).add_(delta[:-1])
+        else:
+            dst.add_(delta.index_select(0, layout.back_index))  # rows not computed add the zero row
 
     def _weights(self, plan, buckets, lora_a_stack, lora_b_stack, ranks):
         """Per bucket: A copies [G_b, h_in, r_b] (a transposed view) and B copies [G_b, r_b, h_out]."""
