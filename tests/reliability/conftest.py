@@ -7,7 +7,6 @@ kill or stop a server start their own with `launch`.
 
 from __future__ import annotations
 
-import re
 import signal
 
 import pytest
@@ -55,17 +54,3 @@ def served(e2e_model_dir, e2e_adapters, tmp_path_factory):  # noqa: F811
         yield server
     finally:
         assert server.stop() == 0, server.log()
-
-
-def grpc_port(server: Server) -> int:
-    """The public gRPC API's port, from the router's log line."""
-    match = re.search(r"Public gRPC API listening on \S+:(\d+)", server.log())
-    assert match, server.log()
-    return int(match.group(1))
-
-
-def metric(text: str, name: str) -> float:
-    """The value of an unlabelled sample in Prometheus text."""
-    match = re.search(rf"^{re.escape(name)} (\S+)$", text, re.MULTILINE)
-    assert match, f"{name} not in /metrics"
-    return float(match.group(1))

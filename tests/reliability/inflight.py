@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
 from dataclasses import dataclass
@@ -98,17 +97,3 @@ async def grpc_generate(port: int, adapter: str | None, n: int) -> Outcome:
     out.tokens = tuple(tokens)
     out.done = time.monotonic()
     return out
-
-
-async def batch_size(session: aiohttp.ClientSession, url: str) -> int:
-    async with session.get(url + "/metrics") as resp:
-        text = await resp.text()
-    line = next(x for x in text.splitlines() if x.startswith("tgi_batch_current_size "))
-    return int(float(line.split()[1]))
-
-
-async def until_running(session: aiohttp.ClientSession, url: str, n: int, timeout_s: float = 60.0) -> None:
-    """Until `n` sequences are in the running batch."""
-    async with asyncio.timeout(timeout_s):
-        while await batch_size(session, url) < n:
-            await asyncio.sleep(0.02)

@@ -18,7 +18,8 @@ from google.protobuf import message_factory
 from proto import public_pb2 as pb
 from router.app import create_app
 from router.config import RouterConfig
-from tests.reliability.conftest import API_KEY, PAYLOAD_LIMIT, grpc_port
+from tests.reliability.conftest import API_KEY, PAYLOAD_LIMIT
+from tests.reliability.scrape import grpc_port
 
 pytestmark = pytest.mark.slow
 

@@ -10,8 +10,8 @@ import time
 import aiohttp
 import pytest
 
-from tests.reliability.conftest import API_KEY, metric
-from tests.reliability.test_load import settled
+from tests.reliability.conftest import API_KEY
+from tests.reliability.scrape import IDLE_GAUGES, metric, scrape, settled
 
 pytestmark = pytest.mark.slow
 
@@ -25,11 +25,6 @@ def body(adapter: str | None, max_new_tokens: int = LONG) -> dict:
     if adapter is not None:
         params["adapter_id"] = adapter
     return {"inputs": PROMPT, "parameters": params}
-
-
-async def scrape(session: aiohttp.ClientSession, url: str) -> str:
-    async with session.get(url + "/metrics") as resp:
-        return await resp.text()
 
 
 async def stream_tokens(session: aiohttp.ClientSession, url: str, adapter: str | None) -> list[int]:
@@ -81,7 +76,5 @@ def test_disconnected_clients_free_their_slots_and_blocks(served, e2e_adapters):
     start = time.monotonic()
     asyncio.run(scenario(served.url, [None, *e2e_adapters]))
     text = asyncio.run(settled(served.url))
-    assert metric(text, "multilora_kv_blocks_used") == 0
-    assert metric(text, "multilora_adapter_slots_active") == 0
-    assert metric(text, "tgi_batch_current_size") == 0
+    assert {n: metric(text, n) for n in IDLE_GAUGES} == dict.fromkeys(IDLE_GAUGES, 0)
     assert time.monotonic() - start < 120

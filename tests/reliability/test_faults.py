@@ -12,14 +12,13 @@ import aiohttp
 import pytest
 
 from tests.e2e.harness import Server, get
-from tests.reliability.conftest import grpc_port
 from tests.reliability.inflight import (
     Outcome,
     grpc_generate,
     http_generate,
     sse_generate,
-    until_running,
 )
+from tests.reliability.scrape import grpc_port, until_running
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,8 @@ import time
 import aiohttp
 import pytest
 
-from tests.reliability.conftest import API_KEY, MAX_CONCURRENT_REQUESTS, metric
+from tests.reliability.conftest import API_KEY, MAX_CONCURRENT_REQUESTS
+from tests.reliability.scrape import IDLE_GAUGES, metric, settled
 
 pytestmark = pytest.mark.slow
 
@@ -80,20 +81,6 @@ async def drive(url: str, requests: list[tuple[str, dict, bool]]) -> list[tuple]
     return results
 
 
-async def settled(url: str, timeout_s: float = 15.0) -> str:
-    """/metrics once nothing is queued, running, or holding KV blocks or adapter slots."""
-    names = ("tgi_queue_size", "tgi_batch_current_size", "multilora_kv_blocks_used")
-    deadline = time.monotonic() + timeout_s
-    async with aiohttp.ClientSession() as session:
-        while True:
-            async with session.get(url + "/metrics") as resp:
-                text = await resp.text()
-            busy = [n for n in (*names, "multilora_adapter_slots_active") if metric(text, n) != 0]
-            if not busy or time.monotonic() > deadline:
-                return text
-            await asyncio.sleep(0.1)
-
-
 def test_load_gets_200_or_429_and_frees_everything(served, e2e_adapters):
     requests = plan([None, *e2e_adapters])
     start = time.monotonic()
@@ -116,8 +103,5 @@ def test_load_gets_200_or_429_and_frees_everything(served, e2e_adapters):
     assert not problems, problems[:5]
     assert set(counts) <= {200, 429}, counts
     assert counts.get(200, 0) >= MAX_CONCURRENT_REQUESTS and counts.get(429, 0) > 0, counts
-    assert metric(text, "multilora_kv_blocks_used") == 0
-    assert metric(text, "multilora_adapter_slots_active") == 0
-    assert metric(text, "tgi_queue_size") == 0
-    assert metric(text, "tgi_batch_current_size") == 0
+    assert {n: metric(text, n) for n in IDLE_GAUGES} == dict.fromkeys(IDLE_GAUGES, 0)
     assert metric(text, "multilora_adapter_slots_used") == len(e2e_adapters)  # loaded, not in use
