@@ -228,6 +228,12 @@ def test_uds_paths_are_private(tmp_path):
         launcher.make_uds_paths(tmp_path / ("x" * 120), 1)
 
 
+def test_e2e_harness_clears_every_setting_but_the_caches():
+    from tests.e2e.harness import _LAUNCHER_ENV, INHERITED_ENV
+
+    assert {launcher.env_name(name) for name in Settings.model_fields} == _LAUNCHER_ENV | INHERITED_ENV
+
+
 def test_worker_listening_without_grpc():
     # gRPC in the launcher process could abort or hang the router it forks later (grpc/grpc#43055).
     code = textwrap.dedent(
