@@ -68,7 +68,9 @@ class Child:
         )
         self.pid = self.popen.pid
         if stdin is not None:
-            self._feed(stdin)
+            # On a thread: a child that does not read would otherwise block the launcher (and its signal
+            # handling) in write() once the data outgrows the pipe's buffer.
+            threading.Thread(target=self._feed, args=(stdin,), name=f"stdin-{name}", daemon=True).start()
         self._reader = threading.Thread(target=self._forward, name=f"output-{name}", daemon=True)
         self._reader.start()
         logger.info("started %s (pid %d)", name, self.pid)

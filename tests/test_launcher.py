@@ -312,16 +312,31 @@ code = launcher.supervise(
     child("router", behaviours.get("router", "ok")),
     lambda rank: (tmp / f"ready-worker{{rank}}").exists(),
     graceful_timeout_s={timeout},
+    router_stdin=bytes({stdin_bytes}) or None,
 )
 sys.exit(code)
 """
 
 
 class Run:
-    def __init__(self, tmp_path: Path, behaviours: dict[str, str], n: int = 2, timeout: float = 2.0):
+    def __init__(
+        self,
+        tmp_path: Path,
+        behaviours: dict[str, str],
+        n: int = 2,
+        timeout: float = 2.0,
+        stdin_bytes: int = 0,
+    ):
         self.tmp = tmp_path
         (tmp_path / "child.py").write_text(DUMMY_CHILD)
-        script = DRIVER.format(root=str(ROOT), tmp=str(tmp_path), behaviours=behaviours, n=n, timeout=timeout)
+        script = DRIVER.format(
+            root=str(ROOT),
+            tmp=str(tmp_path),
+            behaviours=behaviours,
+            n=n,
+            timeout=timeout,
+            stdin_bytes=stdin_bytes,
+        )
         (tmp_path / "driver.py").write_text(textwrap.dedent(script))
         self.proc = subprocess.Popen(
             [sys.executable, str(tmp_path / "driver.py")], stderr=subprocess.PIPE, text=True, cwd=tmp_path
@@ -358,6 +373,14 @@ def test_sigterm_stops_router_then_workers_exit_0(tmp_path):
     assert events[2:4] == ["router start", "router term"]
     assert sorted(events[4:]) == ["worker0 term", "worker1 term"]
     assert "worker-0 | worker0 says hello" in err and "router | router says hello" in err
+
+
+def test_a_router_that_does_not_read_its_stdin_cannot_block_the_launcher(tmp_path):
+    run = Run(tmp_path, {}, stdin_bytes=4 << 20)  # far more than a pipe holds; the dummy never reads
+    run.wait_for("ready-router")
+    run.proc.send_signal(signal.SIGTERM)
+    code, err = run.finish(timeout=30)
+    assert code == 0, err
 
 
 def test_a_signal_delivered_twice_at_once_stays_graceful(tmp_path):
