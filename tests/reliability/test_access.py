@@ -4,6 +4,7 @@ worker sockets' permissions, and no API_KEY on a child's command line or in its 
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import stat
@@ -120,12 +121,25 @@ def test_every_rpc_needs_the_key_and_obeys_the_payload_limit(served):
             assert _invoke(call, big, API_KEY) == grpc.StatusCode.RESOURCE_EXHAUSTED, method.name
 
 
+def post_chunked(port: int, path: str, chunks: list[bytes]) -> tuple[int, bytes]:
+    """A body without Content-Length (chunked), so that only reading it can tell its size."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    headers = {"Content-Type": "application/json", "Authorization": f"Bearer {API_KEY}"}
+    conn.request("POST", path, body=iter(chunks), headers=headers, encode_chunked=True)
+    resp = conn.getresponse()
+    return resp.status, resp.read()
+
+
 def test_payload_limit_is_413_on_every_post_route(served):
     posts = sorted(path for method, path in app_routes() if method == "POST")
     data = b'{"inputs": "' + b"x" * PAYLOAD_LIMIT + b'"}'
     for path in posts:
         status, body = request(served.url + path, "POST", data, API_KEY)
         assert status == 413, (path, body)
+        status, body = post_chunked(
+            served.port, path, [data[i : i + 4096] for i in range(0, len(data), 4096)]
+        )
+        assert status == 413, (path, "chunked", body)
 
 
 def _proc_args(pid: int) -> list[str]:
