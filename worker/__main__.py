@@ -17,6 +17,7 @@ import gc
 import logging
 import signal
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -24,7 +25,7 @@ import torch
 from worker.config import WorkerConfig
 from worker.parallel import init_parallel
 from worker.runner import ModelRunner
-from worker.server import start_server, start_tcp_server, stop_server
+from worker.server import start_server, start_tcp_server, step_thread, stop_server
 
 log = logging.getLogger("worker")
 # How long RPCs in flight at shutdown get to finish; the step in progress is finished even after that.
@@ -80,7 +81,13 @@ def build_runner(config: WorkerConfig) -> ModelRunner:
     return runner
 
 
-async def serve(runner: ModelRunner, uds: Path | None, listen: str | None = None, token: str = "") -> int:
+async def serve(
+    runner: ModelRunner,
+    uds: Path | None,
+    listen: str | None = None,
+    token: str = "",
+    steps: ThreadPoolExecutor | None = None,
+) -> int:
     """Serve on `uds`, or on TCP `listen` to callers with `token`, until SIGTERM or SIGINT, then stop
     gracefully. Returns the exit code."""
     loop = asyncio.get_running_loop()
@@ -89,10 +96,10 @@ async def serve(runner: ModelRunner, uds: Path | None, listen: str | None = None
         loop.add_signal_handler(sig, stop.set)
     try:
         if uds is not None:
-            server, servicer = await start_server(runner, uds)
+            server, servicer = await start_server(runner, uds, steps)
         else:
             assert listen is not None
-            server, servicer = await start_tcp_server(runner, listen, token)
+            server, servicer = await start_tcp_server(runner, listen, token, steps)
     except OSError as err:
         log.error("cannot serve: %s: %s", err, err.__cause__ or "")
         return EXIT_STARTUP_FAILED
@@ -122,15 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.listen is not None and not token:
         log.error("--listen needs a non-empty worker token (--token-stdin): TCP callers must present it")
         return EXIT_BAD_CONFIG
+    steps = step_thread(config.rank)  # the runner is built on the thread that will run its steps
     try:
-        runner = build_runner(config)
+        runner = steps.submit(build_runner, config).result()
     except Exception as err:
         # Expected causes (bad model dir, unsupported architecture, KV budget) need no traceback.
         expected = isinstance(err, OSError | ValueError)
         log.error("cannot start: %s: %s", type(err).__name__, err, exc_info=not expected)
         return EXIT_STARTUP_FAILED
     try:
-        return asyncio.run(serve(runner, args.uds, args.listen, token))
+        return asyncio.run(serve(runner, args.uds, args.listen, token, steps))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -69,12 +69,19 @@ def _rpc(handler: Callable[[WorkerServicer, T, grpc.aio.ServicerContext], Awaita
     return wrapped
 
 
+def step_thread(rank: int) -> ThreadPoolExecutor:
+    """The one thread that runs a rank's torch work. Build the runner on it too: each thread that runs
+    torch ops gets its own OpenMP team, and the idle team of a second thread spins on the cores the
+    steps need (on 2 cores, loading on the main thread and stepping on another made decode ~2x slower)."""
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-step")
+
+
 class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, runner: ModelRunner):
+    def __init__(self, runner: ModelRunner, steps: ThreadPoolExecutor | None = None):
         self.runner = runner
         self.rank = runner.ctx.rank
         self.failure: str | None = None  # why this rank is unhealthy; None while healthy
-        self._steps = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{self.rank}-step")
+        self._steps = steps or step_thread(self.rank)
 
     async def close(self) -> None:
         """Finish the step in progress, drop the queued ones, and stop the step thread."""
@@ -303,8 +310,10 @@ def _involved(request) -> str:
     return "no request ids"
 
 
-def _new_server(runner: ModelRunner, token: str | None = None) -> tuple[grpc.aio.Server, WorkerServicer]:
-    servicer = WorkerServicer(runner)
+def _new_server(
+    runner: ModelRunner, token: str | None = None, steps: ThreadPoolExecutor | None = None
+) -> tuple[grpc.aio.Server, WorkerServicer]:
+    servicer = WorkerServicer(runner, steps)
     # A step with top_n_tokens near the vocab size can exceed gRPC's default 4 MiB, so message sizes are
     # not limited (the router's channel must match).
     server = grpc.aio.server(
@@ -315,7 +324,9 @@ def _new_server(runner: ModelRunner, token: str | None = None) -> tuple[grpc.aio
     return server, servicer
 
 
-async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grpc.aio.Server, WorkerServicer]:
+async def start_server(
+    runner: ModelRunner, uds: str | os.PathLike, steps: ThreadPoolExecutor | None = None
+) -> tuple[grpc.aio.Server, WorkerServicer]:
     """Serve `runner` on the unix socket `uds`, which only this user may connect to (mode 0600).
 
     Raises OSError when the socket cannot be bound (missing directory, path taken by a non-socket).
@@ -323,7 +334,7 @@ async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grp
     path = Path(uds)
     if path.is_socket():
         path.unlink()  # left by a worker that did not exit cleanly
-    server, servicer = _new_server(runner)
+    server, servicer = _new_server(runner, steps=steps)
     # The socket is created with the umask; a restrictive one closes the gap until the chmod below.
     old_umask = os.umask(0o177)
     try:
@@ -339,14 +350,14 @@ async def start_server(runner: ModelRunner, uds: str | os.PathLike) -> tuple[grp
 
 
 async def start_tcp_server(
-    runner: ModelRunner, address: str, token: str
+    runner: ModelRunner, address: str, token: str, steps: ThreadPoolExecutor | None = None
 ) -> tuple[grpc.aio.Server, WorkerServicer]:
     """Serve `runner` on TCP `address` (`host:port`) to callers that present `token` (worker/auth.py).
 
     For the ranks of a multi-node group outside node 0, which the router reaches over the network.
     Raises OSError when the address cannot be bound (port taken, unknown host).
     """
-    server, servicer = _new_server(runner, token)
+    server, servicer = _new_server(runner, token, steps)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:  # grpc's "Failed to bind to address ..."
