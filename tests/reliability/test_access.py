@@ -21,6 +21,7 @@ from router.app import create_app
 from router.config import RouterConfig
 from tests.reliability.conftest import API_KEY, PAYLOAD_LIMIT
 from tests.reliability.scrape import grpc_port
+from tests.route_bodies import BODIES  # any POST route must be listed (a new one gets its body)
 
 pytestmark = pytest.mark.slow
 
@@ -32,19 +33,6 @@ GENERATION_ROUTES = {
     "/v1/chat/completions",
     "/v1/completions",
     "/tokenize",
-}
-# A body each POST route accepts; any POST route must be listed (so a new one gets its body here).
-BODIES = {
-    "/generate": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-    "/generate_stream": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-    "/": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-    "/tokenize": {"inputs": "Hi"},
-    "/v1/completions": {"model": "tgi", "prompt": "Hi", "max_tokens": 2},
-    "/v1/chat/completions": {
-        "model": "tgi",
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 2,
-    },
 }
 
 

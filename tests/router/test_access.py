@@ -5,22 +5,10 @@ from __future__ import annotations
 import pytest
 
 from router.auth import authorized
+from tests.route_bodies import BODIES  # a POST route missing there is only checked for 401
 
 KEY = "s3cret-Key"
 UNAUTHORIZED = {"error": "Unauthorized", "error_type": "authentication"}
-# A request each generation route accepts; a POST route missing here is only checked for 401.
-BODIES = {
-    "/generate": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-    "/": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-    "/generate_stream": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
-    "/tokenize": {"inputs": "Hi"},
-    "/v1/completions": {"model": "tgi", "prompt": "Hi", "max_tokens": 2},
-    "/v1/chat/completions": {
-        "model": "tgi",
-        "messages": [{"role": "user", "content": "Hi"}],
-        "max_tokens": 2,
-    },
-}
 
 
 def _routes(h, method: str) -> list[str]:
