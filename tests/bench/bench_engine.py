@@ -1,7 +1,7 @@
 """Decode throughput of the engine with no adapter, one adapter, and 8 distinct adapters of mixed ranks.
 
 Prints decode tokens/s at batch 1, 8 and 32 on SmolLM2-135M (bfloat16 by default) and the ratios
-against base-only, all measured in one run:
+against base-only, all measured in one run, in interleaved rounds (see decode_tps):
 
     .venv/bin/python -m tests.bench.bench_engine [--steps 32] [--dtype bfloat16]
 """
@@ -27,12 +27,12 @@ BLOCK_SIZE = 16
 ROUNDS = 3
 
 
-def build(model_dir: Path, dtype: str, adapter_dirs: list[Path]) -> ModelRunner:
+def build(model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int = 520) -> ModelRunner:
     config = WorkerConfig(
         model_dir=model_dir,
         dtype=dtype,
         block_size=BLOCK_SIZE,
-        num_blocks=32 * 16 + 8,
+        num_blocks=num_blocks,
         max_adapters=len(adapter_dirs),
         max_lora_rank=max(RANKS),
     )
@@ -43,32 +43,51 @@ def build(model_dir: Path, dtype: str, adapter_dirs: list[Path]) -> ModelRunner:
     return runner
 
 
-def decode_tps(runner: ModelRunner, slots: list[int], steps: int, warmup: int = 3) -> float:
-    """Decode tokens/s for one batch whose row i uses adapter slot slots[i]."""
+def _prefill(runner: ModelRunner, slots: list[int], first_id: int, first_block: int, blocks_per_seq: int):
+    """Prefill one batch whose row i uses adapter slot slots[i]; returns its request ids."""
     gen = torch.Generator().manual_seed(0)
-    blocks_per_seq = (PROMPT_LEN + ROUNDS * steps + warmup + BLOCK_SIZE) // BLOCK_SIZE
     reqs = [
         PrefillRequest(
-            i,
+            first_id + i,
             torch.randint(3, runner.hf_config.vocab_size, (PROMPT_LEN,), generator=gen).tolist(),
-            list(range(i * blocks_per_seq, (i + 1) * blocks_per_seq)),
+            list(range(first_block + i * blocks_per_seq, first_block + (i + 1) * blocks_per_seq)),
             lora_slot=s,
         )
         for i, s in enumerate(slots)
     ]
     runner.prefill(reqs)
-    ids = [r.request_id for r in reqs]
-    for _ in range(warmup):
-        runner.decode(ids)
-    # Best of a few timed rounds: the figure is the engine's speed, not the noise of a shared machine.
-    best = float("inf")
+    return [r.request_id for r in reqs]
+
+
+def decode_tps(runner: ModelRunner, batches: dict[str, list[int]], steps: int, warmup: int = 3) -> dict:
+    """Decode tokens/s of each named batch (row i of a batch uses adapter slot slots[i]).
+
+    The batches are all resident at once and timed in interleaved rounds (a, b, c, a, b, c, ...), each
+    batch's figure the best of its rounds: drift on a shared machine then hits every batch alike, and
+    the ratios compare like with like.
+    """
+    blocks_per_seq = blocks_per_sequence(steps, warmup)
+    ids, first = {}, 0
+    for name, slots in batches.items():
+        ids[name] = _prefill(runner, slots, first, first * blocks_per_seq, blocks_per_seq)
+        first += len(slots)
+    for name in batches:
+        for _ in range(warmup):
+            runner.decode(ids[name])
+    best = dict.fromkeys(batches, float("inf"))
     for _ in range(ROUNDS):
-        start = time.perf_counter()
-        for _ in range(steps):
-            runner.decode(ids)
-        best = min(best, time.perf_counter() - start)
-    runner.release(ids)
-    return len(slots) * steps / best
+        for name in batches:
+            start = time.perf_counter()
+            for _ in range(steps):
+                runner.decode(ids[name])
+            best[name] = min(best[name], time.perf_counter() - start)
+    for name in batches:
+        runner.release(ids[name])
+    return {name: len(batches[name]) * steps / best[name] for name in batches}
+
+
+def blocks_per_sequence(steps: int, warmup: int = 3) -> int:
+    return (PROMPT_LEN + ROUNDS * steps + warmup + BLOCK_SIZE) // BLOCK_SIZE
 
 
 def main() -> None:
@@ -77,13 +96,16 @@ def main() -> None:
     parser.add_argument("--dtype", default="bfloat16")
     parser.add_argument("--batches", default="1,8,32")
     args = parser.parse_args()
+    batches = [int(b) for b in args.batches.split(",")]
     model_dir = prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = [
             save_random_adapter(model_dir, Path(tmp) / f"a{i}", r=r, alpha=2 * r, seed=i, std=0.02)
             for i, r in enumerate(RANKS)
         ]
-        runner = build(model_dir, args.dtype, adapter_dirs)
+        # Three batches (base, one adapter, mixed) of the largest size are resident at once.
+        num_blocks = 3 * max(batches) * blocks_per_sequence(args.steps)
+        runner = build(model_dir, args.dtype, adapter_dirs, num_blocks)
     print(
         f"SmolLM2-135M {args.dtype}, {torch.get_num_threads()} threads, "
         f"prompt {PROMPT_LEN}, {args.steps} steps"
@@ -91,10 +113,13 @@ def main() -> None:
     print(
         f"{'batch':>5} {'base tok/s':>11} {'1 adapter':>10} {'8 mixed':>9} {'1/base':>7} {'mixed/base':>10}"
     )
-    for batch in [int(b) for b in args.batches.split(",")]:
-        base = decode_tps(runner, [0] * batch, args.steps)
-        one = decode_tps(runner, [1] * batch, args.steps)
-        mixed = decode_tps(runner, [1 + i % len(RANKS) for i in range(batch)], args.steps)
+    for batch in batches:
+        tps = decode_tps(
+            runner,
+            {"base": [0] * batch, "one": [1] * batch, "mixed": [1 + i % len(RANKS) for i in range(batch)]},
+            args.steps,
+        )
+        base, one, mixed = tps["base"], tps["one"], tps["mixed"]
         print(f"{batch:>5} {base:>11.1f} {one:>10.1f} {mixed:>9.1f} {one / base:>7.2f} {mixed / base:>10.2f}")
 
 

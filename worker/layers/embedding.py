@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from worker.layers.linear_weight import LinearWeight
 from worker.parallel import ParallelContext
 from worker.weights import CheckpointWeights
 
@@ -40,7 +41,12 @@ class ParallelLMHead(VocabParallelEmbedding):
         super().__init__(vocab_size, hidden_size, ctx, dtype, device)
         self.vocab_size = vocab_size
 
+    def load(self, weights: CheckpointWeights, name: str) -> None:
+        super().load(weights, name)
+        self.matmul = LinearWeight(self.weight)
+        del self.weight  # the packed copy replaced it
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        logits = F.linear(x, self.weight).float()  # [num_rows, vocab_local]
+        logits = self.matmul(x).float()  # [num_rows, vocab_local]
         # Every rank gets the full logits, so all ranks sample the same token in lockstep.
         return self.ctx.all_gather_last_dim(logits, self.vocab_size)

@@ -3,15 +3,16 @@
 Column-parallel layers split the output features across ranks (no communication); row-parallel
 layers split the input features and all-reduce the partial outputs. Fused layers (qkv, gate_up) are
 column-parallel layers made of several checkpoint tensors ("sub-modules"), each split on its own, so a
-rank's fused weight is [q_shard; k_shard; v_shard].
+rank's fused weight is [q_shard; k_shard; v_shard]. After loading, the weight moves into a LinearWeight
+(linear_weight.py), which may keep it in a blocked layout: `weight` is the loading buffer only.
 """
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from worker.layers.linear_weight import LinearWeight
 from worker.lora.batch import LoraBatch
 from worker.lora.stacks import LoraLayout, LoraPart, LoraStack, build_stacks
 from worker.parallel import ParallelContext
@@ -58,9 +59,11 @@ class ColumnParallelLinear(nn.Module):
         if self.bias is not None:
             parts = [weights.get_shard(f"{prefixes[n]}.bias", 0, *self.shards[n]) for n in self.shards]
             self.bias.copy_(torch.cat(parts))
+        self.matmul = LinearWeight(self.weight)
+        del self.weight  # the packed copy replaced it (memory), and nothing may read a stale one
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # [num_tokens, h_out_local]
+        out = self.matmul(x, self.bias)  # [num_tokens, h_out_local]
         if lora is not None and self.lora_stacks:
             lora.apply(self.lora_stacks, x, out)
         return out
@@ -123,9 +126,11 @@ class RowParallelLinear(nn.Module):
         self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, *self.in_shard))
         if self.bias is not None:
             self.bias.copy_(weights.get(f"{prefix}.bias"))
+        self.matmul = LinearWeight(self.weight)
+        del self.weight  # the packed copy replaced it
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
-        out = F.linear(x, self.weight)  # [num_tokens, h_out], this rank's partial sum
+        out = self.matmul(x)  # [num_tokens, h_out], this rank's partial sum
         if lora is not None and self.lora_stacks:
             # The partial LoRA delta joins the partial base output; the all-reduce below sums both.
             lora.apply(self.lora_stacks, x, out)
