@@ -129,9 +129,13 @@ class ShardedClient:
         return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))
 
     async def decode(
-        self, request_ids: Sequence[int], grown: Sequence[pb.BlockTable] = ()
+        self,
+        request_ids: Sequence[int],
+        grown: Sequence[pb.BlockTable] = (),
+        joining: Sequence[pb.NewSequence] = (),
     ) -> pb.StepResponse:
-        return await self._call("Decode", pb.DecodeRequest(request_ids=request_ids, grown=grown))
+        request = pb.DecodeRequest(request_ids=request_ids, grown=grown, joining=joining)
+        return await self._call("Decode", request)
 
     async def release(self, request_ids: Sequence[int], timeout: float | None = None) -> None:
         await self._call("Release", pb.ReleaseRequest(request_ids=request_ids), timeout=timeout)

@@ -9,10 +9,12 @@ Policy (TGI v3's loop without prefill chunking, and without preemption):
 - A sequence gets all the KV blocks it can ever need when admitted, so decoding never runs out of cache
   and nothing is ever preempted. Blocks return when it finishes, fails or is cancelled.
 - With nothing running, whatever fits is prefilled at once. While a batch is decoding, newcomers join
-  between two decode steps: their prefill runs (the others pause for it), then everybody decodes together
-  in one Decode call. To avoid pausing a large batch for a trickle of arrivals, joining waits until at
-  least `floor(running * waiting_served_ratio)` sequences can be admitted together, unless
-  `max_waiting_tokens` decode steps have passed since the last prefill.
+  in a join step: one Decode call whose forward runs their whole prompts and everybody else's next token
+  together (the running batch does not pause for a separate prefill forward). If that call fails, it is
+  redone as a Prefill and a Decode, so that a bad newcomer fails alone. To avoid slowing a large batch
+  for a trickle of arrivals, joining waits until at least `floor(running * waiting_served_ratio)`
+  sequences can be admitted together, unless `max_waiting_tokens` decode steps have passed since the
+  last prefill (TGI's policy and defaults).
 - Requests for different adapters share prefills and decode steps; each carries its adapter slot.
 - After every step, finished sequences (eos, stop sequence, length) leave at once: one Release call, then
   their blocks are freed. Sequences whose client went away are released at the next step boundary (or
@@ -101,8 +103,8 @@ class Scheduler:
         if self.running:
             new = self._admit(joining=True)
             if new:
-                await self._prefill(new)
-            if self.running:
+                await self._join(new)
+            else:
                 await self._decode()
             return
         new = self._admit(joining=False)
@@ -153,20 +155,40 @@ class Scheduler:
         seq.fail(GenerationError(f"the request needs {seq.num_tokens} tokens of KV cache, which cannot fit"))
 
     async def _prefill(self, new: list[Sequence]) -> None:
+        self._start(new)
+        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
+
+    async def _join(self, new: list[Sequence]) -> None:
+        """The newcomers' prefill and the running batch's next token in one Decode call (one forward),
+        so the batch does not pause for a prefill step of their own."""
+        old = list(self.running)
+        self._start(new)
+        call = self.client.decode([s.id for s in old], joining=[s.to_pb() for s in new])
+        if await self._step("Decode", new + old, call, fail=False):
+            return
+        # Redo the step as a prefill and a decode, so that an error fails only the sequences of the call
+        # that raised it: one bad newcomer must not fail the running batch. (A worker that is broken
+        # fails both calls, and so everybody, as before.)
+        log.warning("join step failed; retrying its prefill and decode apart")
+        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
+        if self.running:
+            await self._decode()
+
+    def _start(self, new: list[Sequence]) -> None:
         log.debug("prefill %s (running %d)", [s.id for s in new], len(self.running))
         waited = self._steps_since_prefill >= self.limits.max_waiting_tokens
         self.metrics.new_batch(len(new), joining=bool(self.running), waited=waited)
         self.running.extend(new)
         self._steps_since_prefill = 0
-        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
 
     async def _decode(self) -> None:
         seqs = list(self.running)
         self._steps_since_prefill += 1
         await self._step("Decode", seqs, self.client.decode([s.id for s in seqs]))
 
-    async def _step(self, method: str, seqs: list[Sequence], call) -> None:
-        """Run one step RPC and hand each sequence its token; failures fail exactly these sequences."""
+    async def _step(self, method: str, seqs: list[Sequence], call, fail: bool = True) -> bool:
+        """Run one step RPC and hand each sequence its token; False if it failed. A failure fails exactly
+        these sequences, or, with `fail=False`, none: the caller retries them."""
         start = time.monotonic()
         try:
             reply: pb.StepResponse = await call
@@ -174,10 +196,11 @@ class Scheduler:
             self.metrics.step(method, time.monotonic() - start, forward_ns=None)
             if not isinstance(e, WorkerError):
                 log.exception("%s step failed", method)
-            for seq in seqs:
-                seq.fail(GenerationError(str(e)))
-            await self._release(seqs)
-            return
+            if fail:
+                for seq in seqs:
+                    seq.fail(GenerationError(str(e)))
+                await self._release(seqs)
+            return False
         self.metrics.step(method, time.monotonic() - start, forward_ns=reply.forward_ns)
         by_id = {g.request_id: g for g in reply.generations}
         done = []
@@ -191,6 +214,7 @@ class Scheduler:
             elif seq.on_generation(gen):
                 done.append(seq)
         await self._release(done)
+        return True
 
     async def _release(self, seqs: Seq[Sequence]) -> None:
         """Tell the workers to forget `seqs`, then free their blocks (even if the workers fail)."""

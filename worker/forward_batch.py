@@ -6,18 +6,22 @@ from dataclasses import dataclass, field
 
 import torch
 
-from worker.lora.batch import LoraBatch
+from worker.lora.batch import LoraBatch, SplitLoraBatch
 
 
 @dataclass
 class ForwardBatch:
-    is_prefill: bool
+    """Rows [0, num_prefill_tokens) are whole prompts of new sequences (`query_lens` tokens each, in row
+    order); the rows after them are running sequences, one new token each (decode). A step may hold
+    either kind or both (a join step)."""
+
+    num_prefill_tokens: int
     positions: torch.Tensor  # [num_tokens] int64
     slot_mapping: torch.Tensor  # [num_tokens] int64, flat KV slot (block * block_size + offset) of each token
-    query_lens: list[int]  # prefill: tokens of each sequence in row order (host side)
-    block_tables: torch.Tensor | None  # decode: [num_seqs, max_blocks] int64, padded with 0
-    context_lens: torch.Tensor | None  # decode: [num_seqs] int64, tokens in the cache incl. the new one
+    query_lens: list[int]  # prefill rows: tokens of each new sequence in row order (host side)
+    block_tables: torch.Tensor | None  # decode rows: [num_decode, max_blocks] int64, padded with 0
+    context_lens: torch.Tensor | None  # decode rows: [num_decode] int64, cached tokens incl. the new one
     logits_indices: torch.Tensor  # [num_rows_out] int64, rows whose logits are computed
-    lora: LoraBatch | None
+    lora: LoraBatch | SplitLoraBatch | None
     # Attention masks shared by the layers of one step (made by the first layer that needs one).
     masks: dict[tuple, torch.Tensor] = field(default_factory=dict)

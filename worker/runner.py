@@ -19,7 +19,7 @@ from worker.forward_batch import ForwardBatch
 from worker.kernels import select_lora_ops
 from worker.kv_cache import KVCache
 from worker.lora.adapter import LoraAdapter, ModuleShape
-from worker.lora.batch import LoraBatch
+from worker.lora.batch import LoraBatch, SplitLoraBatch
 from worker.lora.stacks import LoraLayout
 from worker.models.llama import LlamaForCausalLM, head_dim_of
 from worker.parallel import ParallelContext
@@ -145,35 +145,81 @@ class ModelRunner:
 
     # ---- steps ----------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def prefill(self, requests: list[PrefillRequest]) -> list[TokenOutput]:
         """Run the whole prompt of each new sequence, then sample its first token."""
-        for r in requests:
+        return self.step(requests, [])
+
+    def decode(
+        self, request_ids: list[int], block_tables: dict[int, list[int]] | None = None
+    ) -> list[TokenOutput]:
+        """One token for each running sequence. `block_tables` replaces the tables of sequences that grew."""
+        return self.step([], request_ids, block_tables)
+
+    @torch.inference_mode()
+    def step(
+        self,
+        new: list[PrefillRequest],
+        request_ids: list[int],
+        block_tables: dict[int, list[int]] | None = None,
+    ) -> list[TokenOutput]:
+        """One forward over the whole prompt of each `new` sequence (sampling its first token) and one
+        token of each running sequence in `request_ids`; `block_tables` replaces the tables of running
+        sequences that grew. Outputs: the new sequences' in the order given, then the running ones'.
+
+        With both kinds (a join step), newcomers do not pause the running batch for a forward of their
+        own: every linear layer reads its weights once for all rows. Everything is checked before any
+        state changes, so a bad request fails the call and leaves every sequence as it was.
+        """
+        for r in new:
             self._check_new(r)
-        order = self._row_order([r.lora_slot for r in requests])
-        reqs = [requests[i] for i in order]
+        seqs = [self._seq(rid) for rid in request_ids]
+        tables = {rid: list(t) for rid, t in (block_tables or {}).items()}
+        grown = [self._seq(rid) for rid in tables]
         bs = self.kv.block_size
+        for rid, s in zip(request_ids, seqs, strict=True):
+            if s.num_cached // bs >= len(tables.get(rid, s.block_table)):
+                raise RequestError(f"request {rid}: its block table has no room for token {s.num_cached + 1}")
+        for s, table in zip(grown, tables.values(), strict=True):
+            s.block_table = table
+        reqs = [new[i] for i in self._row_order([r.lora_slot for r in new])]
+        order = self._row_order([s.lora_slot for s in seqs])
+        ids, seqs = [request_ids[i] for i in order], [seqs[i] for i in order]
+
         token_ids, positions, slots, row_slots, logits_rows = [], [], [], [], []
         for r in reqs:
-            n = len(r.token_ids)
-            start = len(token_ids)
+            n, start = len(r.token_ids), len(token_ids)
             token_ids += r.token_ids
             positions += range(n)
             slots += [r.block_table[p // bs] * bs + p % bs for p in range(n)]
             row_slots += [r.lora_slot] * n
             logits_rows += range(start, start + n) if r.prompt_logprobs else [start + n - 1]
+        num_prefill = len(token_ids)
+        for s in seqs:
+            p = s.num_cached
+            token_ids.append(s.last_token)
+            positions.append(p)
+            slots.append(s.block_table[p // bs] * bs + p % bs)
+            row_slots.append(s.lora_slot)
+            logits_rows.append(len(token_ids) - 1)
+        decode_tables = context_lens = None
+        if seqs:
+            max_blocks = max(len(s.block_table) for s in seqs)
+            padded = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
+            decode_tables = self._long(padded)  # [num_decode, max_blocks]
+            context_lens = self._long([s.num_cached + 1 for s in seqs])
         batch = ForwardBatch(
-            is_prefill=True,
+            num_prefill_tokens=num_prefill,
             positions=self._long(positions),
             slot_mapping=self._long(slots),
             query_lens=[len(r.token_ids) for r in reqs],
-            block_tables=None,
-            context_lens=None,
+            block_tables=decode_tables,
+            context_lens=context_lens,
             logits_indices=self._long(logits_rows),
-            lora=self._lora_batch(row_slots, is_prefill=True),
+            lora=self._lora_batch(row_slots, num_prefill),
         )
         logits = self.model(self._long(token_ids), batch, self.kv)  # [len(logits_rows), vocab]
-        last_rows, prompt_lps, row = [], {}, 0
+
+        sample_rows, prompt_lps, row = [], {}, 0
         for r in reqs:
             if r.prompt_logprobs:
                 n = len(r.token_ids)
@@ -182,7 +228,8 @@ class ModelRunner:
                 row += n
             else:
                 row += 1
-            last_rows.append(row - 1)
+            sample_rows.append(row - 1)
+        sample_rows += range(row, row + len(seqs))
         for r in reqs:
             self.sequences[r.request_id] = _Sequence(
                 block_table=list(r.block_table),
@@ -192,46 +239,14 @@ class ModelRunner:
                 num_cached=len(r.token_ids),
                 last_token=-1,
             )
-        outputs = self._sample(logits[last_rows], [r.request_id for r in reqs])
+        if len(sample_rows) < logits.shape[0]:  # prompt-logprob rows are not sampled
+            logits = logits[sample_rows]
+        outputs = self._sample(logits, [r.request_id for r in reqs] + ids)
         for out in outputs:
             out.prompt_logprobs = prompt_lps.get(out.request_id)
-        return self._in_request_order(outputs, [r.request_id for r in requests])
-
-    @torch.inference_mode()
-    def decode(
-        self, request_ids: list[int], block_tables: dict[int, list[int]] | None = None
-    ) -> list[TokenOutput]:
-        """One token for each running sequence. `block_tables` replaces the tables of sequences that grew."""
-        for rid, table in (block_tables or {}).items():
-            self._seq(rid).block_table = list(table)
-        seqs = [self._seq(rid) for rid in request_ids]
-        order = self._row_order([s.lora_slot for s in seqs])
-        ids = [request_ids[i] for i in order]
-        seqs = [seqs[i] for i in order]
-        bs = self.kv.block_size
-        positions, slots = [], []
-        for rid, s in zip(ids, seqs, strict=True):
-            p = s.num_cached
-            if p // bs >= len(s.block_table):
-                raise RequestError(f"request {rid}: its block table has no room for token {p + 1}")
-            positions.append(p)
-            slots.append(s.block_table[p // bs] * bs + p % bs)
-        max_blocks = max(len(s.block_table) for s in seqs)
-        tables = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-        batch = ForwardBatch(
-            is_prefill=False,
-            positions=self._long(positions),
-            slot_mapping=self._long(slots),
-            query_lens=[1] * len(seqs),
-            block_tables=self._long(tables),
-            context_lens=self._long([p + 1 for p in positions]),
-            logits_indices=torch.arange(len(seqs), device=self.device),
-            lora=self._lora_batch([s.lora_slot for s in seqs], is_prefill=False),
-        )
-        logits = self.model(self._long([s.last_token for s in seqs]), batch, self.kv)
         for s in seqs:
             s.num_cached += 1
-        return self._in_request_order(self._sample(logits, ids), request_ids)
+        return self._in_request_order(outputs, [r.request_id for r in new] + list(request_ids))
 
     def release(self, request_ids: list[int]) -> None:
         """Forget finished or cancelled sequences (their blocks are the caller's to reuse)."""
@@ -269,15 +284,24 @@ class ModelRunner:
 
         return sorted(range(len(slots)), key=key)
 
-    def _lora_batch(self, row_slots: list[int], is_prefill: bool) -> LoraBatch | None:
+    def _lora_batch(self, row_slots: list[int], num_prefill: int) -> LoraBatch | SplitLoraBatch | None:
+        """Prompt rows always take the segment ops (sgmv); decode rows the ops' choice. A join step's two
+        kinds of rows are applied as two batches, so each keeps the path that suits it."""
         if self.lora_layout is None or not any(row_slots):
             return None
-        return LoraBatch.build(
-            self.lora_ops,
-            row_slots,
-            use_segments=is_prefill or self.lora_ops.decode_uses_segments,
-            device=self.device,
-        )
+        parts = [
+            (start, end, use_segments)
+            for start, end, use_segments in (
+                (0, num_prefill, True),
+                (num_prefill, len(row_slots), self.lora_ops.decode_uses_segments),
+            )
+            if end > start
+        ]
+        batches = [
+            (start, end, LoraBatch.build(self.lora_ops, row_slots[start:end], use_segments, self.device))
+            for start, end, use_segments in parts
+        ]
+        return batches[0][2] if len(batches) == 1 else SplitLoraBatch(batches)
 
     def _check_new(self, r: PrefillRequest) -> None:
         if r.request_id in self.sequences:

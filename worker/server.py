@@ -215,15 +215,16 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
     def _decode(self, request: pb.DecodeRequest) -> pb.StepResponse:
         self._check_healthy()
         request_ids = list(request.request_ids)
-        _check_unique(request_ids)
+        joining = [self._prefill_request(seq) for seq in request.joining]
+        _check_unique([r.request_id for r in joining] + request_ids)
         grown = {}
         for table in request.grown:
             self._check_blocks(table.request_id, table.block_table)
             grown[table.request_id] = list(table.block_table)
-        if not request_ids:
+        if not request_ids and not joining:
             return pb.StepResponse()
         start = time.perf_counter_ns()
-        outputs = self.runner.decode(request_ids, grown)
+        outputs = self.runner.step(joining, request_ids, grown)
         return _step_response(outputs, time.perf_counter_ns() - start)
 
     # ---- request conversion and checks ----------------------------------------------------------

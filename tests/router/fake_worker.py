@@ -140,9 +140,34 @@ class FakeWorker(TextGenerationServiceServicer):
     async def Prefill(self, request, context):
         await self._enter("Prefill", request, context)
         await asyncio.sleep(self.step_delay)
+        await self._check_new(request.sequences, context)
+        return pb.StepResponse(generations=self._start(request.sequences), forward_ns=1)
+
+    async def Decode(self, request, context):
+        """Joining sequences' first tokens, then the running ones'; like the real worker, everything is
+        checked before any state changes."""
+        await self._enter("Decode", request, context)
+        await asyncio.sleep(self.step_delay)
+        await self._check_new(request.joining, context)
+        for rid in request.request_ids:
+            seq = self.sequences.get(rid)
+            if seq is None:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid} is not running")
+            if seq.num_cached + 1 > len(seq.block_table) * self.block_size:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
+            if self.fail_at_token is not None and len(seq.generated) + 1 == self.fail_at_token:
+                await context.abort(grpc.StatusCode.INTERNAL, "injected failure")
+        for grown in request.grown:
+            self.sequences[grown.request_id].block_table = list(grown.block_table)
+        out = self._start(request.joining) + [self._next(self.sequences[rid]) for rid in request.request_ids]
+        if "Decode" in self.drop_next:
+            self.drop_next.remove("Decode")
+            out = []
+        return pb.StepResponse(generations=out, forward_ns=1)
+
+    async def _check_new(self, sequences, context) -> None:
         used = {b for s in self.sequences.values() for b in s.block_table}
-        out = []
-        for new in request.sequences:
+        for new in sequences:
             problem = None
             if new.request_id in self.sequences:
                 problem = f"request {new.request_id} is already running"
@@ -157,6 +182,10 @@ class FakeWorker(TextGenerationServiceServicer):
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             used |= set(new.block_table)
+
+    def _start(self, sequences) -> list:
+        out = []
+        for new in sequences:
             seq = FakeSequence(
                 new.request_id, list(new.token_ids), list(new.block_table), new.lora_slot, new.parameters
             )
@@ -165,27 +194,7 @@ class FakeWorker(TextGenerationServiceServicer):
             if new.prompt_logprobs:
                 gen.prompt_logprobs.extend([-0.5] * (len(new.token_ids) - 1))
             out.append(gen)
-        return pb.StepResponse(generations=out, forward_ns=1)
-
-    async def Decode(self, request, context):
-        await self._enter("Decode", request, context)
-        await asyncio.sleep(self.step_delay)
-        for grown in request.grown:
-            self.sequences[grown.request_id].block_table = list(grown.block_table)
-        out = []
-        for rid in request.request_ids:
-            seq = self.sequences.get(rid)
-            if seq is None:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid} is not running")
-            if seq.num_cached + 1 > len(seq.block_table) * self.block_size:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
-            if self.fail_at_token is not None and len(seq.generated) + 1 == self.fail_at_token:
-                await context.abort(grpc.StatusCode.INTERNAL, "injected failure")
-            out.append(self._next(seq))
-        if "Decode" in self.drop_next:
-            self.drop_next.remove("Decode")
-            out = []
-        return pb.StepResponse(generations=out, forward_ns=1)
+        return out
 
     async def Release(self, request, context):
         await self._enter("Release", request, context)

@@ -7,8 +7,18 @@ import asyncio
 from tests.router.conftest import SCRIPTS
 
 
+def _new_sequences(fake) -> list:
+    """Every NewSequence the fake was sent: in Prefill calls and joining Decode calls, in call order."""
+    return [
+        s
+        for m, r in fake.calls
+        if m in ("Prefill", "Decode")
+        for s in (r.sequences if m == "Prefill" else r.joining)
+    ]
+
+
 def _slots_by_request(fake) -> dict[int, int]:
-    return {s.request_id: s.lora_slot for r in fake.requests("Prefill") for s in r.sequences}
+    return {s.request_id: s.lora_slot for s in _new_sequences(fake)}
 
 
 async def _wait_for(predicate, timeout: float = 5.0) -> None:
@@ -48,6 +58,30 @@ async def test_newcomers_join_a_running_batch(start_router):
     assert (await (await first).json())["generated_text"] == SCRIPTS[0][:20]
     decode_sizes = [len(r.request_ids) for r in h.fakes[0].requests("Decode")]
     assert max(decode_sizes) == 2
+    # It joined in a join step: its prompt rode in a Decode call with the running request, no Prefill.
+    assert len(h.fakes[0].requests("Prefill")) == 1
+    joins = [r for r in h.fakes[0].requests("Decode") if r.joining]
+    assert len(joins) == 1 and len(joins[0].request_ids) == 1 and joins[0].joining[0].lora_slot != 0
+
+
+async def test_a_failed_join_step_is_redone_apart(start_router):
+    h = await start_router(world_size=2)
+    for f in h.fakes:
+        f.step_delay = 0.01
+    first = asyncio.create_task(h.generate("Hi", max_new_tokens=20))
+    await _wait_for(lambda: len(h.fakes[0].requests("Decode")) >= 3)
+    for f in h.fakes:
+        f.fail_next["Decode"] = "device fell over"  # the join step fails on both ranks
+    second = await h.generate("Hi", max_new_tokens=3, adapter_id="adapter-two")
+    # The join step was redone apart (Prefill, then Decode), so both requests still complete in full.
+    assert (await second.json())["generated_text"] == SCRIPTS[2][:3]
+    assert (await (await first).json())["generated_text"] == SCRIPTS[0][:20]
+    methods = [
+        (m, bool(m == "Decode" and r.joining)) for m, r in h.fakes[0].calls if m in ("Prefill", "Decode")
+    ]
+    join = methods.index(("Decode", True))
+    assert methods[join + 1 : join + 3] == [("Prefill", False), ("Decode", False)]
+    await h.settle()
 
 
 async def test_queued_requests_wait_for_blocks_then_run(start_router):
@@ -120,7 +154,12 @@ async def test_waiting_served_ratio_delays_joining_until_max_waiting_tokens(star
     await _wait_for(lambda: len(h.state.scheduler.running) == 2)
     newcomer = await h.generate("Hi", max_new_tokens=2)
     assert newcomer.status == 200
-    methods = [m for m, _ in fake.calls if m in ("Prefill", "Decode")]
+    # A join step (a Decode call with joining sequences) is a prefill here.
+    methods = [
+        "Prefill" if m == "Prefill" or r.joining else "Decode"
+        for m, r in fake.calls
+        if m in ("Prefill", "Decode")
+    ]
     last = len(methods) - 1 - methods[::-1].index("Prefill")  # the newcomer's prefill
     previous = last - 1 - methods[:last][::-1].index("Prefill")
     assert methods[previous + 1 : last].count("Decode") >= 5

@@ -1,7 +1,8 @@
 """A scripted multi-adapter scenario for the engine, shared by the peft-equality and TP tests.
 
 Sequences of different lengths and adapters are prefilled together, decoded, one leaves, two join (one
-reusing the blocks of the one that left), and decoding goes on. Every step records the chosen token and
+reusing the blocks of the one that left; in a prefill of their own or in a join step with the others'
+decode), and decoding goes on. Every step records the chosen token and
 the full log-softmax distribution (top_n = vocab), so callers can compare with any reference.
 """
 
@@ -76,9 +77,13 @@ class _Blocks:
 
 
 def run_scenario(
-    runner: ModelRunner, slots: dict[str, int], prompts: dict[int, tuple[str | None, list[int]]]
+    runner: ModelRunner,
+    slots: dict[str, int],
+    prompts: dict[int, tuple[str | None, list[int]]],
+    join_step: bool = False,
 ):
-    """prompts: request id -> (adapter name or None, prompt). Ids 0..n-3 start together; the last two join."""
+    """prompts: request id -> (adapter name or None, prompt). Ids 0..n-3 start together; the last two join,
+    in a prefill of their own, or with `join_step` in the same forward as the others' next decode."""
     vocab = runner.hf_config.vocab_size
     params = SamplingParams(top_n_tokens=vocab)
     records = {rid: Record(a, p) for rid, (a, p) in prompts.items()}
@@ -93,21 +98,24 @@ def run_scenario(
             records[o.request_id].tokens.append(o.token_id)
             records[o.request_id].logprobs.append(dist)
 
-    def prefill(rids):
+    def new_requests(rids):
         reqs = []
         for rid in rids:
             adapter, prompt = prompts[rid]
             blocks.grow(rid, len(prompt))
             slot = slots[adapter] if adapter else 0
             reqs.append(PrefillRequest(rid, prompt, blocks.tables[rid], params, slot))
-        record(runner.prefill(reqs))
+        return reqs
 
-    def decode(rids):
+    def prefill(rids):
+        record(runner.prefill(new_requests(rids)))
+
+    def decode(rids, joining=()):
         grown = {}
         for rid in rids:
             if blocks.grow(rid, len(records[rid].prompt) + len(records[rid].tokens)):
                 grown[rid] = blocks.tables[rid]
-        record(runner.decode(rids, grown))
+        record(runner.step(new_requests(joining), rids, grown))
 
     running = list(first)
     prefill(first)
@@ -116,9 +124,14 @@ def run_scenario(
     running.remove(leaver)
     runner.release([leaver])
     blocks.release(leaver)
-    prefill(joiners)
-    running += joiners
-    for _ in range(3):
+    if join_step:
+        decode(running, joining=joiners)
+        running += joiners
+    else:
+        prefill(joiners)
+        running += joiners
+        decode(running)
+    for _ in range(2):
         decode(running)
     return records
 

@@ -33,6 +33,44 @@ def test_mixed_batch_equals_peft(fuse, tiny_model_dir, tiny_adapters, monkeypatc
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
 
 
+def test_join_step_equals_peft(tiny_model_dir, tiny_adapters):
+    """Newcomers prefilled in the same forward as the running batch's decode (prompt rows, then decode
+    rows; LoRA applied to each kind apart) give the distributions of transformers + peft."""
+    from worker.lora.batch import SplitLoraBatch
+    from worker.models.llama import LlamaForCausalLM
+
+    runner, slots = build_runner(tiny_model_dir, tiny_adapters)
+    kinds = []
+    forward = LlamaForCausalLM.forward
+    runner.model.forward = lambda ids, batch, kv: (
+        kinds.append(type(batch.lora)) or forward(runner.model, ids, batch, kv)
+    )
+    prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
+    records = run_scenario(runner, slots, prompts, join_step=True)
+    assert SplitLoraBatch in kinds, "the join step must run prompt and decode rows in one forward"
+    assert [len(records[rid].tokens) for rid in (len(TINY_MIX) - 2, len(TINY_MIX) - 1)] == [3, 3]
+    assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
+
+
+def test_join_step_refuses_a_bad_newcomer_and_changes_nothing(tiny_model_dir, tiny_adapters):
+    from worker.runner import PrefillRequest, RequestError
+
+    def start():
+        runner, _ = build_runner(tiny_model_dir, {"r4_qv": tiny_adapters["r4_qv"]})
+        runner.prefill([PrefillRequest(1, [3, 4, 5], [0], lora_slot=1)])
+        return runner
+
+    runner = start()
+    with pytest.raises(RequestError, match="request 2"):
+        runner.step([PrefillRequest(2, [3, 100000], [1])], [1])
+    assert 2 not in runner.sequences and runner.sequences[1].num_cached == 3
+    # The running sequence goes on exactly as in a runner that never saw the refused step.
+    after = runner.step([PrefillRequest(3, [6, 7], [2])], [1])
+    clean = start().step([PrefillRequest(3, [6, 7], [2])], [1])
+    assert [o.request_id for o in after] == [3, 1]
+    assert [(o.token_id, o.logprob) for o in after] == [(o.token_id, o.logprob) for o in clean]
+
+
 def test_greedy_tokens_same_alone_and_in_mixed_batch(tiny_model_dir, tiny_adapters):
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
     prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)

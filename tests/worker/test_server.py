@@ -7,93 +7,26 @@ calls; bad requests map to INVALID_ARGUMENT, internal failures to INTERNAL plus 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-import signal
-import socket
-import stat
-import subprocess
-import sys
-import tempfile
 import threading
-import time
-from dataclasses import dataclass, replace
-from pathlib import Path
 
 import grpc
 import pytest
 import torch
 
 from proto import generate_pb2 as pb
-from proto import generate_pb2_grpc as pb_grpc
-from worker import __main__ as worker_main
-from worker.config import WorkerConfig
+from tests.worker.server_harness import (
+    ADAPTERS,
+    BLOCK_SIZE,
+    NUM_BLOCKS,
+    as_tuples,
+    load_adapters,
+    new_sequence,
+    rpc_error,
+    worker_config,
+)
 from worker.lora.adapter import load_peft_adapter
 from worker.runner import ModelRunner, PrefillRequest
 from worker.sampler import SamplingParams
-from worker.server import start_server, stop_server
-
-BLOCK_SIZE = 4
-NUM_BLOCKS = 64
-ADAPTERS = ("r4_qv", "r8_all", "r64_rs")  # slots 1, 2, 3
-
-
-def worker_config(model_dir: Path, **overrides) -> WorkerConfig:
-    kwargs = dict(
-        model_dir=model_dir,
-        dtype="float32",
-        block_size=BLOCK_SIZE,
-        num_blocks=NUM_BLOCKS,
-        max_adapters=len(ADAPTERS),
-        max_lora_rank=64,
-    )
-    return WorkerConfig(**{**kwargs, **overrides})
-
-
-@pytest.fixture
-def sock_dir():
-    # pytest's tmp_path can exceed the ~107-byte limit of a unix socket path.
-    with tempfile.TemporaryDirectory(prefix="mlw-") as d:
-        yield Path(d)
-
-
-@dataclass
-class Worker:
-    stub: pb_grpc.TextGenerationServiceStub
-    runner: ModelRunner
-
-
-@pytest.fixture
-async def worker(tiny_model_dir, sock_dir):
-    runner = ModelRunner(worker_config(tiny_model_dir))
-    server, servicer = await start_server(runner, sock_dir / "rank0.sock")
-    async with grpc.aio.insecure_channel(f"unix://{sock_dir}/rank0.sock") as channel:
-        yield Worker(pb_grpc.TextGenerationServiceStub(channel), runner)
-    await stop_server(server, servicer, grace_s=0)
-
-
-async def load_adapters(stub, tiny_adapters):
-    for slot, name in enumerate(ADAPTERS, start=1):
-        await stub.LoadAdapter(
-            pb.LoadAdapterRequest(slot=slot, adapter_id=name, path=str(tiny_adapters[name]))
-        )
-
-
-async def rpc_error(call) -> grpc.aio.AioRpcError:
-    with pytest.raises(grpc.aio.AioRpcError) as info:
-        await call
-    return info.value
-
-
-def new_sequence(rid: int, tokens: list[int], blocks: list[int], slot: int = 0, **params) -> pb.NewSequence:
-    full = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, **params}
-    return pb.NewSequence(
-        request_id=rid,
-        token_ids=tokens,
-        block_table=blocks,
-        lora_slot=slot,
-        parameters=pb.SamplingParameters(**full),
-    )
 
 
 async def test_info_and_health(worker):
@@ -188,20 +121,6 @@ def scripted_steps(vocab: int):
             yield kind, rids
 
 
-def as_tuples(outputs) -> list[tuple]:
-    return [
-        (
-            o.request_id,
-            o.token_id,
-            o.logprob,
-            list(o.top_token_ids),
-            list(o.top_logprobs),
-            list(o.prompt_logprobs),
-        )
-        for o in outputs
-    ]
-
-
 async def run_over_grpc(stub, vocab) -> list[list[tuple]]:
     results = []
     for kind, payload in scripted_steps(vocab):
@@ -270,6 +189,46 @@ async def test_steps_equal_direct_runner(worker, tiny_model_dir, tiny_adapters):
     # The prefill steps asked for prompt logprobs of requests 2 and 5 only.
     assert [len(g[5]) for g in served[0]] == [0, 0, 2, 0]
     assert [len(g[5]) for g in served[3]] == [0, 6]
+
+
+async def test_join_step_equals_direct_runner(worker, tiny_model_dir, tiny_adapters):
+    """A Decode with joining sequences: their first tokens, then the running ones', as runner.step gives."""
+    await load_adapters(worker.stub, tiny_adapters)
+    first = [new_sequence(1, [3, 4, 5], [0], slot=1), new_sequence(2, [6, 7], [1], slot=2)]
+    joining = [new_sequence(3, [8, 9, 10, 11], [2], slot=3, top_n_tokens=2), new_sequence(4, [5], [3])]
+    await worker.stub.Prefill(pb.PrefillRequest(sequences=first))
+    reply = await worker.stub.Decode(pb.DecodeRequest(request_ids=[2, 1], joining=joining))
+    served = as_tuples(reply.generations)
+
+    runner = ModelRunner(worker_config(tiny_model_dir))
+    for slot, name in enumerate(ADAPTERS, start=1):
+        runner.load_adapter(
+            slot,
+            load_peft_adapter(
+                name, tiny_adapters[name], runner.hf_config.num_hidden_layers, runner.module_shapes()
+            ),
+        )
+    greedy = SamplingParams()
+    runner.prefill([PrefillRequest(1, [3, 4, 5], [0], greedy, 1), PrefillRequest(2, [6, 7], [1], greedy, 2)])
+    outputs = runner.step(
+        [
+            PrefillRequest(3, [8, 9, 10, 11], [2], SamplingParams(top_n_tokens=2), 3),
+            PrefillRequest(4, [5], [3], greedy, 0),
+        ],
+        [2, 1],
+    )
+    direct = [(o.request_id, o.token_id, o.logprob, o.top_token_ids) for o in outputs]
+    assert [g[0] for g in served] == [3, 4, 2, 1]
+    assert [(g[0], g[1], g[3]) for g in served] == [(w[0], w[1], w[3]) for w in direct]
+    assert [g[2] for g in served] == pytest.approx([w[2] for w in direct], abs=1e-6)
+    assert len(served[0][3]) == 2
+
+
+async def test_join_step_with_a_duplicate_id_is_invalid_argument(worker):
+    await worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(1, [3, 4], [0])]))
+    call = worker.stub.Decode(pb.DecodeRequest(request_ids=[1], joining=[new_sequence(1, [5], [1])]))
+    err = await rpc_error(call)
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "request 1" in err.details()
 
 
 async def test_release_and_clear_cache(worker):
@@ -358,12 +317,12 @@ async def test_internal_failure_marks_rank_unhealthy(worker, monkeypatch, caplog
     await worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(11, [3, 4], [0])]))
     gate, started = threading.Event(), threading.Event()
 
-    def broken_decode(request_ids, block_tables=None):
+    def broken_step(new, request_ids, block_tables=None):
         started.set()
         assert gate.wait(10)
         raise RuntimeError("device fell over")
 
-    monkeypatch.setattr(worker.runner, "decode", broken_decode)
+    monkeypatch.setattr(worker.runner, "step", broken_step)
     failing = asyncio.ensure_future(worker.stub.Decode(pb.DecodeRequest(request_ids=[11])))
     assert await asyncio.to_thread(started.wait, 10)
     # A step that arrived before the failure is known must not run either.
@@ -420,130 +379,3 @@ async def test_steps_run_one_at_a_time_in_arrival_order(worker, monkeypatch):
     assert [c[0] for c in calls] == ["prefill", "release"]
     assert calls[0][1] == calls[1][1] != threading.get_ident()  # one step thread, off the event loop
     assert worker.runner.sequences == {}
-
-
-def test_config_json_round_trip(tiny_model_dir):
-    config = worker_config(tiny_model_dir, num_blocks=None, rank=1, world_size=2)
-    assert WorkerConfig.from_json(config.to_json()) == config
-    for bad, message in [
-        ("{", "not valid JSON"),
-        ('{"dtype": "float32"}', "needs model_dir"),
-        ('{"model_dir": "/m", "block_sizes": 4}', "unknown worker config fields: block_sizes"),
-        ('{"model_dir": "/m", "block_size": "4"}', "'block_size' must be int"),
-        ('{"model_dir": "/m", "num_blocks": true}', "'num_blocks' must be int | None"),
-    ]:
-        with pytest.raises(ValueError, match=message):
-            WorkerConfig.from_json(bad)
-
-
-def start_worker(config: WorkerConfig, uds: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "worker", "--config-json", config.to_json(), "--uds", str(uds)]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-async def wait_healthy(uds: Path, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not uds.exists():
-        assert proc.poll() is None, proc.stdout.read()
-        assert time.monotonic() < deadline, "the worker did not bind its socket"
-        await asyncio.sleep(0.1)
-    async with grpc.aio.insecure_channel(f"unix://{uds}") as channel:
-        await pb_grpc.TextGenerationServiceStub(channel).Health(
-            pb.HealthRequest(), wait_for_ready=True, timeout=10
-        )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-async def test_cli_two_ranks_serve_in_lockstep_until_sigterm(tiny_model_dir, tiny_adapters, sock_dir):
-    """`python -m worker` with TP=2: private sockets, every RPC to both ranks at once, rank 0 answering
-    what one rank alone would, and a clean exit on SIGTERM."""
-    config = replace(worker_config(tiny_model_dir), world_size=2, master_port=free_port())
-    socks = [sock_dir / f"rank{r}.sock" for r in range(2)]
-    procs = [start_worker(replace(config, rank=r), socks[r]) for r in range(2)]
-    try:
-        await asyncio.gather(*(wait_healthy(uds, p) for uds, p in zip(socks, procs, strict=True)))
-        assert [stat.S_IMODE(os.stat(uds).st_mode) for uds in socks] == [0o600, 0o600]
-        channels = [grpc.aio.insecure_channel(f"unix://{uds}") for uds in socks]
-        stubs = [pb_grpc.TextGenerationServiceStub(c) for c in channels]
-        assert [(await s.Info(pb.InfoRequest())).rank for s in stubs] == [0, 1]
-        load = pb.LoadAdapterRequest(slot=1, adapter_id="r8_all", path=str(tiny_adapters["r8_all"]))
-        await asyncio.gather(*(s.LoadAdapter(load) for s in stubs))
-        seqs = [new_sequence(1, [3, 4, 5, 6, 7], [0, 1]), new_sequence(2, [8, 9], [2, 3], slot=1)]
-        steps = [pb.PrefillRequest(sequences=seqs)] + [pb.DecodeRequest(request_ids=[1, 2])] * 3
-        served = []
-        for step in steps:
-            call = "Prefill" if isinstance(step, pb.PrefillRequest) else "Decode"
-            replies = await asyncio.gather(*(getattr(s, call)(step) for s in stubs))
-            assert as_tuples(replies[0].generations) == as_tuples(replies[1].generations)
-            served.append([g.token_id for g in replies[0].generations])
-        for c in channels:
-            await c.close()
-        for p in procs:
-            p.send_signal(signal.SIGTERM)
-        outputs = [(await asyncio.to_thread(p.communicate, timeout=30))[0] for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-    assert [p.returncode for p in procs] == [0, 0], outputs
-    for rank, output in enumerate(outputs):
-        assert f"[rank {rank}] worker: ready: serving on unix://" in output
-    assert not any(uds.exists() for uds in socks)
-
-    runner = ModelRunner(worker_config(tiny_model_dir))
-    runner.load_adapter(1, load_peft_adapter("r8_all", tiny_adapters["r8_all"], 3, runner.module_shapes()))
-    greedy = SamplingParams()
-    direct = [
-        runner.prefill(
-            [PrefillRequest(1, [3, 4, 5, 6, 7], [0, 1], greedy), PrefillRequest(2, [8, 9], [2, 3], greedy, 1)]
-        )
-    ]
-    direct += [runner.decode([1, 2]) for _ in range(3)]
-    assert served == [[o.token_id for o in outs] for outs in direct]
-
-
-@pytest.fixture
-def unsupported_model_dir(tiny_model_dir, tmp_path):
-    config = json.loads((tiny_model_dir / "config.json").read_text())
-    (tmp_path / "config.json").write_text(json.dumps({**config, "architectures": ["GPT2LMHeadModel"]}))
-    return tmp_path
-
-
-@pytest.mark.parametrize(
-    "case, message",
-    [
-        ("bad model dir", "cannot start: FileNotFoundError: model directory '/no/such/model' does not exist"),
-        ("unsupported architecture", "model architecture GPT2LMHeadModel is not supported"),
-        ("KV budget too small", "cannot start: ValueError: a KV budget of 16 bytes holds no block"),
-        ("socket directory missing", "cannot serve: cannot bind the unix socket"),
-    ],
-)
-def test_startup_error_exits_nonzero(case, message, tiny_model_dir, unsupported_model_dir, sock_dir, caplog):
-    config, uds = worker_config(tiny_model_dir), sock_dir / "rank0.sock"
-    if case == "bad model dir":
-        config = replace(config, model_dir=Path("/no/such/model"))
-    elif case == "unsupported architecture":
-        config = replace(config, model_dir=unsupported_model_dir)
-    elif case == "KV budget too small":
-        config = replace(config, num_blocks=None, kv_cache_bytes=16)
-    else:
-        uds = sock_dir / "missing" / "rank0.sock"
-    assert run_main(config.to_json(), uds) == 1
-    assert any(message in r.getMessage() and r.levelname == "ERROR" for r in caplog.records), caplog.text
-
-
-def test_bad_config_json_exits_2(sock_dir, caplog):
-    assert run_main(json.dumps({"model_dir": "/m", "dtype": "int8"}), sock_dir / "x.sock") == 2
-    assert "bad --config-json: dtype 'int8' is not one of" in caplog.text
-
-
-def run_main(config_json: str, uds: Path) -> int:
-    """`python -m worker` in this process, for the paths that end before serving."""
-    with pytest.MonkeyPatch.context() as mp:
-        # basicConfig(force=True) would take the root logger away from pytest's log capture.
-        mp.setattr(worker_main, "setup_logging", lambda rank, level: None)
-        return worker_main.main(["--config-json", config_json, "--uds", str(uds)])

@@ -28,10 +28,13 @@ class PagedAttention(nn.Module):
         flat = (-1, self.num_kv_heads, self.head_dim)
         key_cache.view(flat).index_copy_(0, batch.slot_mapping, k)
         value_cache.view(flat).index_copy_(0, batch.slot_mapping, v)
-        if batch.is_prefill:
-            out = self._prefill(q, k, v, batch.query_lens)
-        else:
-            out = self._decode(q, key_cache, value_cache, batch)
+        split = batch.num_prefill_tokens
+        parts = []  # [rows, H, D] each
+        if split:
+            parts.append(self._prefill(q[:split], k[:split], v[:split], batch.query_lens))
+        if split < q.shape[0]:
+            parts.append(self._decode(q[split:], key_cache, value_cache, batch))
+        out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
     def _prefill(self, q, k, v, query_lens: list[int]) -> torch.Tensor:

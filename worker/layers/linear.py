@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from worker.layers.linear_weight import LinearWeight
-from worker.lora.batch import LoraBatch
+from worker.lora.batch import LoraBatch, SplitLoraBatch
 from worker.lora.stacks import LoraLayout, LoraPart, LoraStack, build_stacks
 from worker.parallel import ParallelContext
 from worker.weights import CheckpointWeights
@@ -62,7 +62,7 @@ class ColumnParallelLinear(nn.Module):
         self.matmul = LinearWeight(self.weight)
         del self.weight  # the packed copy replaced it (memory), and nothing may read a stale one
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | SplitLoraBatch | None) -> torch.Tensor:
         out = self.matmul(x, self.bias)  # [num_tokens, h_out_local]
         if lora is not None and self.lora_stacks:
             lora.apply(self.lora_stacks, x, out)
@@ -129,7 +129,7 @@ class RowParallelLinear(nn.Module):
         self.matmul = LinearWeight(self.weight)
         del self.weight  # the packed copy replaced it
 
-    def forward(self, x: torch.Tensor, lora: LoraBatch | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, lora: LoraBatch | SplitLoraBatch | None) -> torch.Tensor:
         out = self.matmul(x)  # [num_tokens, h_out], this rank's partial sum
         if lora is not None and self.lora_stacks:
             # The partial LoRA delta joins the partial base output; the all-reduce below sums both.

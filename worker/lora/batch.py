@@ -73,3 +73,15 @@ class LoraBatch:
             else:
                 self.ops.bgmv_shrink(x, st.lora_a_stack, self.slot_ids, st.lora_ranks, y)
                 self.ops.bgmv_expand(y, st.lora_b_stack, self.slot_ids, st.lora_ranks, out, st.out_offset)
+
+
+@dataclass
+class SplitLoraBatch:
+    """Row ranges applied as separate LoraBatches: a join step's prompt rows, then its decode rows."""
+
+    parts: list[tuple[int, int, LoraBatch]]  # (first row, end row, the batch of those rows)
+
+    def apply(self, stacks: list[LoraStack], x: torch.Tensor, out: torch.Tensor) -> None:
+        """As LoraBatch.apply, each part on its rows (views: out is updated in place)."""
+        for start, end, part in self.parts:
+            part.apply(stacks, x[start:end], out[start:end])
