@@ -22,14 +22,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _rank_main(rank, ws, port, model_dir, adapters, prompts, queue):
+def _rank_main(rank, ws, port, model_dir, adapters, prompts, queue, join_step=False):
     from worker.parallel import init_parallel
 
     torch.set_num_threads(1)
     ctx = init_parallel(rank, ws, "127.0.0.1", port, torch.device("cpu"))
     try:
         runner, slots = build_runner(model_dir, adapters, ctx=ctx, rank=rank, ws=ws)
-        records = run_scenario(runner, slots, prompts)
+        records = run_scenario(runner, slots, prompts, join_step)
         if rank == 0:
             # Plain lists: tensors would be shared by file descriptor and vanish when this process exits.
             queue.put({rid: (r.tokens, torch.stack(r.logprobs).tolist()) for rid, r in records.items()})
@@ -37,12 +37,12 @@ def _rank_main(rank, ws, port, model_dir, adapters, prompts, queue):
         torch.distributed.destroy_process_group()
 
 
-def run_tp(ws, model_dir, adapters, prompts):
+def run_tp(ws, model_dir, adapters, prompts, join_step=False):
     spawn = mp.get_context("spawn")
     queue = spawn.Queue()
     port = _free_port()
     procs = [
-        spawn.Process(target=_rank_main, args=(r, ws, port, model_dir, adapters, prompts, queue))
+        spawn.Process(target=_rank_main, args=(r, ws, port, model_dir, adapters, prompts, queue, join_step))
         for r in range(ws)
     ]
     for p in procs:
@@ -68,12 +68,14 @@ def assert_same(tp_records, single):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("ws", [2, 4])
-def test_tp_equals_single_rank(ws, tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize(
+    "ws, join_step", [(2, False), (4, False), (2, True)], ids=["tp2", "tp4", "tp2-join-step"]
+)
+def test_tp_equals_single_rank(ws, join_step, tiny_model_dir, tiny_adapters):
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
     prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
-    single = run_scenario(runner, slots, prompts)
-    assert_same(run_tp(ws, tiny_model_dir, tiny_adapters, prompts), single)
+    single = run_scenario(runner, slots, prompts, join_step)
+    assert_same(run_tp(ws, tiny_model_dir, tiny_adapters, prompts, join_step), single)
 
 
 @pytest.mark.slow
