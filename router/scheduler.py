@@ -14,7 +14,7 @@ Policy (TGI v3's loop without prefill chunking, and without preemption):
   redone as a Prefill and a Decode, so that a bad newcomer fails alone. To avoid slowing a large batch
   for a trickle of arrivals, joining waits until at least `floor(running * waiting_served_ratio)`
   sequences can be admitted together, unless `max_waiting_tokens` decode steps have passed since the
-  last prefill (TGI's policy and defaults).
+  last prefill (TGI's policy; our default ratio is 0, not TGI's 0.3: a join step is cheap, see config).
 - Requests for different adapters share prefills and decode steps; each carries its adapter slot.
 - After every step, finished sequences (eos, stop sequence, length) leave at once: one Release call, then
   their blocks are freed. Sequences whose client went away are released at the next step boundary (or
