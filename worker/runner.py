@@ -289,19 +289,22 @@ class ModelRunner:
         kinds of rows are applied as two batches, so each keeps the path that suits it."""
         if self.lora_layout is None or not any(row_slots):
             return None
-        parts = [
-            (start, end, use_segments)
-            for start, end, use_segments in (
-                (0, num_prefill, True),
-                (num_prefill, len(row_slots), self.lora_ops.decode_uses_segments),
-            )
-            if end > start
-        ]
-        batches = [
-            (start, end, LoraBatch.build(self.lora_ops, row_slots[start:end], use_segments, self.device))
-            for start, end, use_segments in parts
-        ]
-        return batches[0][2] if len(batches) == 1 else SplitLoraBatch(batches)
+
+        def build(slots: list[int], use_segments: bool) -> LoraBatch:
+            return LoraBatch.build(self.lora_ops, slots, use_segments, self.device)
+
+        decode_segments = self.lora_ops.decode_uses_segments
+        if num_prefill == 0:
+            return build(row_slots, decode_segments)
+        if num_prefill == len(row_slots):
+            return build(row_slots, True)
+        prompt, decode = row_slots[:num_prefill], row_slots[num_prefill:]
+        return SplitLoraBatch(
+            [
+                (0, num_prefill, build(prompt, True)),
+                (num_prefill, len(row_slots), build(decode, decode_segments)),
+            ]
+        )
 
     def _check_new(self, r: PrefillRequest) -> None:
         if r.request_id in self.sequences:

@@ -27,7 +27,7 @@ BLOCK_SIZE = 16
 ROUNDS = 3
 
 
-def build(model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int = 520) -> ModelRunner:
+def build(model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int) -> ModelRunner:
     config = WorkerConfig(
         model_dir=model_dir,
         dtype=dtype,

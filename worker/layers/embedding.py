@@ -44,7 +44,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     def load(self, weights: CheckpointWeights, name: str) -> None:
         super().load(weights, name)
         self.matmul = LinearWeight(self.weight)
-        del self.weight  # the packed copy replaced it
+        del self.weight  # LinearWeight holds it now (packed where that is faster): no second copy
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.matmul(x).float()  # [num_rows, vocab_local]

@@ -60,7 +60,7 @@ class ColumnParallelLinear(nn.Module):
             parts = [weights.get_shard(f"{prefixes[n]}.bias", 0, *self.shards[n]) for n in self.shards]
             self.bias.copy_(torch.cat(parts))
         self.matmul = LinearWeight(self.weight)
-        del self.weight  # the packed copy replaced it (memory), and nothing may read a stale one
+        del self.weight  # LinearWeight holds it now (packed where that is faster): no second copy
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | SplitLoraBatch | None) -> torch.Tensor:
         out = self.matmul(x, self.bias)  # [num_tokens, h_out_local]
@@ -127,7 +127,7 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             self.bias.copy_(weights.get(f"{prefix}.bias"))
         self.matmul = LinearWeight(self.weight)
-        del self.weight  # the packed copy replaced it
+        del self.weight  # LinearWeight holds it now (packed where that is faster): no second copy
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | SplitLoraBatch | None) -> torch.Tensor:
         out = self.matmul(x)  # [num_tokens, h_out], this rank's partial sum
