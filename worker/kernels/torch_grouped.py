@@ -10,11 +10,12 @@ out are used in place instead of gathered: at large batches the gathers' memory 
 weights', is what LoRA costs.
 
 `bmm` needs every segment's A and B at one shape and stride, so the stack rows of the batch's slots are
-copied into [groups, rank, h] tensors, one per rank bucket (ranks rounded up to a power of two: a
-rank-8 adapter does not pay for a rank-32 one's bytes and flops), zeroed past each slot's true rank so
-nothing past a rank is read. A decode batch keeps its adapters for many steps, so the copies are cached
-per stack and rebuilt only when the batch's slots or the stacks change (loading an adapter bumps the
-stacks' version counters). The cache is bounded: past `cache_bytes` the copies are made on every call.
+copied into [groups, rank, h] tensors, one per rank bucket (ranks rounded up to a power of two or 1.5
+times one: a rank-8 adapter does not pay for a rank-32 one's bytes and flops), zeroed past each slot's
+true rank so nothing past a rank is read. A decode batch keeps its adapters for many steps, so the
+copies are cached per stack and rebuilt only when the batch's slots or the stacks change (loading an
+adapter bumps the stacks' version counters). The cache is bounded: past `cache_bytes` the copies are
+made on every call.
 """
 
 from __future__ import annotations
@@ -109,8 +110,11 @@ class SegmentPlan:
 
 
 def rank_bucket(rank: int) -> int:
-    """The padded rank a slot of this rank computes at: the next power of two."""
-    return 1 << (rank - 1).bit_length()
+    """The padded rank a slot of this rank computes at: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+    (powers of two and 1.5 times them). A fused q/k/v stack has slot rank 3r, which these hold exactly
+    for the usual r (a power of two): with powers of two alone its copies were a third larger."""
+    power = 1 << (rank - 1).bit_length()
+    return power * 3 // 4 if power >= 4 and rank <= power * 3 // 4 else power
 
 
 @dataclass

@@ -43,5 +43,7 @@ class LinearWeight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features]."""
         if self.packed:
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, bias, "none", [], "")
+            # The overload itself, not the packet: the packet resolves the overload on every call
+            # (~5 us of a ~20 us call at one row, measured).
+            return torch.ops.mkldnn._linear_pointwise.default(x, self.weight, bias, "none", [], "")
         return F.linear(x, self.weight, bias)
