@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from worker.weights import CheckpointWeights
@@ -18,6 +19,7 @@ class RMSNorm(nn.Module):
         self.weight.copy_(weights.get(name))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # x * rsqrt(mean(x^2) + eps) in float32 as one op (five as separate ones), then HF's rounding:
+        # cast to the model dtype before the weight multiplies.
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)

@@ -78,12 +78,11 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, key_cache, value_cache, batch: ForwardBatch):
         qkv = self.qkv_proj(x, batch.lora)  # [num_tokens, (H + 2 * H_kv) * D] on this rank
-        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-        q, k, v = qkv.split([q_size, kv_size, kv_size], dim=-1)
-        q = apply_rotary(q.view(-1, self.num_heads, self.head_dim), cos, sin)
-        k = apply_rotary(k.view(-1, self.num_kv_heads, self.head_dim), cos, sin)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        out = self.attn(q, k, v, key_cache, value_cache, batch)
+        heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
+        qkv = qkv.view(-1, heads + 2 * kv_heads, d)
+        # q and k rotated in one go (they are neighbours in qkv): half the rotary ops of a layer.
+        q, k = apply_rotary(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
+        out = self.attn(q, k, qkv[:, heads + kv_heads :], key_cache, value_cache, batch)
         return self.o_proj(out, batch.lora)
 
 
