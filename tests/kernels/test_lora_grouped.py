@@ -47,8 +47,8 @@ def _decode_segments(pattern: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     return indptr, torch.tensor(slots, dtype=torch.int32)
 
 
-def _run(ops, dtype, n, indptr, seg_slots, g, a=None, b=None):
-    lora_ranks = torch.tensor(RANKS, dtype=torch.int32)
+def _run(ops, dtype, n, indptr, seg_slots, g, a=None, b=None, ranks=RANKS):
+    lora_ranks = torch.tensor(ranks, dtype=torch.int32)
     a = _stack(g, H_IN, H_IN**-0.5) if a is None else a
     b = _stack(g, H_OUT, 1.0) if b is None else b
     x = _x(g, n, H_IN, dtype)
@@ -115,6 +115,19 @@ def test_cache_follows_changed_weights_and_batches():
     a2, b2 = a.clone(), b.clone()  # same contents, other tensors: a miss, not a wrong hit
     a2[1, :4] = 0.5
     _run(ops, dtype, n, indptr, other, g, a2, b2)
+
+
+def test_memo_follows_changed_ranks():
+    """The host-side choices kept per plan (buckets, slot lists, delta views) follow a slot whose rank
+    changed under the same segments, as when an adapter of another rank is loaded into it."""
+    ops, n = TorchLoraOps(), 12
+    indptr, seg_slots = _decode_segments("equal", n)
+    g = _seed("ranks")
+    a, b = _run(ops, torch.float32, n, indptr, seg_slots, g)
+    # Only lower ranks: the stacks hold NaN past each slot's rank in RANKS (nothing there may be read).
+    for ranks in ([0, 4, 2, 16, 64], [0, 4, 8, 0, 64], [0, 3, 6, 12, 48]):
+        _run(ops, torch.float32, n, indptr, seg_slots, g, a, b, ranks=ranks)
+    assert ops.grouped._plan is not None and len(ops.grouped._plan.memo) > 3  # one plan served them all
 
 
 def test_cache_is_bounded():

@@ -58,6 +58,9 @@ class SegmentPlan:
     num_rows: int
     layouts: dict[Buckets, Layout] = field(default_factory=dict)
     scratch: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)  # (kind, rows, width)
+    # Host-side decisions per stack rank pattern (every layer's stacks of one kind share one): a decode
+    # step makes ~120 LoRA calls, and redoing these in Python cost ~40 us a call (~5 ms a step).
+    memo: dict[tuple, object] = field(default_factory=dict)
 
     def __post_init__(self):
         if (
@@ -148,6 +151,13 @@ class GroupedLora:
     def buckets(plan: SegmentPlan, ranks: list[int]) -> Buckets | None:
         """The segments this stack computes (non-empty, slot rank > 0) by rank bucket, or None when one
         matmul per segment is the cheaper way. ranks: the stack's rank of each slot."""
+        key = ("buckets", tuple(ranks))
+        if key not in plan.memo:  # a ValueError below is raised again on every call: nothing is stored
+            plan.memo[key] = GroupedLora._buckets(plan, ranks)
+        return plan.memo[key]
+
+    @staticmethod
+    def _buckets(plan: SegmentPlan, ranks: list[int]) -> Buckets | None:
         if ranks and min(ranks) < 0:
             raise ValueError(f"lora_ranks {ranks} must not be negative")
         if plan.slots and not 0 <= min(plan.slots) <= max(plan.slots) < len(ranks):
@@ -195,24 +205,41 @@ class GroupedLora:
             xz[:n].copy_(x)
             x_rows = xz.index_select(0, layout.pad_index)  # [G * T, h_in]
         x_pad = x_rows.view(groups, rows, h_in)
-        delta = plan.buffer("delta", groups * rows, h_out, device)  # [G * T + 1, h_out]
-        delta_g = delta[:-1].view(groups, rows, h_out)
+        delta, delta_rows, delta_parts = self._delta(plan, buckets, rows, h_out, device)
         g0 = 0
-        for (members, _), (a, b) in zip(buckets, weights, strict=True):
-            g1 = g0 + len(members)
-            torch.bmm(torch.bmm(x_pad[g0:g1], a), b, out=delta_g[g0:g1])  # through [G_b, T, r_b]
-            g0 = g1
+        for (members, _), (a, b), part in zip(buckets, weights, delta_parts, strict=True):
+            torch.bmm(torch.bmm(x_pad.narrow(0, g0, len(members)), a), b, out=part)  # via [G_b, T, r_b]
+            g0 += len(members)
         dst = out.narrow(1, out_offset, h_out)  # [n, h_out] view
         # In-place add of a float32 delta into a half-precision out sums in float32, rounded once.
         if layout.start is not None:
-            dst.narrow(0, layout.start, groups * rows).add_(delta[:-1])
+            dst.narrow(0, layout.start, groups * rows).add_(delta_rows)
         else:
             dst.add_(delta.index_select(0, layout.back_index))  # rows not computed add the zero row
 
+    @staticmethod
+    def _delta(plan: SegmentPlan, buckets: Buckets, rows: int, h_out: int, device):
+        """The float32 delta buffer [G * T + 1, h_out] (last row zero), its computed rows [G * T, h_out]
+        and each bucket's [G_b, T, h_out] part: views made once per plan, not on every call."""
+        key = ("delta", buckets, h_out)
+        if key not in plan.memo:
+            groups = sum(len(members) for members, _ in buckets)
+            delta = plan.buffer("delta", groups * rows, h_out, device)
+            delta_g = delta[:-1].view(groups, rows, h_out)
+            parts, g0 = [], 0
+            for members, _ in buckets:
+                parts.append(delta_g.narrow(0, g0, len(members)))
+                g0 += len(members)
+            plan.memo[key] = (delta, delta[:-1], parts)
+        return plan.memo[key]
+
     def _weights(self, plan, buckets, lora_a_stack, lora_b_stack, ranks):
         """Per bucket: A copies [G_b, h_in, r_b] (a transposed view) and B copies [G_b, r_b, h_out]."""
-        slots = tuple(tuple(plan.slots[g] for g in members) for members, _ in buckets)
-        slot_ranks = tuple(ranks[s] for bucket in slots for s in bucket)
+        memo_key = ("slots", buckets, tuple(ranks))
+        if memo_key not in plan.memo:
+            slots = tuple(tuple(plan.slots[g] for g in members) for members, _ in buckets)
+            plan.memo[memo_key] = (slots, tuple(ranks[s] for bucket in slots for s in bucket))
+        slots, slot_ranks = plan.memo[memo_key]
         # Inference tensors have no version counter: such stacks are copied on every call.
         cacheable = not (lora_a_stack.is_inference() or lora_b_stack.is_inference())
         key = (slots, slot_ranks, id(lora_b_stack))
