@@ -255,8 +255,11 @@ class TorchLoraOps:
         if len(ranks) != lora_a_stack.shape[0]:
             raise ValueError(f"lora_ranks {ranks} do not fit a stack of shape {tuple(lora_a_stack.shape)}")
         buckets = self.grouped.buckets(plan, ranks)
-        if buckets is None:
-            self.sgmv_shrink(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
-            self.sgmv_expand(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)
+        if buckets is None:  # one matmul per segment; the host lists are made once for both halves
+            groups = _groups(plan.bounds, plan.slots, ranks, x.shape[0], lora_a_stack)
+            _groups(plan.bounds, plan.slots, ranks, x.shape[0], lora_b_stack)  # checks B's rows too
+            if groups:
+                _shrink_groups(x.float(), lora_a_stack, groups, y)
+                _expand_groups(y, lora_b_stack, groups, out, out_offset)
             return
         self.grouped.apply(plan, buckets, x, lora_a_stack, lora_b_stack, ranks, out, out_offset)
