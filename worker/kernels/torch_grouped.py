@@ -235,11 +235,11 @@ class GroupedLora:
 
     def _weights(self, plan, buckets, lora_a_stack, lora_b_stack, ranks):
         """Per bucket: A copies [G_b, h_in, r_b] (a transposed view) and B copies [G_b, r_b, h_out]."""
-        memo_key = ("slots", buckets, tuple(ranks))
+        memo_key = ("slots", buckets)  # the slots follow from the buckets; their ranks are read anew
         if memo_key not in plan.memo:
-            slots = tuple(tuple(plan.slots[g] for g in members) for members, _ in buckets)
-            plan.memo[memo_key] = (slots, tuple(ranks[s] for bucket in slots for s in bucket))
-        slots, slot_ranks = plan.memo[memo_key]
+            plan.memo[memo_key] = tuple(tuple(plan.slots[g] for g in members) for members, _ in buckets)
+        slots = plan.memo[memo_key]
+        slot_ranks = tuple(ranks[s] for bucket in slots for s in bucket)
         # Inference tensors have no version counter: such stacks are copied on every call.
         cacheable = not (lora_a_stack.is_inference() or lora_b_stack.is_inference())
         key = (slots, slot_ranks, id(lora_b_stack))
