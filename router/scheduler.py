@@ -156,7 +156,7 @@ class Scheduler:
 
     async def _prefill(self, new: list[Sequence]) -> None:
         self._start(new)
-        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
+        await self._prefill_step(new)
 
     async def _join(self, new: list[Sequence]) -> None:
         """The newcomers' prefill and the running batch's next token in one Decode call (one forward),
@@ -170,9 +170,13 @@ class Scheduler:
         # that raised it: one bad newcomer must not fail the running batch. (A worker that is broken
         # fails both calls, and so everybody, as before.)
         log.warning("join step failed; retrying its prefill and decode apart")
-        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
+        await self._prefill_step(new)
         if self.running:
             await self._decode()
+
+    async def _prefill_step(self, new: list[Sequence]) -> None:
+        """The Prefill call of sequences already started (see _start)."""
+        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
 
     def _start(self, new: list[Sequence]) -> None:
         log.debug("prefill %s (running %d)", [s.id for s in new], len(self.running))
