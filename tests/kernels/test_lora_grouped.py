@@ -127,7 +127,23 @@ def test_memo_follows_changed_ranks():
     # Only lower ranks: the stacks hold NaN past each slot's rank in RANKS (nothing there may be read).
     for ranks in ([0, 4, 2, 16, 64], [0, 4, 8, 0, 64], [0, 3, 6, 12, 48]):
         _run(ops, torch.float32, n, indptr, seg_slots, g, a, b, ranks=ranks)
-    assert ops.grouped._plan is not None and len(ops.grouped._plan.memo) > 3  # one plan served them all
+    plans = list(ops.grouped._plans.values())
+    assert len(plans) == 1 and len(plans[0].memo) > 3  # one plan served them all
+
+
+def test_plans_of_a_join_step_are_both_kept():
+    """A join step applies its prompt rows and its decode rows in turn in every layer: both plans are
+    kept (the same objects come back), and the oldest goes once more segmentations than kept arrive."""
+    ops = TorchLoraOps()
+    prompt = (torch.tensor([0, 40], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 40)
+    decode = (torch.tensor([0, 2, 4, 6], dtype=torch.int32), torch.tensor([1, 2, 3], dtype=torch.int32), 6)
+    first = ops.grouped.plan(*prompt), ops.grouped.plan(*decode)
+    assert first[0] is not first[1]
+    again = ops.grouped.plan(*prompt), ops.grouped.plan(*decode)
+    assert again[0] is first[0] and again[1] is first[1]
+    for n in range(7, 7 + 4):  # four other segmentations push the first two out
+        ops.grouped.plan(torch.tensor([0, n], dtype=torch.int32), torch.tensor([1], dtype=torch.int32), n)
+    assert ops.grouped.plan(*prompt) is not first[0]
 
 
 def test_cache_is_bounded():

@@ -30,6 +30,8 @@ _MAX_PAD_FACTOR = 2
 _MAX_GROUP_ROWS = 64
 # Below this many segments with an adapter, one matmul per segment costs fewer ops than the path here.
 _MIN_GROUPS = 3
+# Plans remembered at once (see GroupedLora.plan): a step uses one or two.
+_PLANS_KEPT = 4
 
 # Segments of one stack, grouped: ((segment, ...), rank bucket) per run of consecutive segments (in
 # segment order) sharing a bucket.
@@ -133,7 +135,9 @@ class GroupedLora:
 
     def __init__(self, cache_bytes: int = 1 << 30):
         self.cache_bytes = cache_bytes
-        self._plan: SegmentPlan | None = None
+        # The plans of the last few distinct segmentations: a join step alternates two (its prompt rows
+        # and its decode rows) in every layer, and a single remembered plan was rebuilt on every call.
+        self._plans: dict[tuple, SegmentPlan] = {}
         self._cache: dict[int, _Copies] = {}  # id of a lora_a_stack -> its copies
         self._cached_bytes = 0
 
@@ -142,9 +146,13 @@ class GroupedLora:
     ) -> SegmentPlan:
         """The plan of these segments, reused while they stay the same."""
         bounds, slots = segment_indptr.tolist(), segment_slot_ids.tolist()
-        plan = self._plan
-        if plan is None or plan.bounds != bounds or plan.slots != slots or plan.num_rows != num_rows:
-            plan = self._plan = SegmentPlan(bounds, slots, num_rows)
+        key = (tuple(bounds), tuple(slots), num_rows)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = SegmentPlan(bounds, slots, num_rows)
+            if len(self._plans) >= _PLANS_KEPT:
+                del self._plans[next(iter(self._plans))]  # the oldest
+            self._plans[key] = plan
         return plan
 
     @staticmethod
