@@ -1,4 +1,5 @@
-"""The machine's ceilings (memory copy bandwidth, bf16 GEMM FLOP/s) and the model sizes for P3, P4, P6."""
+"""The machine's ceilings (memory copy bandwidth, bf16 GEMM FLOP/s), the model sizes for P3, P4, P6, and
+how fast the model's own linear layers run here (the floor under any step: ratios.py's machine bounds)."""
 
 from __future__ import annotations
 
@@ -38,6 +39,36 @@ def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
     a = torch.randn(n, n, device=serving_device()).to(torch.bfloat16)
     b = torch.randn(n, n, device=serving_device()).to(torch.bfloat16)
     return 2 * n**3 / _best_time(lambda: torch.matmul(a, b), repeats)
+
+
+def linear_shapes(model_dir: Path) -> list[tuple[int, int]]:
+    """[out, in] of every linear layer one forward runs, in order: per decoder layer the fused q/k/v, o,
+    the fused gate/up and down, then the LM head (as the worker fuses them on one rank)."""
+    config = json.loads((model_dir / "config.json").read_text())
+    hidden, heads = config["hidden_size"], config["num_attention_heads"]
+    head_dim = config.get("head_dim") or hidden // heads
+    q, kv = heads * head_dim, config["num_key_value_heads"] * head_dim
+    inter = config["intermediate_size"]
+    layer = [(q + 2 * kv, hidden), (hidden, q), (2 * inter, hidden), (hidden, inter)]
+    return layer * config["num_hidden_layers"] + [(config["vocab_size"], hidden)]
+
+
+def linear_pass_s(model_dir: Path, rows: int, repeats: int = 5, dtype=torch.bfloat16) -> float:
+    """Seconds for one pass through every linear layer of the model (linear_shapes) at `rows` input rows,
+    best of `repeats`, with the worker's own LinearWeight (packed as served) over random weights of
+    those shapes. The weights are larger than the caches, so at few rows they stream from memory as in
+    a decode step: no step of the server can take less than this."""
+    from worker.layers.linear_weight import LinearWeight
+
+    device = serving_device()
+    layers = [LinearWeight(torch.randn(o, i, device=device).to(dtype)) for o, i in linear_shapes(model_dir)]
+    inputs = {i: torch.randn(rows, i, device=device).to(dtype) for i in {w.in_features for w in layers}}
+
+    def run():
+        for w in layers:
+            w(inputs[w.in_features])
+
+    return _best_time(run, repeats)
 
 
 def describe() -> dict:

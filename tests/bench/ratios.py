@@ -13,6 +13,10 @@ class Ratio:
     higher_is_better: bool
     value: float | None
     detail: str
+    # The best value this machine allows if a step were its linear layers alone (machine.linear_pass_s):
+    # what the GEMM kernels and memory here leave for everything else. None where no such floor applies.
+    bound: float | None = None
+    bound_detail: str = ""
 
     @property
     def met(self) -> bool | None:
@@ -28,6 +32,8 @@ class Ratio:
             "target": f"{op} {self.target:g}",
             "met": self.met,
             "detail": self.detail,
+            "machine_bound": self.bound,
+            "bound_detail": self.bound_detail,
         }
 
 
@@ -43,6 +49,9 @@ def compute(f: dict) -> dict[str, Ratio]:
     ideal_step = model["weight_bytes"] / machine["copy_bytes_per_s"]
     ceiling = machine["gemm_flops_per_s"] / (2 * model["parameters"])
     p5_load, lone = f["mixed8_half_load"], f["mixed8_lone"]
+    passes = machine.get("linear_pass_s", {})  # rows (as text) -> seconds for one pass of the linears
+    one_row = passes.get("1")
+    best_tps, linears = _linears_only(mixed, passes)
     return {
         r.id: r
         for r in [
@@ -56,6 +65,8 @@ def compute(f: dict) -> dict[str, Ratio]:
                 True, _div(mixed["output_tokens_per_s"], f["hf_peft"]["output_tokens_per_s"]),
                 f"{mixed['output_tokens_per_s']:.1f} / {f['hf_peft']['output_tokens_per_s']:.1f} tok/s "
                 f"(static batches of {f['hf_peft']['batch_size']})",
+                _div(best_tps, f["hf_peft"]["output_tokens_per_s"]),
+                linears,
             ),
             Ratio(
                 "P3", f"{p3_n['registered']} adapters registered ÷ 8 registered (zipf), output tok/s", 0.9,
@@ -68,6 +79,8 @@ def compute(f: dict) -> dict[str, Ratio]:
                 False,
                 _div(f["base_lone"]["itl_p50_s"], ideal_step),
                 f"{_ms(f['base_lone']['itl_p50_s'])} / {_ms(ideal_step)}",
+                _div(one_row, ideal_step),
+                f"linears alone at 1 row: {_ms(one_row)}" if one_row is not None else "",
             ),
             Ratio(
                 "P5", "TTFT p50 at half the saturating request rate ÷ TTFT p50 of a lone request", 2.0, False,
@@ -78,9 +91,30 @@ def compute(f: dict) -> dict[str, Ratio]:
                 "P6", "saturated output tok/s (8 adapters) ÷ GEMM FLOP/s / (2 × parameters)", 0.5, True,
                 _div(mixed["output_tokens_per_s"], ceiling),
                 f"{mixed['output_tokens_per_s']:.1f} / {ceiling:.0f} tok/s",
+                _div(best_tps, ceiling),
+                linears,
             ),
         ]
     }  # fmt: skip
+
+
+# Rows of the pass that prices prompt tokens: a prefill's rows run at least this efficiently.
+PROMPT_ROWS = 256
+
+
+def _linears_only(run: dict, passes: dict) -> tuple[float | None, str]:
+    """The output tok/s a saturated run could reach at best if its steps were their linear layers alone:
+    each output token a row of a pass at the run's concurrency, each prompt token a row of a pass at
+    PROMPT_ROWS rows. (None, "") without the figures."""
+    rows, prompt, output = run.get("concurrency"), run.get("prompt_tokens"), run.get("output_tokens")
+    if str(rows) not in passes or str(PROMPT_ROWS) not in passes or prompt is None or not output:
+        return None, ""
+    decode_tps, prompt_tps = rows / passes[str(rows)], PROMPT_ROWS / passes[str(PROMPT_ROWS)]
+    best = output / (output / decode_tps + prompt / prompt_tps)
+    return best, (
+        f"linears alone: {output} output tokens at {decode_tps:.0f} tok/s ({rows} rows) and {prompt} prompt "
+        f"tokens at {prompt_tps:.0f} tok/s ({PROMPT_ROWS} rows) = {best:.0f} output tok/s"
+    )
 
 
 def _ms(seconds: float | None) -> str:
@@ -96,4 +130,6 @@ def table(ratios: dict[str, Ratio]) -> str:
         met = {True: "yes", False: "NO", None: "-"}[r.met]
         lines.append(f"{r.id:<3} {value:>7} {d['target']:>7} {met:<4} {r.measure}")
         lines.append(f"{'':<24}{r.detail}")
+        if r.bound is not None:
+            lines.append(f"{'':<24}machine bound {r.bound:.3f}: {r.bound_detail}")
     return "\n".join(lines)

@@ -3,7 +3,8 @@
     .venv/bin/python -m tests.bench.suite [--quick] [--out bench-results]     # make bench / bench-quick
 
 One run measures, on this machine and the same seeded requests:
-1. the machine: memory copy bandwidth and bf16 GEMM FLOP/s (machine.py);
+1. the machine: memory copy bandwidth and bf16 GEMM FLOP/s, and one pass of the model's own linear layers
+   at 1 row, at the saturated batch and at a prefill's rows (machine.py): the floor under any step;
 2. our server base-only: a lone request at a time, then saturated (the largest concurrency);
 3. our server with 8 `mixed` adapters (r 8/16/32, all projections), uniform popularity: a concurrency
    sweep (a lone request first, the saturated run last), then Poisson arrivals at half the saturating
@@ -131,12 +132,18 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
     info["copy_bytes_per_s"] = machine.copy_bandwidth()
     info["gemm_flops_per_s"] = machine.gemm_flops()
     model = machine.model_size(model_dir)
+    sat = plan.concurrencies[-1]
+    # The floor under any step: the model's linear layers alone, at 1 row (P4), at the saturated batch
+    # and at a prefill's rows (the P2 and P6 bounds).
+    info["linear_pass_s"] = {
+        str(rows): machine.linear_pass_s(model_dir, rows) for rows in sorted({1, sat, ratios.PROMPT_ROWS})
+    }
     setup_start = time.perf_counter()
     texts = render_chat(model_dir, _prompts())
+    prompt_tokens = count_tokens(model_dir, texts)
     base = build_requests(texts, plan.requests, plan.lengths, plan.seed)
     mixed = adapter_set.make_adapters(model_dir, "mixed", 8, plan.seed)
     mixed_reqs = with_adapters(base, list(mixed), "uniform", plan.seed + 2)
-    sat = plan.concurrencies[-1]
     setup_s = {"machine": setup_start - start, "adapters_and_prompts": time.perf_counter() - setup_start}
     runs: dict[str, dict] = {}
     servers: dict[str, dict] = {}
@@ -145,12 +152,12 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         work = Path(tmp)
         with _served("base", {}, work, env, servers) as url:
-            runs["base_lone"] = _closed(url, base[: plan.lone_requests], 1)
-            runs["base_saturated"] = _closed(url, base, sat)
+            runs["base_lone"] = _closed(url, base[: plan.lone_requests], 1, prompt_tokens)
+            runs["base_saturated"] = _closed(url, base, sat, prompt_tokens)
         with _served("mixed8", mixed, work, env, servers) as url:
             for c in plan.concurrencies:
                 n = max(plan.lone_requests, min(plan.requests, 4 * c))
-                sweep.append({"concurrency": c, **_closed(url, mixed_reqs[:n], c)})
+                sweep.append({"concurrency": c, **_closed(url, mixed_reqs[:n], c, prompt_tokens)})
             runs["mixed8_lone"], runs["mixed8_saturated"] = sweep[0], sweep[-1]
             # The saturating rate: the most requests/s any concurrency sustained.
             rate = max(s["requests_per_s"] for s in sweep) / 2
@@ -166,7 +173,7 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
             names = list(small)[:n]
             reqs = with_adapters(base, names, "zipf", plan.seed + 4)
             with _served(f"small{n}", {k: small[k] for k in names}, work, env, servers) as url:
-                points.append({"registered": n, **_closed(url, reqs, sat)})
+                points.append({"registered": n, **_closed(url, reqs, sat, prompt_tokens)})
             points[-1]["server_peak_rss_bytes"] = servers[f"small{n}"]["peak_rss_bytes"]
         runs["small8_zipf"] = points[0]
         runs["many_registered"] = {**points[-1], "why": why}
@@ -200,8 +207,18 @@ def _prompts() -> list[str]:
     return load_prompts()
 
 
-def _closed(url: str, requests: list[Request], concurrency: int) -> dict:
-    return {"concurrency": concurrency, **summarize(loadgen.run_concurrency(url, requests, concurrency))}
+def _closed(url: str, requests: list[Request], concurrency: int, prompt_tokens: dict[str, int]) -> dict:
+    run = summarize(loadgen.run_concurrency(url, requests, concurrency))
+    return {"concurrency": concurrency, **run, "prompt_tokens": sum(prompt_tokens[r.text] for r in requests)}
+
+
+def count_tokens(model_dir: Path, texts: list[str]) -> dict[str, int]:
+    """Prompt tokens of each text, as the router counts them (special tokens added, none here for a
+    rendered chat)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return {t: len(tok(t).input_ids) for t in texts}
 
 
 def _scaling(plan: Plan, model_dir: Path) -> tuple[list[int], str]:
@@ -258,6 +275,8 @@ def report(results: dict) -> str:
         f"model {results['model']['parameters'] / 1e6:.1f}M parameters, "
         f"{results['model']['weight_bytes'] / 2**20:.0f} MiB; load average {m['load_average_1min']:.1f} "
         f"at the start (other work on the machine makes every figure noisy)",
+        "the model's linear layers alone, one pass: "
+        + ", ".join(f"{t * 1e3:.1f} ms at {rows} row(s)" for rows, t in m.get("linear_pass_s", {}).items()),
         "",
         f"{'run':<22} {'conc':>5} {'reqs':>5} {'tok/s':>8} {'req/s':>7} {'TTFT p50':>9} {'p99':>8} "
         f"{'ITL p50':>8} {'p99':>8} {'early':>5} {'RSS GiB':>7}",
@@ -285,6 +304,8 @@ def report(results: dict) -> str:
         met = {True: "met", False: "NOT met", None: "-"}[r["met"]]
         lines.append(f"{rid}  {value:>7}  target {r['target']:<7} {met:<8} {r['measure']}")
         lines.append(f"{'':<5}{r['detail']}")
+        if r.get("machine_bound") is not None:
+            lines.append(f"{'':<5}machine bound {r['machine_bound']:.3f}: {r['bound_detail']}")
     return "\n".join(lines)
 
 

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 
 import pytest
 
-from tests.bench import ratios
+from tests.bench import machine, ratios
 from tests.bench.figures import percentile, summarize
 from tests.bench.loadgen import Record, Run
 from tests.bench.workload import (
@@ -103,6 +104,36 @@ def test_ratios_arithmetic_and_targets():
     assert r["P5"].value == pytest.approx(3.0) and r["P5"].met is False
     assert r["P6"].value == pytest.approx(96 / 5000) and r["P6"].met is False
     assert "P1" in ratios.table(r)
+
+
+def test_machine_bounds_from_the_linear_passes():
+    sat = {"output_tokens_per_s": 96.0, "concurrency": 64, "output_tokens": 3000, "prompt_tokens": 1000}
+    passes = {"1": 0.002, "64": 0.1, str(ratios.PROMPT_ROWS): ratios.PROMPT_ROWS / 2000}
+    machine = {"copy_bytes_per_s": 50e9, "gemm_flops_per_s": 1e12, "linear_pass_s": passes}
+    r = ratios.compute(_figures(mixed8_saturated=sat, machine=machine))
+    assert r["P4"].bound == pytest.approx(0.5)  # 2 ms of linears / (200 MB / 50 GB/s)
+    best = 3000 / (3000 / 640 + 1000 / 2000)  # output at 640 tok/s (64 rows in 0.1 s), prompts at 2000
+    assert r["P6"].bound == pytest.approx(best / 5000) and r["P2"].bound == pytest.approx(best / 20)
+    assert f"{best:.0f} output tok/s" in r["P6"].bound_detail and "machine bound" in ratios.table(r)
+    assert r["P1"].bound is None and r["P1"].as_dict()["machine_bound"] is None
+
+
+def test_no_bounds_without_the_linear_passes():
+    r = ratios.compute(_figures())
+    assert r["P2"].bound is r["P4"].bound is r["P6"].bound is None
+
+
+def test_linear_shapes_cover_the_checkpoint(tiny_model_dir):
+    """Every weight of the checkpoint but the embedding (unless tied: then it is the LM head) and the
+    norms is in a linear layer."""
+    shapes = machine.linear_shapes(tiny_model_dir)
+    size = machine.model_size(tiny_model_dir)
+    config = json.loads((tiny_model_dir / "config.json").read_text())
+    norms = (2 * config["num_hidden_layers"] + 1) * config["hidden_size"]
+    embedding = 0 if config.get("tie_word_embeddings") else config["vocab_size"] * config["hidden_size"]
+    assert sum(o * i for o, i in shapes) == size["parameters"] - norms - embedding
+    assert len(shapes) == 4 * config["num_hidden_layers"] + 1
+    assert machine.linear_pass_s(tiny_model_dir, 2, repeats=1) > 0
 
 
 def test_ratio_without_a_figure_is_none_not_a_crash():

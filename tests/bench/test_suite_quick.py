@@ -53,7 +53,10 @@ def test_quick_suite_writes_json_and_png(tmp_path):
             assert set(run) >= STREAM_FIGURES, name
             assert run["failed"] == 0, run
     assert results["runs"]["hf_peft"]["peak_rss_bytes"] > 0
-    assert set(results["machine"]) >= {"copy_bytes_per_s", "gemm_flops_per_s", "cpu"}
+    assert set(results["machine"]) >= {"copy_bytes_per_s", "gemm_flops_per_s", "cpu", "linear_pass_s"}
+    for rid in ("P2", "P4", "P6"):  # the machine bounds need the linear passes and the prompt tokens
+        assert isinstance(results["ratios"][rid]["machine_bound"], float), results["ratios"][rid]
+    assert results["runs"]["mixed8_saturated"]["prompt_tokens"] > 0
     assert [s["concurrency"] for s in results["concurrency_sweep"]][0] == 1
     assert [s["registered"] for s in results["adapter_scaling"]][0] == 8
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
