@@ -97,8 +97,29 @@ def test_long_or_few_segments_fall_back_to_per_segment_matmuls():
     few = ops.grouped.plan(torch.tensor([0, 4, 8], dtype=torch.int32), torch.tensor([1, 2]), 8)
     long = ops.grouped.plan(torch.tensor([0, 100, 200, 300]), torch.tensor([1, 2, 3]), 300)
     ragged = ops.grouped.plan(torch.tensor([0, 1, 2, 40]), torch.tensor([1, 2, 3]), 40)
-    for plan in (few, long, ragged):
+    for plan in (few, long):
         assert ops.grouped.buckets(plan, RANKS) is None
+    # Padding is to the longest segment of each rank bucket: ragged segments of one rank fall back ...
+    assert ops.grouped.buckets(ragged, [0, 8, 8, 8, 8]) is None
+    # ... while the same segments at three ranks (three buckets of one segment each) pad nothing.
+    buckets = ops.grouped.buckets(ragged, RANKS)
+    assert [len(members) for members, _ in buckets] == [1, 1, 1]
+    assert ragged.layout(buckets, torch.device("cpu")).shapes == ((1, 1), (1, 1), (1, 38))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_buckets_pad_to_their_own_longest_segment(dtype):
+    """Two rank buckets with segments of different lengths: each pads to its own longest, gathered."""
+    ops, n = TorchLoraOps(), 20
+    indptr = torch.tensor([0, 2, 5, 9, 15, 20], dtype=torch.int32)  # lengths 2, 3, 4, 6, 5
+    seg_slots = torch.tensor([1, 1, 1, 3, 3], dtype=torch.int32)  # ranks 4, 4, 4, then 16, 16
+    plan = ops.grouped.plan(indptr, seg_slots, n)
+    buckets = ops.grouped.buckets(plan, RANKS)
+    layout = plan.layout(buckets, torch.device("cpu"))
+    assert layout.shapes == ((3, 4), (2, 6)) and layout.start is None and layout.total == 24
+    g = _seed("own-longest", dtype)
+    a, b = _run(ops, dtype, n, indptr, seg_slots, g)
+    _run(ops, dtype, n, indptr, seg_slots, g, a, b)
 
 
 def test_cache_follows_changed_weights_and_batches():
