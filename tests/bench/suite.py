@@ -5,12 +5,13 @@
 One run measures, on this machine and the same seeded requests:
 1. the machine: memory copy bandwidth and bf16 GEMM FLOP/s, and one pass of the model's own linear layers
    at 1 row, at the saturated batch and at a prefill's rows (machine.py): the floor under any step;
-2. our server base-only: a lone request at a time, then saturated (the largest concurrency);
+2. our server base-only: a lone request at a time, then saturated (the largest concurrency), and saturated
+   once more after step 3, so that P1's reference brackets the adapter runs;
 3. our server with 8 `mixed` adapters (r 8/16/32, all projections), uniform popularity: a concurrency
    sweep (a lone request first, the saturated run last), then Poisson arrivals at half the saturating
    request rate (the most requests/s any concurrency of the sweep sustained);
 4. our server with `small` adapters (r8 on q, v) registered in growing numbers up to 1000 (or what fits
-   in memory), zipf popularity, saturated;
+   in memory), zipf popularity, saturated, then 8 registered once more (P3's reference brackets them);
 5. transformers+peft with the same 8 adapters on the saturated run's requests (hf_baseline.py).
 Then it prints every run side by side and the ratios P1-P6 against their targets (ratios.py), and
 writes bench.json and bench.png to the output dir. Each server is a fresh `launcher.py` (harness.Server);
@@ -166,24 +167,35 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
             reqs = mixed_reqs[: plan.poisson_requests]
             offsets = poisson_offsets(len(reqs), rate, plan.seed + 3)
             runs["mixed8_half_load"] = {"rate": rate, **summarize(loadgen.run_poisson(url, reqs, offsets))}
+        # Base-only again, so that P1's reference brackets the 8-adapter runs (the host drifts by tens of
+        # percent within minutes; see ratios.py).
+        with _served("base_again", {}, work, env, servers) as url:
+            runs["base_saturated_after"] = _closed(url, base, sat, prompt_tokens)
         scaling, why = _scaling(plan, model_dir)
         small = adapter_set.make_adapters(model_dir, "small", scaling[-1], plan.seed)
         points = []
-        for n in scaling:
+        # 8 registered again at the end, so that P3's reference brackets the larger counts.
+        for i, n in enumerate([*scaling, scaling[0]]):
             names = list(small)[:n]
             reqs = with_adapters(base, names, "zipf", plan.seed + 4)
-            with _served(f"small{n}", {k: small[k] for k in names}, work, env, servers) as url:
+            name = f"small{n}" if i < len(scaling) else f"small{n}_again"
+            with _served(name, {k: small[k] for k in names}, work, env, servers) as url:
                 points.append({"registered": n, **_closed(url, reqs, sat, prompt_tokens)})
-            points[-1]["server_peak_rss_bytes"] = servers[f"small{n}"]["peak_rss_bytes"]
-        runs["small8_zipf"] = points[0]
+            points[-1]["server_peak_rss_bytes"] = servers[name]["peak_rss_bytes"]
+        runs["small8_zipf"], runs["small8_zipf_after"] = points[0], points.pop()
         runs["many_registered"] = {**points[-1], "why": why}
         hf_reqs = mixed_reqs[: plan.hf_requests or len(mixed_reqs)]
         runs["hf_peft"] = hf_baseline.run_baseline(model_dir, mixed, hf_reqs, plan.hf_batch_size, work)
 
+    for name, server in [
+        ("base_lone", "base"),
+        ("base_saturated", "base"),
+        ("base_saturated_after", "base_again"),
+    ]:
+        runs[name]["server_peak_rss_bytes"] = servers[server]["peak_rss_bytes"]
     for name, run in runs.items():
-        for server in ("base", "mixed8"):
-            if name.startswith(server):
-                run["server_peak_rss_bytes"] = servers[server]["peak_rss_bytes"]
+        if name.startswith("mixed8"):
+            run["server_peak_rss_bytes"] = servers["mixed8"]["peak_rss_bytes"]
     figures = {**runs, "machine": info, "model": model}
     return {
         "title": _title(info, quick),

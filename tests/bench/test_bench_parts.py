@@ -106,6 +106,14 @@ def test_ratios_arithmetic_and_targets():
     assert "P1" in ratios.table(r)
 
 
+def test_references_run_twice_are_averaged():
+    after = {"output_tokens_per_s": 140.0}
+    r = ratios.compute(_figures(base_saturated_after=after, small8_zipf_after={"output_tokens_per_s": 54.0}))
+    assert r["P1"].value == pytest.approx(96 / 120)  # mean of 100 before and 140 after
+    assert r["P3"].value == pytest.approx(72 / 72)  # mean of 90 and 54
+    assert "before" in r["P1"].detail and "140.0 after" in r["P1"].detail
+
+
 def test_machine_bounds_from_the_linear_passes():
     sat = {"output_tokens_per_s": 96.0, "concurrency": 64, "output_tokens": 3000, "prompt_tokens": 1000}
     passes = {"1": 0.002, "64": 0.1, str(ratios.PROMPT_ROWS): ratios.PROMPT_ROWS / 2000}

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.slow
 
 RUNS = {
     "base_lone", "base_saturated", "mixed8_lone", "mixed8_saturated", "mixed8_half_load", "small8_zipf",
-    "many_registered", "hf_peft",
+    "many_registered", "hf_peft", "base_saturated_after", "small8_zipf_after",
 }  # fmt: skip
 RUN_FIGURES = {"output_tokens_per_s", "requests_per_s", "wall_s", "requests"}
 STREAM_FIGURES = {
