@@ -41,7 +41,8 @@ Buckets = tuple[tuple[tuple[int, ...], int], ...]
 @dataclass
 class Layout:
     # (G_b, T_b) per bucket: its segments, each padded to T_b rows (the longest of them). Padding to each
-    # run's own longest segment, not the call's, saves ~20% of the rows at 64 decode rows, 8 adapters.
+    # run's own longest segment, not the call's, computes 16% fewer rows at 64 decode rows over 8 adapters
+    # of ranks 8/16/32 drawn uniformly (96 -> 81 rows, mean of 200 draws).
     shapes: tuple[tuple[int, int], ...]
     # Either the padded rows are batch rows [start, start + total) as they are (no padding, no gaps) ...
     start: int | None
