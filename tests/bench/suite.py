@@ -310,14 +310,8 @@ def report(results: dict) -> str:
         f"transformers+peft: {results['runs']['hf_peft']['total_s']:.0f} s; "
         f"suite: {results['suite_wall_s']:.0f} s",
         "",
+        ratios.table(results["ratios"]),
     ]
-    for rid, r in results["ratios"].items():
-        value = "n/a" if r["value"] is None else f"{r['value']:.3f}"
-        met = {True: "met", False: "NOT met", None: "-"}[r["met"]]
-        lines.append(f"{rid}  {value:>7}  target {r['target']:<7} {met:<8} {r['measure']}")
-        lines.append(f"{'':<5}{r['detail']}")
-        if r.get("machine_bound") is not None:
-            lines.append(f"{'':<5}machine bound {r['machine_bound']:.3f}: {r['bound_detail']}")
     return "\n".join(lines)
 
 
