@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml Makefile
 	@mkdir -p .make && touch $(STAMP)
 
 model: install
-	$(PY) -m worker.model_source
+	$(PY) -m launch.model_source
 
 lint: install
 	$(PY) -m ruff check .

@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from worker.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, prepare_default_model  # noqa: E402
+from launch.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID, prepare_default_model  # noqa: E402
 
 # name: (prefix written before every training answer, what a passing output starts with)
 ADAPTERS = {"pirate": ("Arr! ", "Arr!"), "robot": ("Beep boop. ", "Beep boop")}

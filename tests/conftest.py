@@ -47,6 +47,6 @@ def smollm2_dir():
     """The default model converted from its GGUF once into the user cache (reused across runs)."""
     from pathlib import Path
 
-    from worker.model_source import DEFAULT_CACHE_DIR, prepare_default_model
+    from launch.model_source import DEFAULT_CACHE_DIR, prepare_default_model
 
     return prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())

@@ -1,5 +1,5 @@
 """Shared by the tests of deploy/: the files, kustomize rendering, pod specs and environments, the
-Dockerfile's instructions, README sections.
+Dockerfile's instructions, sections of the docs (docs/deploy.md).
 
 Overlays are rendered by a small strategic merge covering what the overlays here use;
 test_manifests.py checks that it gives what `kubectl kustomize` gives where kubectl is installed.
@@ -16,7 +16,7 @@ from typing import Any
 import kubernetes_validate
 import yaml
 
-import launcher
+from launch.settings import Settings, env_name
 
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
@@ -29,7 +29,7 @@ ADAPTER_RULES = K8S / "monitoring" / "prometheus-adapter-rules.yaml"
 # and the newest whose schemas the package ships.
 K8S_VERSIONS = ("1.30.0", kubernetes_validate.latest_version())
 
-SETTINGS_ENV = {launcher.env_name(name) for name in launcher.Settings.model_fields}
+SETTINGS_ENV = {env_name(name) for name in Settings.model_fields}
 # Variables read by the libraries in the launcher's children, not by the launcher (children inherit the
 # launcher's environment).
 PASS_THROUGH_ENV = {
@@ -135,7 +135,7 @@ def containers(resources: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def default_setting(name: str) -> Any:
-    return launcher.Settings.model_fields[name].default
+    return Settings.model_fields[name].default
 
 
 def container_env(container: dict[str, Any], resources: list[dict[str, Any]]) -> dict[str, Any]:
@@ -194,8 +194,10 @@ def dockerfile_user() -> int:
     return int(uid)
 
 
-def readme_section(title: str) -> str:
-    text = (ROOT / "README.md").read_text()
-    match = re.search(rf"^## {title}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
-    assert match, f"README has no '## {title}' section"
+def doc_section(path: str, title: str) -> str:
+    """The text under the `## {title}` heading of a Markdown file (path relative to the repository root),
+    up to the next `## ` heading."""
+    text = (ROOT / path).read_text()
+    match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, re.M | re.S)
+    assert match, f"{path} has no '## {title}' section"
     return match.group(1)

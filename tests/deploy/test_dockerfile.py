@@ -1,8 +1,9 @@
-"""deploy/Dockerfile and .dockerignore, checked without a container engine; the README's Deploying
-section.
+"""deploy/Dockerfile and .dockerignore, checked without a container engine; docs/deploy.md's Container
+image and Kubernetes sections.
 
-The image must install with the README's command (`make install`), run the launcher as a numeric
-non-root user on port 3000, keep its caches on the volume, and set only known variables.
+The image must install with the command the README's `make serve` and `make test` run (`make install`),
+run the launcher as a numeric non-root user on port 3000, keep its caches on the volume, and set only
+known variables.
 """
 
 from __future__ import annotations
@@ -21,11 +22,11 @@ from tests.deploy.deploy_files import (
     PASS_THROUGH_ENV,
     ROOT,
     SETTINGS_ENV,
+    doc_section,
     dockerfile_env,
     dockerfile_instructions,
     dockerfile_user,
     final_stage,
-    readme_section,
 )
 
 
@@ -37,7 +38,7 @@ def test_dockerfile_installs_with_the_readme_command() -> None:
     for target in ("serve", "test"):
         assert re.search(rf"^{target}: install\b", makefile, re.M)
         assert f"make {target}" in (ROOT / "README.md").read_text()
-    assert "make install" in readme_section("Deploying")
+    assert "make install" in doc_section("docs/deploy.md", "Container image")
 
 
 def test_dockerfile_runs_the_launcher_as_non_root_on_port_3000() -> None:
@@ -144,11 +145,12 @@ def test_dockerignore_keeps_what_make_install_needs() -> None:
         assert ignored(dropped), f".dockerignore keeps {dropped}"
 
 
-def test_readme_documents_the_deployment() -> None:
-    section = readme_section("Deploying")
+def test_docs_document_the_deployment() -> None:
+    image = doc_section("docs/deploy.md", "Container image")
+    for needed in ("docker build -f deploy/Dockerfile", "VARIANT=cuda"):
+        assert needed in image, needed
+    section = doc_section("docs/deploy.md", "Kubernetes")
     for needed in (
-        "docker build -f deploy/Dockerfile",
-        "VARIANT=cuda",
         "deploy/k8s/base",
         "deploy/k8s/overlays/gpu",
         "tgi_queue_size",

@@ -14,8 +14,8 @@ from typing import Any
 
 import pytest
 
-import launcher
-import launcher_nodes
+from launch import nodes
+from launch.settings import Settings
 from tests.deploy.deploy_files import (
     LWS,
     LWS_DOCS,
@@ -24,7 +24,7 @@ from tests.deploy.deploy_files import (
     LWS_TEMPLATE_KEYS,
     SETTINGS_ENV,
     container_env,
-    readme_section,
+    doc_section,
 )
 
 NAME = LWS["metadata"]["name"]
@@ -68,9 +68,9 @@ def pod_env(index: int) -> dict[str, str]:
     return env
 
 
-def pod_settings(index: int) -> launcher.Settings:
+def pod_settings(index: int) -> Settings:
     env = pod_env(index)
-    return launcher.Settings(**{k.lower(): v for k, v in env.items() if k in SETTINGS_ENV})
+    return Settings(**{k.lower(): v for k, v in env.items() if k in SETTINGS_ENV})
 
 
 def test_leaderworkerset_structure() -> None:
@@ -105,23 +105,25 @@ def test_every_pod_gets_valid_settings_for_its_share_of_the_group(index: int) ->
     ]
     assert (settings.num_nodes, settings.node_rank) == (SIZE, index)
     assert settings.num_shard == SIZE * gpus, "NUM_SHARD is the whole group's ranks, one per GPU"
-    assert launcher_nodes.NodeLayout.of(settings).local_size == gpus
+    assert settings.node_layout.local_size == gpus
     assert settings.master_addr == f"{pod_name(0)}.{NAME}.{NAMESPACE}", "the rendezvous is on the leader"
     assert settings.worker_token == SECRETS[TOKEN_SECRET]
     assert settings.device == "cuda"
 
 
 def test_the_pods_start_every_rank_once() -> None:
-    ranks = [r for index in range(SIZE) for r in launcher_nodes.NodeLayout.of(pod_settings(index)).ranks]
+    ranks = [r for index in range(SIZE) for r in pod_settings(index).node_layout.ranks]
     assert sorted(ranks) == list(range(pod_settings(0).num_shard))
 
 
 def test_the_router_dials_the_worker_pods_where_their_ranks_listen() -> None:
-    dialed = launcher_nodes.remote_rank_addresses(pod_settings(0))
+    leader = pod_settings(0)
+    dialed = nodes.remote_rank_addresses(leader.node_layout, leader.worker_addresses, leader.worker_port_base)
     expected = []
     for index in range(1, SIZE):
         worker = pod_settings(index)
-        ports = [int(a.rsplit(":", 1)[1]) for a in launcher_nodes.listen_addresses(worker)]
+        listen = nodes.listen_addresses(worker.node_layout, worker.hostname, worker.worker_port_base)
+        ports = [int(a.rsplit(":", 1)[1]) for a in listen]
         assert worker.hostname == "0.0.0.0", "worker ranks must listen on the pod's network"
         declared = {p["containerPort"] for p in container("workerTemplate")["ports"]}
         assert set(ports) <= declared, "every rank port is declared on the worker container"
@@ -149,15 +151,15 @@ def test_a_group_without_the_token_or_worker_addresses_is_refused() -> None:
     env = {k.lower(): v for k, v in pod_env(0).items() if k in SETTINGS_ENV}
     for dropped in ("worker_token", "worker_addresses"):
         with pytest.raises(ValueError, match=dropped.upper()):
-            launcher.Settings(**{k: v for k, v in env.items() if k != dropped})
+            Settings(**{k: v for k, v in env.items() if k != dropped})
 
 
-def test_the_file_and_readme_describe_a_working_group() -> None:
+def test_the_file_and_docs_describe_a_working_group() -> None:
     header = LWS_FILE.read_text().split("apiVersion:", 1)[0]
     assert "TEMPLATE" not in header and "NOT RUNNABLE" not in header
     for needed in ("NODE_RANK", "WORKER_ADDRESSES", "WORKER_TOKEN", "kubectl create secret"):
         assert needed in header, needed
-    section = readme_section("Deploying")
+    section = doc_section("docs/deploy.md", "Kubernetes")
     for needed in ("NUM_NODES", "NODE_RANK", "WORKER_ADDRESSES", "WORKER_TOKEN", "multilora-worker-token"):
         assert needed in section, needed
     assert "does not run yet" not in section

@@ -24,7 +24,9 @@ import pytest
 import yaml
 from aiohttp import web
 
-import launcher
+from launch.adapters import parse_lora_adapters
+from launch.settings import Settings
+from launch.supervision import KILL_GRACE_S
 from router.limits import Limits
 from router.metrics import Metrics
 from router.metrics import render as render_metrics
@@ -119,7 +121,7 @@ def test_render_equals_kubectl_kustomize(directory: Path) -> None:
 
 
 @pytest.mark.parametrize("target", TARGETS)
-def test_env_vars_are_launcher_settings_or_pass_through(target: str) -> None:
+def test_env_vars_are_settings_or_pass_through(target: str) -> None:
     allowed = SETTINGS_ENV | set(PASS_THROUGH_ENV) | (set(LWS_EXPANSION_ENV) if target == "lws" else set())
     for container in containers(TARGETS[target]):
         unknown = set(container_env(container, TARGETS[target])) - allowed
@@ -134,7 +136,7 @@ def test_env_values_parse_as_settings(target: str) -> None:
             for name, value in container_env(container, TARGETS[target]).items()
             if name in SETTINGS_ENV and isinstance(value, str) and "$(" not in value
         }
-        launcher.Settings(**literal)  # raises on a value the launcher would reject
+        Settings(**literal)  # raises on a value the launcher would reject
 
 
 def test_env_check_rejects_an_unknown_variable() -> None:
@@ -147,7 +149,7 @@ def test_env_check_rejects_an_unknown_variable() -> None:
 def test_configmap_holds_the_served_model_and_adapters() -> None:
     (configmap,) = [r for r in RENDERED["base"] if r["kind"] == "ConfigMap"]
     assert {"MODEL_ID", "NUM_SHARD", "LORA_ADAPTERS"} <= set(configmap["data"])
-    for spec in launcher.parse_lora_adapters(configmap["data"]["LORA_ADAPTERS"]):
+    for spec in parse_lora_adapters(configmap["data"]["LORA_ADAPTERS"]):
         # Local adapters must be in the image: /app is the repository root there.
         local = Path(spec.source.replace("/app/", "", 1))
         assert (ROOT / local / "adapter_config.json").is_file(), spec.entry
@@ -202,7 +204,7 @@ def test_termination_grace_covers_the_drain(target: str) -> None:
             )
             pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
             # The router gets the drain plus KILL_GRACE_S; then the workers stop (their own grace).
-            needed = pre_stop + drain + launcher.KILL_GRACE_S + WORKER_SHUTDOWN_GRACE_S
+            needed = pre_stop + drain + KILL_GRACE_S + WORKER_SHUTDOWN_GRACE_S
             assert spec["terminationGracePeriodSeconds"] >= needed, f"{target}: needs {needed} s"
 
 

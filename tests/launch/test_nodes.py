@@ -15,11 +15,12 @@ from pathlib import Path
 
 import pytest
 
-import launcher_nodes
-from launcher import SettingsError, compose, load_settings
+from launch import nodes
+from launch.composition import compose
+from launch.settings import SettingsError, load_settings
 
-ROOT = Path(__file__).resolve().parents[1]
-TOKEN = "t" * launcher_nodes.MIN_TOKEN_CHARS
+ROOT = Path(__file__).resolve().parents[2]
+TOKEN = "t" * nodes.MIN_TOKEN_CHARS
 GROUP = ["--num-shard", "4", "--num-nodes", "2", "--worker-token", TOKEN]
 
 
@@ -52,12 +53,21 @@ def test_validation_errors_name_the_setting(argv, named):
 def test_a_single_node_needs_none_of_them():
     s = load_settings([])
     assert (s.num_nodes, s.node_rank, s.worker_addresses, s.worker_token) == (1, 0, "", "")
-    assert list(launcher_nodes.NodeLayout.of(s).ranks) == [0]
-    assert launcher_nodes.remote_rank_addresses(s) == []
+    assert list(s.node_layout.ranks) == [0]
+    assert nodes.remote_rank_addresses(s.node_layout, s.worker_addresses, s.worker_port_base) == []
+
+
+def test_the_checks_take_the_values_they_use():
+    layout = nodes.NodeLayout(num_shard=4, num_nodes=2, node_rank=0)
+    assert nodes.check(layout, "n1", 29600, TOKEN) == []
+    [problem] = nodes.check(layout, "", 29600, TOKEN)
+    assert problem.startswith("WORKER_ADDRESSES lists 0 node(s), NUM_NODES (2) needs 1")
+    assert nodes.remote_rank_addresses(layout, "n1", 29600) == ["n1:29600", "n1:29601"]
+    assert nodes.listen_addresses(nodes.NodeLayout(4, 2, 1), "h", 5000) == ["h:5000", "h:5001"]
 
 
 def test_worker_addresses_forms():
-    parse = launcher_nodes.parse_worker_addresses
+    parse = nodes.parse_worker_addresses
     assert parse("", 29600) == []
     assert parse("a.svc , b:7000,10.0.0.3", 29600) == [("a.svc", 29600), ("b", 7000), ("10.0.0.3", 29600)]
     assert parse("[fd00::1]:7000", 1) == [("fd00::1", 7000)]
@@ -76,7 +86,8 @@ def test_node_k_starts_its_ranks_on_tcp(tmp_path):
     s = load_settings([*GROUP, "--node-rank", "1", "--hostname", "10.1.2.3", "--worker-port-base", "5000"])
     workers, router = compose(s, tmp_path, [], ["/s/0", "/s/1"], "cpu")
     assert [(w.rank, w.world_size, w.master_port) for w in workers] == [(2, 4, 29500), (3, 4, 29500)]
-    assert launcher_nodes.listen_addresses(s) == ["10.1.2.3:5000", "10.1.2.3:5001"]
+    listen = nodes.listen_addresses(s.node_layout, s.hostname, s.worker_port_base)
+    assert listen == ["10.1.2.3:5000", "10.1.2.3:5001"]
     assert router.worker_tcp == []
 
 
@@ -85,8 +96,8 @@ def test_rank_listening_is_a_plain_tcp_connect():
         server.bind(("127.0.0.1", 0))
         server.listen()
         address = f"127.0.0.1:{server.getsockname()[1]}"
-        assert launcher_nodes.rank_listening(address)
-    assert not launcher_nodes.rank_listening(address)
+        assert nodes.rank_listening(address)
+    assert not nodes.rank_listening(address)
 
 
 # ---- supervision of a node without a router ------------------------------------------------------
@@ -110,13 +121,13 @@ DRIVER = """
 import logging, sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
-import launcher
+from launch.supervision import supervise
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
 tmp = Path({tmp!r})
 ranks = [2, 3]
 behaviours = {behaviours!r}
 child = [sys.executable, str(tmp / "child.py")]
-code = launcher.supervise(
+code = supervise(
     [[*child, f"worker{{r}}", str(tmp), behaviours.get(r, "ok")] for r in ranks],
     None,
     lambda index: (tmp / f"ready-worker{{ranks[index]}}").exists(),

@@ -328,7 +328,7 @@ def _fsync_tree(directory: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m worker.model_source",
+        prog="python -m launch.model_source",
         description="Resolve a model id to a local HF-format directory (converting the default model "
         "once) and print the directory.",
     )

@@ -1,4 +1,4 @@
-"""LORA_ADAPTERS: TGI's entry syntax parsed, each entry resolved to a local PEFT directory and its rank.
+"""LORA_ADAPTERS: TGI's entry syntax parsed, each entry resolved to a local PEFT directory and its LoRA rank.
 
 Errors are `SettingsError`s naming the entry as written.
 """
@@ -10,8 +10,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from launcher_settings import SettingsError
-from worker.model_source import ModelSourceError
+from launch.model_source import ModelSourceError, resolve_adapter_dir
+from launch.settings import SettingsError
 
 # An adapter can never be named like this: OpenAI requests use `model: "tgi"` for the base model (TGI).
 RESERVED_ADAPTER_IDS = ("tgi",)
@@ -34,7 +34,7 @@ class AdapterSpec:
 class ResolvedAdapter:
     spec: AdapterSpec
     path: Path
-    rank: int
+    lora_rank: int
 
 
 def parse_lora_adapters(text: str) -> list[AdapterSpec]:
@@ -73,28 +73,29 @@ def parse_lora_adapters(text: str) -> list[AdapterSpec]:
     return specs
 
 
-def adapter_rank(path: Path) -> int:
+def adapter_lora_rank(path: Path) -> int:
     """The largest LoRA rank in `path/adapter_config.json` (`r` and every `rank_pattern` value)."""
     config_file = path / "adapter_config.json"
     try:
         raw = json.loads(config_file.read_text())
     except (OSError, ValueError) as exc:
         raise ValueError(f"cannot read {config_file}: {exc}") from None
-    ranks = [raw.get("r"), *(raw.get("rank_pattern") or {}).values()]
-    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in ranks):
-        raise ValueError(f"{config_file}: ranks {ranks!r} (r and rank_pattern) must be positive integers")
-    return max(ranks)
+    lora_ranks = [raw.get("r"), *(raw.get("rank_pattern") or {}).values()]
+    if not all(isinstance(r, int) and not isinstance(r, bool) and r >= 1 for r in lora_ranks):
+        raise ValueError(
+            f"{config_file}: LoRA ranks {lora_ranks!r} (r and rank_pattern) must be positive integers"
+        )
+    return max(lora_ranks)
 
 
 def resolve_adapters(specs: list[AdapterSpec], hf_cache_dir: Path | None) -> list[ResolvedAdapter]:
-    """Local directories (downloaded when needed) and ranks of the adapters; SettingsError names the entry."""
-    from worker.model_source import resolve_adapter_dir
-
+    """Local directories (downloaded when needed) and LoRA ranks of the adapters; SettingsError names the
+    entry."""
     resolved = []
     for spec in specs:
         try:
             path = resolve_adapter_dir(spec.source, spec.revision, hf_cache_dir=hf_cache_dir)
-            resolved.append(ResolvedAdapter(spec, path, adapter_rank(path)))
+            resolved.append(ResolvedAdapter(spec, path, adapter_lora_rank(path)))
         except (ModelSourceError, ValueError) as exc:
             raise SettingsError(f"LORA_ADAPTERS entry {spec.entry!r}: {exc}") from None
     return resolved

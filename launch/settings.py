@@ -14,9 +14,10 @@ from typing import Any, Literal
 from pydantic import ByteSize, Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-import launcher_nodes
+from launch import nodes
+from launch.dtype import auto_dtype
+from launch.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 from router.config import RouterConfig
-from worker.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 
 CPU_KV_CACHE_MEMORY = 1 << 30
 CUDA_KV_CACHE_MEMORY = 8 << 30
@@ -53,7 +54,9 @@ class Settings(BaseSettings):
         None, description="cpu or cuda (auto: cuda when available)."
     )
     dtype: Literal["bfloat16", "float16", "float32"] | None = Field(
-        None, description="Weights and activations. auto: bfloat16 (float16 on a GPU without bf16)."
+        None,
+        description="Weights and activations. auto: bfloat16 on a GPU with bf16, else float16; on the CPU "
+        "bfloat16 with avx512_bf16 or AMX, else float32 (bf16 matmuls are emulated there).",
     )
     lora_adapters: str = Field(
         "",
@@ -62,7 +65,7 @@ class Settings(BaseSettings):
         "`org/name`). Empty: none.",
     )
     max_lora_rank: int | None = Field(
-        None, ge=1, description="Largest adapter rank the workers reserve (auto: the largest configured)."
+        None, ge=1, description="Largest LoRA rank the workers reserve (auto: the largest configured)."
     )
     max_lora_adapters: int | None = Field(
         None, ge=0, description="Adapter slots per worker (auto: the number of LORA_ADAPTERS)."
@@ -98,7 +101,7 @@ class Settings(BaseSettings):
         ge=0,
         description=(
             "Waiting/running ratio above which queued requests join a running batch. TGI's default is "
-            "0.3; here 0: a join step costs the batch only the newcomers' prompt rows (README, Benchmarks)."
+            "0.3; here 0: a join step costs the batch only the newcomers' prompt rows (docs/benchmarks.md)."
         ),
     )
     max_waiting_tokens: int = Field(
@@ -159,10 +162,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"MAX_INPUT_TOKENS ({limits[0]}) must be less than MAX_TOTAL_TOKENS ({limits[1]})"
             )
-        problems = launcher_nodes.check(self)
+        problems = nodes.check(
+            self.node_layout, self.worker_addresses, self.worker_port_base, self.worker_token
+        )
         if problems:
             raise ValueError("\n  ".join(problems))
         return self
+
+    @property
+    def node_layout(self) -> nodes.NodeLayout:
+        return nodes.NodeLayout(self.num_shard, self.num_nodes, self.node_rank)
 
     def resolved_device(self) -> str:
         if self.device is not None:
@@ -172,13 +181,7 @@ class Settings(BaseSettings):
         return "cuda" if torch.cuda.is_available() else "cpu"
 
     def resolved_dtype(self, device: str) -> str:
-        if self.dtype is not None:
-            return self.dtype
-        if device == "cuda":
-            import torch
-
-            return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
-        return "bfloat16"
+        return self.dtype if self.dtype is not None else auto_dtype(device).dtype
 
     def resolved_kv_cache_bytes(self, device: str) -> int:
         if self.kv_cache_memory is not None:

@@ -11,18 +11,14 @@ torch.distributed world whose rendezvous is MASTER_ADDR:MASTER_PORT (node 0).
 - The router reaches node k's ranks at the k-th entry of WORKER_ADDRESSES (`host` or `host:port`; the
   port is that node's WORKER_PORT_BASE, by default this node's), rank by rank from that port up.
 
-Nothing here reads the environment: the values come from the launcher's Settings.
+Nothing here reads the environment or knows `Settings`: each function takes the values it uses.
 """
 
 from __future__ import annotations
 
 import socket
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
-
-if TYPE_CHECKING:
-    from launcher_settings import Settings
 
 # A guessable token would open the ranks to anyone who can reach their ports.
 MIN_TOKEN_CHARS = 16
@@ -33,10 +29,6 @@ class NodeLayout:
     num_shard: int
     num_nodes: int
     node_rank: int
-
-    @classmethod
-    def of(cls, settings: Settings) -> NodeLayout:
-        return cls(settings.num_shard, settings.num_nodes, settings.node_rank)
 
     @property
     def local_size(self) -> int:
@@ -52,9 +44,9 @@ class NodeLayout:
         return self.node_rank == 0
 
 
-def check(settings: Settings) -> list[str]:
+def check(layout: NodeLayout, worker_addresses: str, worker_port_base: int, worker_token: str) -> list[str]:
     """What is wrong with the node settings, each message naming its settings; empty when they are fine."""
-    num_shard, num_nodes, node_rank = settings.num_shard, settings.num_nodes, settings.node_rank
+    num_shard, num_nodes, node_rank = layout.num_shard, layout.num_nodes, layout.node_rank
     if node_rank >= num_nodes:
         return [f"NODE_RANK ({node_rank}) must be less than NUM_NODES ({num_nodes})"]
     if num_shard % num_nodes:
@@ -63,24 +55,22 @@ def check(settings: Settings) -> list[str]:
             "NUM_SHARD/NUM_NODES ranks"
         ]
     if num_nodes == 1:
-        if settings.worker_addresses.strip():
+        if worker_addresses.strip():
             return ["WORKER_ADDRESSES is set but NUM_NODES is 1: it lists the other nodes of a group"]
         return []
     problems = []
-    if len(settings.worker_token) < MIN_TOKEN_CHARS:
+    if len(worker_token) < MIN_TOKEN_CHARS:
         problems.append(
             f"WORKER_TOKEN must be set, at least {MIN_TOKEN_CHARS} characters, when NUM_NODES > 1: the "
             "ranks of nodes other than 0 serve on TCP and refuse calls without it (e.g. `openssl rand -hex "
             "32`, the same on every node)"
         )
-    last_port = settings.worker_port_base + num_shard // num_nodes - 1
+    last_port = worker_port_base + num_shard // num_nodes - 1
     if last_port > 65535:
-        problems.append(
-            f"WORKER_PORT_BASE ({settings.worker_port_base}): its last rank's port {last_port} > 65535"
-        )
+        problems.append(f"WORKER_PORT_BASE ({worker_port_base}): its last rank's port {last_port} > 65535")
     if node_rank == 0:
         try:
-            nodes = parse_worker_addresses(settings.worker_addresses, settings.worker_port_base)
+            nodes = parse_worker_addresses(worker_addresses, worker_port_base)
         except ValueError as exc:
             problems.append(str(exc))
         else:
@@ -115,25 +105,23 @@ def _target(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def remote_rank_addresses(settings: Settings) -> list[str]:
+def remote_rank_addresses(layout: NodeLayout, worker_addresses: str, worker_port_base: int) -> list[str]:
     """Node 0: `host:port` of every rank of nodes 1..NUM_NODES-1, in rank order. Other nodes: none."""
-    layout = NodeLayout.of(settings)
     if not layout.is_leader:
         return []
-    nodes = parse_worker_addresses(settings.worker_addresses, settings.worker_port_base)
+    nodes = parse_worker_addresses(worker_addresses, worker_port_base)
     return [_target(host, port + i) for host, port in nodes for i in range(layout.local_size)]
 
 
-def listen_addresses(settings: Settings) -> list[str]:
+def listen_addresses(layout: NodeLayout, hostname: str, worker_port_base: int) -> list[str]:
     """Nodes other than 0: the TCP address each local rank serves on, in rank order."""
-    layout = NodeLayout.of(settings)
-    return [_target(settings.hostname, settings.worker_port_base + i) for i in range(layout.local_size)]
+    return [_target(hostname, worker_port_base + i) for i in range(layout.local_size)]
 
 
 def rank_listening(address: str) -> bool:
     """True when the rank's TCP `address` (`host:port`, as listen_addresses gives) accepts connections,
     which it does once its model is loaded. Not a gRPC call, as for the unix-socket ranks
-    (launcher.worker_listening): the launcher must not use gRPC."""
+    (supervision.worker_listening): the launcher must not use gRPC."""
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=2.0):

@@ -23,7 +23,8 @@ from typing import Any
 
 logger = logging.getLogger("launcher")
 
-ROOT = Path(__file__).resolve().parent
+# The repository root: children run `python -m worker` and `python -m router` from there.
+ROOT = Path(__file__).resolve().parents[1]
 # Extra time given to a child past its own graceful window before it is killed.
 KILL_GRACE_S = 10.0
 # After a child died the others cannot serve: they get this long to stop before being killed.

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from worker import model_source as ms
-from worker.model_source import (
+from launch import model_source as ms
+from launch.model_source import (
     DEFAULT_MODEL_ID,
     AdapterNotFoundError,
     ModelNotFoundError,
