@@ -32,7 +32,7 @@ class AdapterInfo:
     id: str
     source: str
     slot: int
-    rank: int
+    lora_rank: int
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
@@ -41,7 +41,7 @@ class AdapterInfo:
         return {
             "id": self.id,
             "source": self.source,
-            "rank": self.rank,
+            "rank": self.lora_rank,  # /info's documented key (router/responses.py)
             "alpha": self.alpha,
             "use_rslora": self.use_rslora,
             "target_modules": list(self.target_modules),
@@ -81,7 +81,7 @@ class AdapterRegistry:
                     id=source.id,
                     source=source.source,
                     slot=slot,
-                    rank=reply.rank,
+                    lora_rank=reply.lora_rank,
                     alpha=round(reply.alpha, 6),  # a float32 on the wire
                     use_rslora=reply.use_rslora,
                     target_modules=tuple(reply.target_modules),
@@ -90,12 +90,14 @@ class AdapterRegistry:
             log.info("Loaded adapter %s into slot %d in %.2f s", source.id, slot, reply.load_ns / 1e9)
         return cls(base_model_id, infos)
 
-    def slot_for(self, adapter_id: str | None) -> int:
-        """The slot serving `adapter_id`; 0 for the base model. Raises UnknownAdapterError."""
+    def find(self, adapter_id: str | None) -> AdapterInfo | None:
+        """The adapter `adapter_id` names; None for the base model. Raises UnknownAdapterError.
+
+        Requests reach this through `router.lifecycle.resolve_adapter`, once each."""
         if adapter_id is None or adapter_id == "" or adapter_id == self.base_model_id:
-            return 0
+            return None
         try:
-            return self._by_id[adapter_id].slot
+            return self._by_id[adapter_id]
         except KeyError:
             raise UnknownAdapterError(adapter_id) from None
 

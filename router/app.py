@@ -100,10 +100,11 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
         limits,
     )
     adapters = await AdapterRegistry.load(client, config.model_id, config.adapters, info.num_adapter_slots)
+    # The scheduler reports its steps to the metrics; the metrics' gauges read the scheduler's load.
     metrics = Metrics(limits, config.model_id)
     blocks = BlockManager(info.num_blocks, info.block_size)
     scheduler = Scheduler(client, limits, blocks, tokenizer, metrics)
-    metrics.watch(scheduler, adapters, info.num_adapter_slots)
+    metrics.watch(scheduler.load, adapters, info.num_adapter_slots, info.num_blocks)
     return State(
         config=config,
         client=client,
@@ -111,7 +112,7 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
         limits=limits,
         tokenizer=tokenizer,
         adapters=adapters,
-        validator=Validator(limits, tokenizer, adapters),
+        validator=Validator(limits, tokenizer),
         scheduler=scheduler,
         concurrency=ConcurrencyLimit(limits.max_concurrent_requests),
         metrics=metrics,

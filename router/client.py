@@ -122,19 +122,13 @@ class ShardedClient:
             "LoadAdapter", pb.LoadAdapterRequest(slot=slot, adapter_id=adapter_id, path=path)
         )
 
-    async def unload_adapter(self, slot: int) -> None:
-        await self._call("UnloadAdapter", pb.UnloadAdapterRequest(slot=slot))
-
     async def prefill(self, sequences: Sequence[pb.NewSequence]) -> pb.StepResponse:
         return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))
 
     async def decode(
-        self,
-        request_ids: Sequence[int],
-        grown: Sequence[pb.BlockTable] = (),
-        joining: Sequence[pb.NewSequence] = (),
+        self, request_ids: Sequence[int], joining: Sequence[pb.NewSequence] = ()
     ) -> pb.StepResponse:
-        request = pb.DecodeRequest(request_ids=request_ids, grown=grown, joining=joining)
+        request = pb.DecodeRequest(request_ids=request_ids, joining=joining)
         return await self._call("Decode", request)
 
     async def release(self, request_ids: Sequence[int], timeout: float | None = None) -> None:

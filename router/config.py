@@ -44,7 +44,7 @@ class RouterConfig(BaseModel):
     max_top_n_tokens: int = 5
     max_best_of: int = 2
     # TGI's default is 0.3; with join steps a newcomer costs the batch only its prompt rows, and waiting
-    # for company measured 2x worse TTFT p50 and 5x worse p99 at no ITL gain (README, Benchmarks).
+    # for company measured 2x worse TTFT p50 and 5x worse p99 at no ITL gain (docs/benchmarks.md).
     waiting_served_ratio: float = 0.0
     max_waiting_tokens: int = 20
     shutdown_timeout_s: float = 30.0

@@ -1,11 +1,12 @@
 """The public gRPC API (proto/public.proto) on `RouterConfig.grpc_port`, served next to the HTTP app.
 
 A request takes HTTP's path: API key, the concurrency limit shared with HTTP, the same pydantic
-GenerateRequest and validation, `infer.run` (non-streaming) or one sequence's steps (streaming), and the
-same metrics. Errors are the HTTP errors turned into status codes (table in public.proto), with the same
-messages. The server starts once the router's state is up. At shutdown it stops taking calls when HTTP
-stops taking requests (`grpc_drain`, an on_shutdown hook), and the calls in flight get the same
-`shutdown_timeout_s` as HTTP's requests, at the same time; the scheduler stops after both.
+GenerateRequest (finite numbers only: a double may be NaN or infinite) and request lifecycle
+(router/lifecycle.py), and the same metrics. Errors are the HTTP errors turned into status codes (table
+in public.proto), with the same messages. The server starts once the router's state is up. At shutdown it
+stops taking calls when HTTP stops taking requests (`grpc_drain`, an on_shutdown hook), and the calls in
+flight get the same `shutdown_timeout_s` as HTTP's requests, at the same time; the scheduler stops after
+both.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from pydantic import ValidationError as PydanticValidationError
 
 from proto import public_pb2 as pb
 from proto import public_pb2_grpc
-from router import infer, stream
+from router import lifecycle, stream
 from router.auth import authorized
 from router.client import ShardedClient, WorkerError
 from router.errors import (
@@ -36,7 +37,7 @@ from router.errors import (
     UnauthorizedError,
     ValidationError,
 )
-from router.schemas import GenerateRequest
+from router.schemas import GenerateRequest, problems
 from router.sequence import FinishReason, GenerationResult, Token
 from router.state import CONFIG, STATE, State
 from router.validation import ValidRequest
@@ -100,10 +101,11 @@ class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
         state = self.state
         try:
             _check_key(context, state.config.api_key)
-            with state.metrics.request() as record, state.concurrency.acquire():
+            with lifecycle.admitted(state) as record:
                 body = to_generate_request(request)
-                valid, best, others = await infer.run(state.validator, state.scheduler, body, record)
-                return generate_response(valid, best, others)
+                async with lifecycle.tgi_submitted(state, record, body) as submission:
+                    ((best, others),) = await submission.results()
+                return generate_response(submission.requests[0], best, others)
         except Exception as e:
             await _abort(context, e)
 
@@ -114,21 +116,16 @@ class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
         state = self.state
         try:
             _check_key(context, state.config.api_key)
-            with state.metrics.request() as record, state.concurrency.acquire():
+            with lifecycle.admitted(state) as record:
                 body = to_generate_request(request)
-                record.adapter_id = body.parameters.adapter_id
-                valid = state.validator.validate(body, stream=True)
-                record.validated(valid)
-                seq = state.scheduler.submit(infer.with_seed(valid).params)
-                try:
+                async with lifecycle.tgi_submitted(state, record, body, stream=True) as submission:
+                    (valid,), (seq,) = submission.requests, submission.sequences
                     async with contextlib.aclosing(stream.steps(seq, None)) as steps:
                         async for step in steps:
                             assert step is not None  # no keep-alives without a timeout
                             yield stream_response(valid, step)
                             if step.end is not None:
                                 record.succeeded(step.end)
-                finally:
-                    state.scheduler.cancel(seq)
         except Exception as e:
             await _abort(context, e)
 
@@ -202,8 +199,8 @@ def to_generate_request(request: pb.GenerateRequest) -> GenerateRequest:
         data["parameters"] = params
     try:
         return GenerateRequest.model_validate(data)
-    except PydanticValidationError as e:  # the model may constrain more than the message types do
-        raise BodyError(f"Failed to deserialize the request: {e}", 422) from None
+    except PydanticValidationError as e:  # the model constrains more than the message types do (NaN)
+        raise BodyError(f"Failed to deserialize the request: {problems(e)}", 422) from None
 
 
 def _token(t: Token) -> pb.Token:

@@ -13,6 +13,7 @@ from pydantic import BaseModel
 from pydantic import ValidationError as PydanticValidationError
 
 from router.errors import BodyError, UnsupportedMediaTypeError
+from router.schemas import problems
 from router.sequence import GenerationResult
 from router.state import State
 
@@ -33,11 +34,8 @@ async def read_json(request: web.Request, model: type[Body]) -> Body:
     try:
         return model.model_validate(data)
     except PydanticValidationError as e:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors()
-        )
         raise BodyError(
-            f"Failed to deserialize the JSON body into the target type: {problems}", 422
+            f"Failed to deserialize the JSON body into the target type: {problems(e)}", 422
         ) from None
 
 

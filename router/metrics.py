@@ -21,17 +21,17 @@ import asyncio
 import contextlib
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-from router.adapters import AdapterRegistry, UnknownAdapterError
 from router.errors import ApiError
 from router.limits import Limits
 
 if TYPE_CHECKING:
-    from router.scheduler import Scheduler
+    from router.adapters import AdapterInfo, AdapterRegistry
     from router.sequence import GenerationResult
     from router.validation import ValidRequest
 
@@ -47,11 +47,21 @@ def _linear(upper: int) -> tuple[float, ...]:
     return tuple(upper * (i + 1) / 100 for i in range(100))
 
 
+@dataclass(frozen=True)
+class Load:
+    """What the scheduler holds at one moment (`Scheduler.load`), which the gauges show."""
+
+    queued: int
+    running: int
+    reserved_tokens: int  # prompt + max_new_tokens of the running sequences
+    blocks_used: int
+    active_slots: int  # distinct adapter slots (not the base model's 0) of the queued and running sequences
+
+
 class Metrics:
     def __init__(self, limits: Limits, base_model_id: str):
         self.registry = r = CollectorRegistry()
         self.base_model_id = base_model_id
-        self.adapters = AdapterRegistry(base_model_id)
         by_adapter = ("adapter",)
 
         def duration(name: str, doc: str, labels: tuple[str, ...] = by_adapter) -> Histogram:
@@ -129,26 +139,20 @@ class Metrics:
         self.blocks_used = Gauge("multilora_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.blocks_total = Gauge("multilora_kv_blocks_total", "KV cache blocks of the workers", registry=r)
 
-    def watch(self, scheduler: Scheduler, adapters: AdapterRegistry, num_adapter_slots: int) -> None:
-        """Gauges read at scrape time from the live objects."""
-        self.adapters = adapters
-        blocks = scheduler.blocks
-        self.queue_size.set_function(lambda: len(scheduler.queue))
-        self.batch_size.set_function(lambda: len(scheduler.running))
-        self.batch_max_tokens.set_function(lambda: sum(s.num_tokens for s in scheduler.running))
+    def watch(
+        self, load: Callable[[], Load], adapters: AdapterRegistry, num_adapter_slots: int, num_blocks: int
+    ) -> None:
+        """Gauges read at scrape time: the scheduler's `load()` and the adapters loaded, against the
+        workers' `num_adapter_slots` and `num_blocks`."""
+        self.queue_size.set_function(lambda: load().queued)
+        self.batch_size.set_function(lambda: load().running)
+        self.batch_max_tokens.set_function(lambda: load().reserved_tokens)
         self.adapters_loaded.set_function(lambda: len(adapters.infos()))
         self.slots_used.set_function(lambda: len({a.slot for a in adapters.infos()}))
-        self.slots_active.set_function(lambda: len(active_slots(scheduler)))
+        self.slots_active.set_function(lambda: load().active_slots)
         self.slots_total.set(num_adapter_slots)
-        self.blocks_used.set_function(lambda: blocks.num_blocks - blocks.num_free)
-        self.blocks_total.set(blocks.num_blocks)
-
-    def adapter_label(self, adapter_id: str | None) -> str:
-        try:
-            slot = self.adapters.slot_for(adapter_id)
-        except UnknownAdapterError:
-            return ""
-        return self.base_model_id if slot == 0 else str(adapter_id)
+        self.blocks_used.set_function(lambda: load().blocks_used)
+        self.blocks_total.set(num_blocks)
 
     # ---- hooks --------------------------------------------------------------------------------
 
@@ -186,11 +190,6 @@ class Metrics:
             self.batch_concat.labels("wait_exceeded" if waited else "backpressure").inc()
 
 
-def active_slots(scheduler: Scheduler) -> set[int]:
-    """The adapter slots (not the base model's 0) of the sequences waiting or running."""
-    return {s.params.lora_slot for s in (*scheduler.queue, *scheduler.running) if s.params.lora_slot}
-
-
 class RequestRecord:
     """One request's metrics; the handler reports its milestones, `Metrics.request` its failure."""
 
@@ -201,17 +200,10 @@ class RequestRecord:
         self._counted = False
         self._done = False
         self._label = ""
-        self._adapter_id: str | None = None
 
-    @property
-    def adapter_id(self) -> str | None:
-        return self._adapter_id
-
-    @adapter_id.setter
-    def adapter_id(self, adapter_id: str | None) -> None:
-        """Set once the body is read (None: the base model); it labels the request's metrics."""
-        self._adapter_id = adapter_id
-        self._label = self._m.adapter_label(adapter_id)
+    def resolved(self, adapter: AdapterInfo | None) -> None:
+        """The request's adapter is known (None: the base model); it labels the request's metrics."""
+        self._label = self._m.base_model_id if adapter is None else adapter.id
 
     def _count(self) -> None:
         if not self._counted:

@@ -1,7 +1,8 @@
 """OpenAI's request bodies (chat and legacy completions) as pydantic models, and its response shapes.
 
 Requests accept what OpenAI's and Hugging Face's clients send: unknown keys are ignored and an explicit
-`null` means "the default" (text-generation's chat client sends `"tools": null`, `"logprobs": null`, ...).
+`null` means "the default" (text-generation's chat client sends `"tools": null`, `"logprobs": null`, ...);
+types are strict and numbers finite, as in TGI's bodies (`RequestBody`, router/schemas.py).
 Features this server does not have are refused with a 422 naming the parameter, not silently ignored.
 
 Responses carry what strict clients need: text-generation's chat types want `system_fingerprint`,
@@ -12,30 +13,17 @@ in every chunk; openai's types want `finish_reason` in {"stop", "length"} and in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field
 
 from router.errors import ApiError
+from router.schemas import RequestBody
 from router.sequence import FinishReason, GenerationResult, Token
 
 
-def _drop_nulls(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: v for k, v in data.items() if v is not None}
-    return data
-
-
-class _Body(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
-    @model_validator(mode="before")
-    @classmethod
-    def nulls_mean_default(cls, data: Any) -> Any:
-        return _drop_nulls(data)
-
-
-class StreamOptions(_Body):
+class StreamOptions(RequestBody):
     include_usage: bool = False
 
 
@@ -48,7 +36,7 @@ class ChatMessage(BaseModel):
     content: str | list[dict[str, Any]] | None = None
 
 
-class _Sampling(_Body):
+class _Sampling(RequestBody):
     """What chat and completions share."""
 
     model: str | None = None
@@ -153,6 +141,27 @@ def stream_error_json(e: ApiError) -> dict:
 # ---- responses ----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class ResponseContext:
+    """What every response and chunk of one completion repeats, and the stop sequences its text omits."""
+
+    id: str
+    created: int
+    model: str
+    """The adapter id, or the base model's id."""
+    stops: list[str]
+    system_fingerprint: str
+
+    def header(self, kind: str) -> dict:
+        return {
+            "id": self.id,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.system_fingerprint,
+        }
+
+
 def finish_reason(reason: FinishReason) -> str:
     """OpenAI's values: an EOS token or a stop sequence is "stop", running out of tokens "length"."""
     return "length" if reason is FinishReason.LENGTH else "stop"
@@ -166,6 +175,11 @@ def output_text(result: GenerationResult, stops: list[str]) -> str:
         if matched:
             return text[: -max(len(s) for s in matched)]
     return text
+
+
+def visible_tokens(r: GenerationResult) -> list[tuple[Token, tuple[Token, ...]]]:
+    """The generated tokens that are part of the text (not special ones such as EOS), with alternatives."""
+    return [(t, top) for t, top in zip(r.tokens, r.top_tokens, strict=True) if not t.special]
 
 
 def usage_json(prompt_tokens: int, completion_tokens: int) -> dict:

@@ -1,41 +1,26 @@
 """The OpenAPI 3.1 document of the HTTP API (GET /api-doc/openapi.json, as TGI, and /openapi.json) and a
 self-contained HTML page of it (GET /docs; no CDN assets, the machines have no network).
 
-`ROUTES` is the declarative list the document is built from: one `Route` per method and path, with the
-pydantic types of the request body, the 200 response (router/responses.py) and the error body; schemas
-are generated from those models. Adding a route to the app means adding it here
-(tests/router/test_docs.py checks that both agree).
+The document is built from the app's route table (`router.routes.ROUTES`): one `Route` per method and
+path, with its handler and the pydantic types of the request body, the 200 response
+(router/responses.py) and the error body; schemas are generated from those models. The app registers
+the same list, so every route is documented.
 """
 
 from __future__ import annotations
 
-import functools
 import html
 import json
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from typing import Any
 
 from aiohttp import web
 from pydantic import TypeAdapter
 
-from router.openai_schemas import ChatCompletionRequest, CompletionRequest
-from router.responses import (
-    ChatCompletion,
-    ChatCompletionChunk,
-    Completion,
-    ErrorResponse,
-    GenerateResponse,
-    Info,
-    ModelList,
-    OpenAIErrorResponse,
-    SimpleToken,
-    StreamResponse,
-)
-from router.schemas import CompatGenerateRequest, GenerateRequest
-from router.state import CONFIG
+from router.responses import ErrorResponse
 
-# ---- the route list ------------------------------------------------------------------------------
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 JSON, TEXT, HTML, SSE = "application/json", "text/plain", "text/html", "text/event-stream"
 DONE = "[DONE]"
@@ -50,6 +35,7 @@ GENERATION_ERRORS = (400, 401, 413, 415, 422, 424, 429)
 class Route:
     method: str
     path: str
+    handler: Handler
     summary: str
     tag: str
     request: Any = None
@@ -71,38 +57,6 @@ class Route:
         return self.method == "POST"
 
 
-_HEALTH = "200 with an empty body when every worker rank answers, else 503"
-
-_GEN, _SERVICE, _OPENAI = "Text Generation", "Service", "OpenAI"
-
-ROUTES = [
-    Route("POST", "/generate", "Generate text (TGI); /generate_stream's events if `stream`", _GEN,
-          CompatGenerateRequest, GenerateResponse, stream=StreamResponse, errors=GENERATION_ERRORS),
-    Route("POST", "/generate_stream", "Generate text, one server-sent event per token (TGI)", _GEN,
-          GenerateRequest, stream=StreamResponse, errors=GENERATION_ERRORS),
-    Route("POST", "/", "TGI's compat route: a one-element array, or /generate_stream's events if `stream`",
-          _GEN, CompatGenerateRequest, list[GenerateResponse], stream=StreamResponse,
-          errors=GENERATION_ERRORS),
-    Route("POST", "/tokenize", "Tokenize a prompt as generation would", _GEN, GenerateRequest,
-          list[SimpleToken], errors=(400, 401, 413, 415, 422)),
-    Route("GET", "/health", _HEALTH, _SERVICE, errors=(503,)),
-    Route("GET", "/", _HEALTH, _SERVICE, errors=(503,)),
-    Route("GET", "/ping", _HEALTH, _SERVICE, errors=(503,)),
-    Route("GET", "/info", "Model, limits and loaded adapters", _SERVICE, response=Info),
-    Route("GET", "/metrics", "Prometheus metrics (TGI's names)", _SERVICE, response=str, content_type=TEXT),
-    Route("GET", "/docs", "This API's documentation", _SERVICE, response=str, content_type=HTML),
-    Route("GET", "/api-doc/openapi.json", "The OpenAPI document (TGI's path)", _SERVICE, response=dict),
-    Route("GET", "/openapi.json", "The OpenAPI document", _SERVICE, response=dict),
-    Route("POST", "/v1/chat/completions", "OpenAI chat completion (chat template); `model` picks the adapter",
-          _OPENAI, ChatCompletionRequest, ChatCompletion, stream=ChatCompletionChunk, stream_end=DONE,
-          errors=(*GENERATION_ERRORS, 404), error=OpenAIErrorResponse),
-    Route("POST", "/v1/completions", "OpenAI (legacy) completion, up to 4 prompts; `model` picks the adapter",
-          _OPENAI, CompletionRequest, Completion, stream=Completion, stream_end=DONE,
-          errors=(*GENERATION_ERRORS, 404), error=OpenAIErrorResponse),
-    Route("GET", "/v1/models", "The base model and its adapters (OpenAI's model list)", _OPENAI,
-          response=ModelList),
-]  # fmt: skip
-
 _ERROR_TEXT = {
     400: "The body is not JSON",
     401: "API_KEY is set and the request lacks `Authorization: Bearer <key>`",
@@ -116,10 +70,7 @@ _ERROR_TEXT = {
 }
 
 
-# ---- the document --------------------------------------------------------------------------------
-
-
-def build(routes: list[Route], *, auth: bool, version: str) -> dict:
+def build(routes: Sequence[Route], *, auth: bool, version: str) -> dict:
     """The OpenAPI document of `routes`; `auth` marks the routes that need the API key."""
     ref = "#/components/schemas/{model}"
     inputs = [(("req", i), "validation", TypeAdapter(r.request)) for i, r in enumerate(routes) if r.request]
@@ -233,26 +184,3 @@ td{{padding:.2em .8em}}</style></head><body>
 def _schema_block(title: str, schema: dict) -> str:
     text = html.escape(json.dumps(schema, indent=2))
     return f"<details><summary>{html.escape(title)}</summary><pre>{text}</pre></details>"
-
-
-# ---- handlers ------------------------------------------------------------------------------------
-
-
-@functools.cache
-def _document(auth: bool) -> dict:
-    try:
-        version = metadata.version("multilora")
-    except metadata.PackageNotFoundError:
-        version = "unknown"
-    return build(ROUTES, auth=auth, version=version)
-
-
-async def spec(request: web.Request) -> web.Response:
-    """The OpenAPI document."""
-    return web.json_response(_document(request.app[CONFIG].api_key is not None))
-
-
-async def docs(request: web.Request) -> web.Response:
-    """The API documentation as one HTML page."""
-    doc = _document(request.app[CONFIG].api_key is not None)
-    return web.Response(text=render_html(doc), content_type="text/html")

@@ -1,22 +1,39 @@
-"""HTTP handlers and the route table. Handlers stay thin: parse, validate, run, shape the JSON."""
+"""HTTP handlers and the route table. Handlers stay thin: parse, validate, run, shape the JSON.
+
+`ROUTES` is the one route table: `setup_routes` registers it and the OpenAPI document (router/openapi.py)
+describes it, so adding a route means adding it here, with its documentation.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import time
-from importlib import metadata
 
 from aiohttp import hdrs, web
 
-from router import infer, openai_routes, openapi, stream
+from router import lifecycle, openai_routes, stream
 from router.client import WorkerError
 from router.errors import ValidationError
-from router.http_common import read_json, timing_headers
+from router.http_common import read_json, server_version, timing_headers
 from router.metrics import CONTENT_TYPE, RequestRecord, render
 from router.middleware import error_response
+from router.openai_params import MAX_CLIENT_BATCH_SIZE
+from router.openai_schemas import ChatCompletionRequest, CompletionRequest
+from router.openapi import DONE, GENERATION_ERRORS, HTML, TEXT, Route, build, render_html
+from router.responses import (
+    ChatCompletion,
+    ChatCompletionChunk,
+    Completion,
+    GenerateResponse,
+    Info,
+    ModelList,
+    OpenAIErrorResponse,
+    SimpleToken,
+    StreamResponse,
+)
 from router.schemas import CompatGenerateRequest, GenerateRequest, generate_response_json
-from router.state import STATE, State
+from router.state import CONFIG, STATE, State
 
 HEALTH_TIMEOUT_S = 5.0
 
@@ -26,21 +43,8 @@ _dumps = functools.partial(json.dumps, allow_nan=False)
 def setup_routes(app: web.Application) -> None:
     app.add_routes(
         [
-            web.post("/generate", generate),
-            web.post("/generate_stream", generate_stream),
-            web.post("/", compat_generate),
-            web.get("/health", health),
-            web.get("/", health),
-            web.get("/ping", health),
-            web.get("/info", info),
-            web.get("/metrics", metrics),
-            web.post("/tokenize", tokenize),
-            web.post("/v1/chat/completions", openai_routes.chat_completions),
-            web.post("/v1/completions", openai_routes.completions),
-            web.get("/v1/models", openai_routes.models),
-            web.get("/docs", openapi.docs),
-            web.get("/api-doc/openapi.json", openapi.spec),
-            web.get("/openapi.json", openapi.spec),
+            web.get(r.path, r.handler) if r.method == "GET" else web.route(r.method, r.path, r.handler)
+            for r in ROUTES
         ]
     )
 
@@ -50,7 +54,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     it streams as /generate_stream does: huggingface_hub given `base_url=.../generate` posts its streams to
     it, and would read a JSON answer as an empty stream."""
     state = request.app[STATE]
-    with state.metrics.request() as record, state.concurrency.acquire():
+    with lifecycle.admitted(state) as record:
         body = await read_json(request, CompatGenerateRequest)
         if body.stream:
             return await stream.generate_stream(request, state, body, record)
@@ -61,7 +65,7 @@ async def compat_generate(request: web.Request) -> web.Response:
     """TGI `POST /`: a GenerateRequest plus `stream`; non-streaming answers a one-element array, streaming
     answers as /generate_stream does."""
     state = request.app[STATE]
-    with state.metrics.request() as record, state.concurrency.acquire():
+    with lifecycle.admitted(state) as record:
         body = await read_json(request, CompatGenerateRequest)
         if body.stream:
             return await stream.generate_stream(request, state, body, record)
@@ -71,7 +75,7 @@ async def compat_generate(request: web.Request) -> web.Response:
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """TGI `POST /generate_stream`: server-sent events, one per token (router/stream.py)."""
     state = request.app[STATE]
-    with state.metrics.request() as record, state.concurrency.acquire():
+    with lifecycle.admitted(state) as record:
         body = await read_json(request, GenerateRequest)
         return await stream.generate_stream(request, state, body, record)
 
@@ -110,6 +114,7 @@ async def tokenize(request: web.Request) -> web.Response:
 
 
 async def info(request: web.Request) -> web.Response:
+    """TGI `GET /info`: the model, the limits, and (ours) the KV cache and the loaded adapters."""
     state = request.app[STATE]
     lim, w = state.limits, state.worker_info
     return web.json_response(
@@ -130,12 +135,12 @@ async def info(request: web.Request) -> web.Response:
             "max_batch_prefill_tokens": lim.max_batch_prefill_tokens,
             "max_batch_total_tokens": lim.max_batch_total_tokens,
             "max_batch_size": lim.max_batch_size,
-            "max_client_batch_size": openai_routes.MAX_CLIENT_BATCH_SIZE,
+            "max_client_batch_size": MAX_CLIENT_BATCH_SIZE,
             "num_shard": state.client.world_size,
             "kv_block_size": w.block_size,
             "kv_num_blocks": w.num_blocks,
             "router": "multilora-router",
-            "version": _version(),
+            "version": server_version(),
             "sha": None,
             "docker_label": None,
             "adapters": [a.to_json() for a in state.adapters.infos()],
@@ -143,15 +148,24 @@ async def info(request: web.Request) -> web.Response:
     )
 
 
-# ---- helpers ------------------------------------------------------------------------------------
+async def spec(request: web.Request) -> web.Response:
+    """The OpenAPI document."""
+    return web.json_response(_document(request.app[CONFIG].api_key is not None))
+
+
+async def docs(request: web.Request) -> web.Response:
+    """The API documentation as one HTML page."""
+    doc = _document(request.app[CONFIG].api_key is not None)
+    return web.Response(text=render_html(doc), content_type="text/html")
 
 
 async def _generate(
     state: State, body: GenerateRequest, record: RequestRecord, *, as_list: bool
 ) -> web.Response:
     start = time.monotonic()
-    valid, best, others = await infer.run(state.validator, state.scheduler, body, record)
-    validated = record.validated_at or start
+    async with lifecycle.tgi_submitted(state, record, body) as submission:
+        ((best, others),) = await submission.results()
+    valid = submission.requests[0]
     payload = generate_response_json(
         best,
         others,
@@ -159,13 +173,46 @@ async def _generate(
         prefill=valid.decoder_input_details,
         prefix=valid.inputs if valid.return_full_text else "",
     )
-    headers = timing_headers(state, valid.inputs, best, start, validated)
+    headers = timing_headers(state, valid.inputs, best, start, submission.validated_at)
     return web.json_response([payload] if as_list else payload, headers=headers, dumps=_dumps)
 
 
 @functools.cache
-def _version() -> str:
-    try:
-        return metadata.version("multilora")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+def _document(auth: bool) -> dict:
+    return build(ROUTES, auth=auth, version=server_version())
+
+
+_HEALTH = "200 with an empty body when every worker rank answers, else 503"
+_GEN, _SERVICE, _OPENAI = "Text Generation", "Service", "OpenAI"
+_OPENAI_ERRORS = (*GENERATION_ERRORS, 404)
+
+ROUTES = (
+    Route("POST", "/generate", generate, "Generate text (TGI); /generate_stream's events if `stream`", _GEN,
+          CompatGenerateRequest, GenerateResponse, stream=StreamResponse, errors=GENERATION_ERRORS),
+    Route("POST", "/generate_stream", generate_stream, "Generate text, one server-sent event per token (TGI)",
+          _GEN, GenerateRequest, stream=StreamResponse, errors=GENERATION_ERRORS),
+    Route("POST", "/", compat_generate,
+          "TGI's compat route: a one-element array, or /generate_stream's events if `stream`", _GEN,
+          CompatGenerateRequest, list[GenerateResponse], stream=StreamResponse, errors=GENERATION_ERRORS),
+    Route("POST", "/tokenize", tokenize, "Tokenize a prompt as generation would", _GEN, GenerateRequest,
+          list[SimpleToken], errors=(400, 401, 413, 415, 422)),
+    Route("GET", "/health", health, _HEALTH, _SERVICE, errors=(503,)),
+    Route("GET", "/", health, _HEALTH, _SERVICE, errors=(503,)),
+    Route("GET", "/ping", health, _HEALTH, _SERVICE, errors=(503,)),
+    Route("GET", "/info", info, "Model, limits and loaded adapters", _SERVICE, response=Info),
+    Route("GET", "/metrics", metrics, "Prometheus metrics (TGI's names)", _SERVICE, response=str,
+          content_type=TEXT),
+    Route("GET", "/docs", docs, "This API's documentation", _SERVICE, response=str, content_type=HTML),
+    Route("GET", "/api-doc/openapi.json", spec, "The OpenAPI document (TGI's path)", _SERVICE, response=dict),
+    Route("GET", "/openapi.json", spec, "The OpenAPI document", _SERVICE, response=dict),
+    Route("POST", "/v1/chat/completions", openai_routes.chat_completions,
+          "OpenAI chat completion (chat template); `model` picks the adapter", _OPENAI, ChatCompletionRequest,
+          ChatCompletion, stream=ChatCompletionChunk, stream_end=DONE, errors=_OPENAI_ERRORS,
+          error=OpenAIErrorResponse),
+    Route("POST", "/v1/completions", openai_routes.completions,
+          f"OpenAI (legacy) completion, up to {MAX_CLIENT_BATCH_SIZE} prompts; `model` picks the adapter",
+          _OPENAI, CompletionRequest, Completion, stream=Completion, stream_end=DONE, errors=_OPENAI_ERRORS,
+          error=OpenAIErrorResponse),
+    Route("GET", "/v1/models", openai_routes.models, "The base model and its adapters (OpenAI's model list)",
+          _OPENAI, response=ModelList),
+)  # fmt: skip

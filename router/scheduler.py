@@ -36,7 +36,7 @@ from router.block_manager import BlockManager
 from router.client import ShardedClient, WorkerError
 from router.errors import GenerationError
 from router.limits import Limits
-from router.metrics import Metrics
+from router.metrics import Load, Metrics
 from router.queue import RequestQueue
 from router.sequence import Sequence, SequenceParams, Status
 from router.tokenizer import ModelTokenizer
@@ -54,10 +54,10 @@ class Scheduler:
         limits: Limits,
         blocks: BlockManager,
         tokenizer: ModelTokenizer,
-        metrics: Metrics | None = None,
+        metrics: Metrics,
     ):
         self.client = client
-        self.metrics = metrics or Metrics(limits, base_model_id="")
+        self.metrics = metrics
         self.limits = limits
         self.blocks = blocks
         self.tokenizer = tokenizer
@@ -84,6 +84,17 @@ class Scheduler:
         if seq.status is Status.WAITING and self.queue.remove(seq):
             seq.status = Status.FINISHED
         self._wake.set()
+
+    def load(self) -> Load:
+        """What is queued and running now, for the metrics' gauges."""
+        slots = {s.params.lora_slot for s in (*self.queue, *self.running) if s.params.lora_slot}
+        return Load(
+            queued=len(self.queue),
+            running=len(self.running),
+            reserved_tokens=sum(s.num_tokens for s in self.running),
+            blocks_used=self.blocks.num_blocks - self.blocks.num_free,
+            active_slots=len(slots),
+        )
 
     # ---- the loop -------------------------------------------------------------------------------
 
@@ -168,7 +179,7 @@ class Scheduler:
             return
         # Redo the step as a prefill and a decode, so that an error fails only the sequences of the call
         # that raised it: one bad newcomer must not fail the running batch. (A worker that is broken
-        # fails both calls, and so everybody, as before.)
+        # fails both calls, and so everybody.)
         log.warning("join step failed; retrying its prefill and decode apart")
         await self._prefill_step(new)
         if self.running:

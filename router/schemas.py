@@ -4,7 +4,9 @@ Requests accept what real clients send: unknown keys are ignored (lorax's `adapt
 `api_token`: adapters are picked by their loaded id) and an explicit `null` means "use the default".
 lorax-client's features this server lacks (`merged_adapters`, `response_format`, `ignore_eos_token`,
 `return_k_alternatives`) are parsed so that validation can refuse them when set, not silently ignore
-them. Types are strict (no "20" for 20), as in TGI's serde types.
+them. Types are strict (no "20" for 20), as in TGI's serde types, and numbers are finite: Python's json
+and many clients send `NaN`, `Infinity` and `-Infinity`, which serde refuses and no sampling parameter
+means. `RequestBody` carries these rules for the OpenAI bodies too (router/openai_schemas.py).
 """
 
 from __future__ import annotations
@@ -13,19 +15,30 @@ import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import ValidationError as PydanticValidationError
 
 from router.sequence import GenerationResult, Token
 
 
-def _drop_nulls(data: Any) -> Any:
-    if isinstance(data, dict):
-        return {k: v for k, v in data.items() if v is not None}
-    return data
+class RequestBody(BaseModel):
+    """A request body's rules: unknown keys ignored, `null` is the default, strict types, finite numbers."""
+
+    model_config = ConfigDict(extra="ignore", strict=True, frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def nulls_mean_default(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            return {k: v for k, v in data.items() if v is not None}
+        return data
 
 
-class GenerateParameters(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
+def problems(e: PydanticValidationError) -> str:
+    """A body's validation errors as one line, each led by the field's path (`parameters.top_p: ...`)."""
+    return "; ".join(f"{'.'.join(str(p) for p in err['loc']) or 'body'}: {err['msg']}" for err in e.errors())
 
+
+class GenerateParameters(RequestBody):
     adapter_id: str | None = None
     best_of: int | None = None
     decoder_input_details: bool = False
@@ -51,26 +64,14 @@ class GenerateParameters(BaseModel):
     ignore_eos_token: bool = False
     return_k_alternatives: int | None = None
 
-    @model_validator(mode="before")
-    @classmethod
-    def nulls_mean_default(cls, data: Any) -> Any:
-        return _drop_nulls(data)
-
 
 # TGI: a body without `parameters` samples (`default_parameters()` sets do_sample), one with them does not.
 DEFAULT_PARAMETERS = GenerateParameters(do_sample=True)
 
 
-class GenerateRequest(BaseModel):
-    model_config = ConfigDict(extra="ignore", strict=True, frozen=True)
-
+class GenerateRequest(RequestBody):
     inputs: str
     parameters: GenerateParameters = DEFAULT_PARAMETERS
-
-    @model_validator(mode="before")
-    @classmethod
-    def nulls_mean_default(cls, data: Any) -> Any:
-        return _drop_nulls(data)
 
 
 class CompatGenerateRequest(GenerateRequest):

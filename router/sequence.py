@@ -46,40 +46,15 @@ class Token:
     special: bool = False
 
 
-@dataclass(frozen=True, slots=True)
-class Sampling:
-    """Token choice; the neutral values switch a processor off (as in SamplingParameters)."""
-
-    do_sample: bool = False
-    temperature: float = 1.0
-    top_k: int = 0
-    top_p: float = 1.0
-    typical_p: float = 1.0
-    repetition_penalty: float = 1.0
-    frequency_penalty: float = 0.0
-    seed: int = 0
-    top_n_tokens: int = 0
-
-    def to_pb(self) -> pb.SamplingParameters:
-        return pb.SamplingParameters(
-            do_sample=self.do_sample,
-            temperature=self.temperature,
-            top_k=self.top_k,
-            top_p=self.top_p,
-            typical_p=self.typical_p,
-            repetition_penalty=self.repetition_penalty,
-            frequency_penalty=self.frequency_penalty,
-            seed=self.seed,
-            top_n_tokens=self.top_n_tokens,
-        )
-
-
 @dataclass(frozen=True)
 class SequenceParams:
+    """A sequence's request. The workers get the prompt, `sampling` (the message itself), the adapter slot
+    and `prompt_logprobs`; `max_new_tokens` and `stop` are the router's stop criteria."""
+
     input_ids: tuple[int, ...]
     max_new_tokens: int
+    sampling: pb.SamplingParameters
     lora_slot: int = 0
-    sampling: Sampling = Sampling()
     stop: tuple[str, ...] = ()
     prompt_logprobs: bool = False
 
@@ -184,7 +159,7 @@ class Sequence:
             token_ids=self.params.input_ids,
             block_table=self.blocks,
             lora_slot=self.params.lora_slot,
-            parameters=self.params.sampling.to_pb(),
+            parameters=self.params.sampling,
             prompt_logprobs=self.params.prompt_logprobs,
         )
 

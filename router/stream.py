@@ -3,7 +3,7 @@
 Framing (TGI's, which is axum's `Event::json_data`): each event is `data:<json>` and a blank line, with
 no space after the colon, and nothing after the last event (no `data: [DONE]`: text-generation and
 lorax-client fail on it). The OpenAI routes frame events as OpenAI does, `data: <json>`, and end with
-`data: [DONE]` unless text-generation's chat client asks (router/openai_routes.py). A stream idle for
+`data: [DONE]` unless text-generation's chat client asks (router/openai_stream.py). A stream idle for
 `KEEPALIVE_S` gets a comment line (`:`), as axum's default keep-alive sends, so proxies and clients do
 not time out while a request waits.
 
@@ -26,7 +26,7 @@ from typing import Any
 
 from aiohttp import hdrs, web
 
-from router import infer
+from router import lifecycle
 from router.errors import ApiError
 from router.http_common import stream_headers
 from router.metrics import RequestRecord
@@ -208,20 +208,16 @@ async def generate_stream(
 ) -> web.StreamResponse:
     """Validate, then stream TGI's events for one sequence."""
     start = time.monotonic()
-    record.adapter_id = body.parameters.adapter_id
-    valid = state.validator.validate(body, stream=True)
-    record.validated(valid)
-    validated = time.monotonic()
-    seq = state.scheduler.submit(infer.with_seed(valid).params)
-    try:
-        headers = stream_headers(state, valid.inputs, len(valid.params.input_ids), start, validated)
+    async with lifecycle.tgi_submitted(state, record, body, stream=True) as submission:
+        (valid,) = submission.requests
+        prompt_tokens = len(valid.params.input_ids)
+        headers = stream_headers(state, valid.inputs, prompt_tokens, start, submission.validated_at)
         resp = await open_stream(request, headers)
         prefix = valid.inputs if valid.return_full_text else ""
 
         def event(_: int, step: Step) -> bytes:
             return tgi_event(step, details=valid.details, prefix=prefix)
 
-        await write_stream(resp, tagged_steps([seq], KEEPALIVE_S), record, event, tgi_error_event)
+        steps = tagged_steps(submission.sequences, KEEPALIVE_S)
+        await write_stream(resp, steps, record, event, tgi_error_event)
         return resp
-    finally:
-        state.scheduler.cancel(seq)

@@ -3,18 +3,20 @@
 Checks run in TGI's order, so the first failing one gives the message TGI gives: best_of and sampling,
 temperature, repetition_penalty, frequency_penalty, top_p, typical_p, top_k, max_new_tokens, stop, seed,
 top_n_tokens, empty inputs, truncate, then (after tokenizing) total tokens before input length. The
-adapter id is checked last: an unknown id is a 422 here, where TGI silently serves the base model.
+adapter comes resolved (router/lifecycle.py, which reports an unknown id after these checks: a 422 here,
+where TGI silently serves the base model). The sampling fields become the proto message the workers get.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from router.adapters import AdapterRegistry, UnknownAdapterError
-from router.errors import AdapterNotLoadedError, ValidationError
+from proto import generate_pb2 as pb
+from router.adapters import AdapterInfo
+from router.errors import ValidationError
 from router.limits import Limits
 from router.schemas import GenerateParameters, GenerateRequest
-from router.sequence import Sampling, SequenceParams
+from router.sequence import SequenceParams
 from router.tokenizer import ModelTokenizer
 
 _U64_MAX = 2**64 - 1
@@ -24,24 +26,30 @@ _U64_MAX = 2**64 - 1
 class ValidRequest:
     inputs: str
     params: SequenceParams  # seed left at 0 when the request gave none (see `seed`)
+    adapter: AdapterInfo | None  # None: the base model
     seed: int | None
     best_of: int
     details: bool
     decoder_input_details: bool
     return_full_text: bool
-    adapter_id: str | None
 
 
 class Validator:
-    def __init__(self, limits: Limits, tokenizer: ModelTokenizer, adapters: AdapterRegistry):
+    def __init__(self, limits: Limits, tokenizer: ModelTokenizer):
         self.limits = limits
         self.tokenizer = tokenizer
-        self.adapters = adapters
 
     def validate(
-        self, request: GenerateRequest, *, stream: bool = False, add_special_tokens: bool = True
+        self,
+        request: GenerateRequest,
+        adapter: AdapterInfo | None,
+        *,
+        stream: bool = False,
+        add_special_tokens: bool = True,
     ) -> ValidRequest:
-        """`add_special_tokens=False` for inputs that already hold them (a rendered chat template)."""
+        """`request` for `adapter` (None: the base model), whatever its `adapter_id` says.
+
+        `add_special_tokens=False` for inputs that already hold them (a rendered chat template)."""
         p = request.parameters
         lim = self.limits
 
@@ -120,14 +128,7 @@ class Validator:
                 f"`inputs` must have less than {lim.max_input_tokens} tokens. Given: {n_in}"
             )
 
-        try:
-            slot = self.adapters.slot_for(p.adapter_id)
-        except UnknownAdapterError:
-            raise AdapterNotLoadedError(
-                f"adapter `{p.adapter_id}` is not loaded; `GET /info` lists the loaded adapters"
-            ) from None
-
-        sampling = Sampling(
+        sampling = pb.SamplingParameters(
             do_sample=p.do_sample or _warps(temperature, p.top_k, p.top_p, p.typical_p),
             temperature=temperature,
             top_k=p.top_k or 0,
@@ -143,17 +144,17 @@ class Validator:
             params=SequenceParams(
                 input_ids=tuple(input_ids),
                 max_new_tokens=max_new,
-                lora_slot=slot,
                 sampling=sampling,
+                lora_slot=0 if adapter is None else adapter.slot,
                 stop=tuple(p.stop),
                 prompt_logprobs=p.decoder_input_details,
             ),
+            adapter=adapter,
             seed=p.seed,
             best_of=best_of,
             details=p.details or p.decoder_input_details,
             decoder_input_details=p.decoder_input_details,
             return_full_text=bool(p.return_full_text),
-            adapter_id=None if slot == 0 else p.adapter_id,
         )
 
 

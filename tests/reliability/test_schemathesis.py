@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
-from router import openapi
+from router import routes
 from tests.router.conftest import (  # noqa: F401 - fixtures
     encode,
     sock_dir,
@@ -91,5 +91,5 @@ async def test_generated_requests_conform_to_the_document(start_router, api_key)
     )
     assert total >= MIN_CASES
     assert not [s for s in statuses if s >= 500]
-    documented = {f"{r.method} {r.path}" for r in openapi.ROUTES}
+    documented = {f"{r.method} {r.path}" for r in routes.ROUTES}
     assert operations == documented

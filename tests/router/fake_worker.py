@@ -129,13 +129,8 @@ class FakeWorker(TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no slot {request.slot}")
         self.adapters[request.slot] = request.adapter_id
         return pb.LoadAdapterResponse(
-            rank=8 * request.slot, alpha=16.0, target_modules=["q_proj", "v_proj"], load_ns=1000
+            lora_rank=8 * request.slot, alpha=16.0, target_modules=["q_proj", "v_proj"], load_ns=1000
         )
-
-    async def UnloadAdapter(self, request, context):
-        await self._enter("UnloadAdapter", request, context)
-        self.adapters.pop(request.slot, None)
-        return pb.UnloadAdapterResponse()
 
     async def Prefill(self, request, context):
         await self._enter("Prefill", request, context)
@@ -157,8 +152,6 @@ class FakeWorker(TextGenerationServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
             if self.fail_at_token is not None and len(seq.generated) + 1 == self.fail_at_token:
                 await context.abort(grpc.StatusCode.INTERNAL, "injected failure")
-        for grown in request.grown:
-            self.sequences[grown.request_id].block_table = list(grown.block_table)
         out = self._start(request.joining) + [self._next(self.sequences[rid]) for rid in request.request_ids]
         if "Decode" in self.drop_next:
             self.drop_next.remove("Decode")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from proto import generate_pb2 as pb
 from router.block_manager import BlockManager
 from router.config import RouterConfig
 from router.limits import Limits
@@ -18,7 +19,8 @@ def tokenizer(tiny_tokenizer_dir):
 
 
 def _seq(tokenizer, i: int, prompt: int, new: int) -> Sequence:
-    return Sequence(i, SequenceParams(input_ids=(5,) * prompt, max_new_tokens=new), tokenizer)
+    params = SequenceParams(input_ids=(5,) * prompt, max_new_tokens=new, sampling=pb.SamplingParameters())
+    return Sequence(i, params, tokenizer)
 
 
 def test_block_manager_allocates_and_frees():

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import socket
 
 import aiohttp
 import grpc
 import pytest
 from aiohttp.test_utils import TestServer
+from google.protobuf.descriptor import FieldDescriptor
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from proto import public_pb2 as pb
@@ -127,6 +129,29 @@ async def test_invalid_argument_with_http_message(start_router, connect):
     e = await _error(stub.GenerateStream(request(best_of=2, do_sample=True)).read())
     assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert e.details() == "Input validation error: `best_of` != 1 is not supported when streaming tokens"
+
+
+DOUBLES = [f.name for f in pb.GenerateParameters.DESCRIPTOR.fields if f.type == FieldDescriptor.TYPE_DOUBLE]
+
+
+def test_the_message_has_these_doubles():
+    assert set(DOUBLES) == {"frequency_penalty", "repetition_penalty", "temperature", "top_p", "typical_p"}
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf], ids=["NaN", "Infinity", "-Infinity"])
+@pytest.mark.parametrize("field", DOUBLES)
+@pytest.mark.parametrize("method", ["Generate", "GenerateStream"])
+async def test_non_finite_double_is_invalid_argument_naming_it(start_router, connect, method, field, value):
+    h = await start_router(grpc_port=0)
+    stub, _ = await connect(h)
+    call = getattr(stub, method)(request(max_new_tokens=2, **{field: value}))
+    e = await _error(call if method == "Generate" else call.read())
+    assert e.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (
+        e.details()
+        == f"Failed to deserialize the request: parameters.{field}: Input should be a finite number"
+    )
+    assert not [m for f in h.fakes for m, _ in f.calls if m in ("Prefill", "Decode")]
 
 
 async def test_unknown_adapter_is_not_found(start_router, connect):

@@ -67,6 +67,10 @@ async def test_validation_order_matches_tgi(router):
     params = {"max_new_tokens": 0, "stop": ["a"] * 9}
     body = await (await router.http.post("/generate", json={"inputs": "x", "parameters": params})).json()
     assert body["error"] == PREFIX + "`max_new_tokens` must be strictly positive"
+    # An unknown adapter is reported only once everything else passes.
+    params = {"adapter_id": "nope", "max_new_tokens": 0}
+    body = await (await router.http.post("/generate", json={"inputs": "x", "parameters": params})).json()
+    assert body["error"] == PREFIX + "`max_new_tokens` must be strictly positive"
 
 
 async def test_empty_inputs(router):
