@@ -10,21 +10,21 @@
 //   sgmv (segment_indptr):            s = segment_slot_ids[g] for the g with
 //                                     segment_indptr[g] <= i < segment_indptr[g + 1]
 // A row is skipped entirely (no loads, y / out untouched) when r == 0 ("no adapter"), when s is outside
-// [0, num_slots), or (sgmv) when i >= segment_indptr[num_segments]. r is clamped to [0, max_rank].
+// [0, num_slots), or (sgmv) when i >= segment_indptr[num_segments]. r is clamped to [0, max_lora_rank].
 // (One exception to "no loads": lora_sgmv_expand_mma reads, never writes, its tile's rows of out before
 // it knows their segments.)
 // Only rank rows k < r of a slot are read, so mixed ranks share one launch at their own cost.
 //
 // Layouts (row-major; the innermost dimension is contiguous, row strides are in elements):
-//   x               [num_tokens, h_in]            T, row stride x_stride
-//   lora_a_stack    [num_slots, max_rank, h_in]   T, contiguous
-//   lora_b_stack    [num_slots, max_rank, h_out]  T, contiguous
-//   lora_ranks      [num_slots]                   int32
-//   slot_ids        [num_tokens]                  int32 (bgmv)
-//   segment_indptr  [num_segments + 1]            int32 (sgmv), non-decreasing, [0] == 0
-//   segment_slot_ids [num_segments]               int32 (sgmv)
-//   y               [num_tokens, max_rank]        float32, row stride y_stride
-//   out             [num_tokens, h_total]         T, row stride out_stride; columns [out_offset, +h_out)
+//   x                [num_tokens, h_in]                T, row stride x_stride
+//   lora_a_stack     [num_slots, max_lora_rank, h_in]  T, contiguous
+//   lora_b_stack     [num_slots, max_lora_rank, h_out] T, contiguous
+//   lora_ranks       [num_slots]                       int32
+//   slot_ids         [num_tokens]                      int32 (bgmv)
+//   segment_indptr   [num_segments + 1]                int32 (sgmv), non-decreasing, [0] == 0
+//   segment_slot_ids [num_segments]                    int32 (sgmv)
+//   y                [num_tokens, max_lora_rank]       float32, row stride y_stride
+//   out              [num_tokens, h_total]             T, row stride out_stride; columns [out_offset, +h_out)
 // T is Bf16, Fp16 or Fp32: a storage type (uint16 bits or float) plus conversions. No CUDA header is
 // included (conversions are bit operations and PTX), so NVRTC needs no include path.
 // VEC is the number of elements per load/store: 16 bytes (8 for 16-bit types, 4 for fp32) or 1. VEC > 1
@@ -71,7 +71,7 @@
 //     A block handles TOK rows of x and loops over tiles of rank_rows rank rows (tile blockIdx.y, then
 //     every gridDim.y-th, up to the rows' largest rank); the blockDim.x threads of one rank row split
 //     h_in, then reduce (warp shuffles, then shared memory across the row's warps). gridDim.y is
-//     ceil(max_rank / rank_rows) for few tokens, fewer when there are enough blocks to fill the GPU.
+//     ceil(max_lora_rank / rank_rows) for few tokens, fewer when there are enough blocks to fill the GPU.
 //     lora_expand<T, VEC, TOK>: grid (ceil(num_tokens / TOK), ceil(h_out / (VEC * blockDim.x))),
 //     block (column threads in {32, 64}, rank_splits), at most 256 threads. A thread owns VEC columns of
 //     TOK rows and loops over its share of the rank (threadIdx.y takes rank rows
@@ -177,7 +177,7 @@ struct alignas(sizeof(S) * VEC) Vec {
 
 // Global loads that return zeros where `pred` is false, as inline PTX: the compiler keeps PTX loads
 // where they are written, so a loop that loads everything first really has all its loads in flight
-// before the first use (plain C++ loads under a condition were interleaved with the arithmetic).
+// before the first use (the compiler interleaves plain C++ loads under a condition with the arithmetic).
 // ".nc": read-only data (x, the stacks, y); never used for `out`.
 __device__ __forceinline__ void lora_ldg16(unsigned int* r, const void* p, bool pred) {
   asm volatile(
@@ -255,7 +255,7 @@ __device__ __forceinline__ Vec<unsigned int, 4>* lora_dynamic_smem() {
 __device__ __forceinline__ void resolve_row(long long i, long long num_tokens, const int* slot_ids,
                                             const int* segment_indptr, const int* segment_slot_ids,
                                             long long num_segments, const int* lora_ranks,
-                                            long long num_slots, long long max_rank, int* slot_out,
+                                            long long num_slots, long long max_lora_rank, int* slot_out,
                                             int* rank_out) {
   int slot = -1;
   int rank = 0;
@@ -279,7 +279,7 @@ __device__ __forceinline__ void resolve_row(long long i, long long num_tokens, c
     if (s >= 0 && s < num_slots) {
       const long long r = lora_ranks[s];
       slot = static_cast<int>(s);
-      rank = static_cast<int>(r < 0 ? 0 : (r > max_rank ? max_rank : r));
+      rank = static_cast<int>(r < 0 ? 0 : (r > max_lora_rank ? max_lora_rank : r));
     }
   }
   *slot_out = slot;
@@ -292,12 +292,12 @@ template <int TOK>
 __device__ __forceinline__ int resolve_block_rows(long long row0, long long num_tokens, const int* slot_ids,
                                                   const int* segment_indptr, const int* segment_slot_ids,
                                                   long long num_segments, const int* lora_ranks,
-                                                  long long num_slots, long long max_rank, int* s_slot,
+                                                  long long num_slots, long long max_lora_rank, int* s_slot,
                                                   int* s_rank, bool* same_slot) {
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   if (tid < TOK) {
     resolve_row(row0 + tid, num_tokens, slot_ids, segment_indptr, segment_slot_ids, num_segments,
-                lora_ranks, num_slots, max_rank, &s_slot[tid], &s_rank[tid]);
+                lora_ranks, num_slots, max_lora_rank, &s_slot[tid], &s_rank[tid]);
   }
   __syncthreads();
   int group_rank = 0;
@@ -367,7 +367,7 @@ __global__ void lora_shrink(const typename T::storage* __restrict__ x, long long
                             const int* __restrict__ slot_ids, const int* __restrict__ segment_indptr,
                             const int* __restrict__ segment_slot_ids, long long num_segments,
                             const int* __restrict__ lora_ranks, long long num_slots, float* __restrict__ y,
-                            long long y_stride, long long num_tokens, long long h_in, long long max_rank) {
+                            long long y_stride, long long num_tokens, long long h_in, long long max_lora_rank) {
   typedef typename T::storage S;
   __shared__ int s_slot[TOK];
   __shared__ int s_rank[TOK];
@@ -377,7 +377,7 @@ __global__ void lora_shrink(const typename T::storage* __restrict__ x, long long
   bool same_slot;
   const int group_rank =
       resolve_block_rows<TOK>(row0, num_tokens, slot_ids, segment_indptr, segment_slot_ids, num_segments,
-                              lora_ranks, num_slots, max_rank, s_slot, s_rank, &same_slot);
+                              lora_ranks, num_slots, max_lora_rank, s_slot, s_rank, &same_slot);
   const long long n_vec = h_in / VEC;
   // Rank tiles blockIdx.y, blockIdx.y + gridDim.y, ... up to the largest rank among the block's rows
   // (uniform over the block); later tiles re-read the block's rows of x from L1.
@@ -391,14 +391,14 @@ __global__ void lora_shrink(const typename T::storage* __restrict__ x, long long
         const S* x_rows[TOK];
 #pragma unroll
         for (int t = 0; t < TOK; ++t) x_rows[t] = x + (row0 + t) * x_stride;
-        shrink_dot<T, VEC, TOK>(lora_a_stack + (s_slot[0] * max_rank + k) * h_in, x_rows, n_vec, acc);
+        shrink_dot<T, VEC, TOK>(lora_a_stack + (s_slot[0] * max_lora_rank + k) * h_in, x_rows, n_vec, acc);
       }
     } else {
 #pragma unroll
       for (int t = 0; t < TOK; ++t) {
         if (k < s_rank[t]) {
           const S* x_row = x + (row0 + t) * x_stride;
-          shrink_dot<T, VEC, 1>(lora_a_stack + (s_slot[t] * max_rank + k) * h_in, &x_row, n_vec, &acc[t]);
+          shrink_dot<T, VEC, 1>(lora_a_stack + (s_slot[t] * max_lora_rank + k) * h_in, &x_row, n_vec, &acc[t]);
         }
       }
     }
@@ -479,7 +479,7 @@ __global__ void lora_expand(const float* __restrict__ y, long long y_stride,
                             const int* __restrict__ segment_slot_ids, long long num_segments,
                             const int* __restrict__ lora_ranks, long long num_slots,
                             typename T::storage* __restrict__ out, long long out_stride, long long out_offset,
-                            long long num_tokens, long long h_out, long long max_rank) {
+                            long long num_tokens, long long h_out, long long max_lora_rank) {
   typedef Vec<typename T::storage, VEC> V;
   __shared__ int s_slot[TOK];
   __shared__ int s_rank[TOK];
@@ -489,7 +489,7 @@ __global__ void lora_expand(const float* __restrict__ y, long long y_stride,
   bool same_slot;
   const int group_rank =
       resolve_block_rows<TOK>(row0, num_tokens, slot_ids, segment_indptr, segment_slot_ids, num_segments,
-                              lora_ranks, num_slots, max_rank, s_slot, s_rank, &same_slot);
+                              lora_ranks, num_slots, max_lora_rank, s_slot, s_rank, &same_slot);
   if (group_rank == 0) return;  // uniform over the block: no row has an adapter
   const long long n_vec = h_out / VEC;
   const long long v = static_cast<long long>(blockIdx.y) * blockDim.x + threadIdx.x;
@@ -521,8 +521,8 @@ __global__ void lora_expand(const float* __restrict__ y, long long y_stride,
       const float* y_rows[TOK];
 #pragma unroll
       for (int t = 0; t < TOK; ++t) y_rows[t] = y + (row0 + t) * y_stride;
-      expand_accumulate<T, VEC, TOK>(b_stack + s_slot[0] * max_rank * n_vec + v, n_vec, k_begin, k_end, y_rows,
-                                     acc);
+      expand_accumulate<T, VEC, TOK>(b_stack + s_slot[0] * max_lora_rank * n_vec + v, n_vec, k_begin, k_end,
+                                     y_rows, acc);
     } else {
 #pragma unroll
       for (int t = 0; t < TOK; ++t) {
@@ -531,8 +531,8 @@ __global__ void lora_expand(const float* __restrict__ y, long long y_stride,
         const int k_begin = threadIdx.y * chunk;
         const int k_end = k_begin + chunk < r ? k_begin + chunk : r;
         const float* y_row = y + (row0 + t) * y_stride;
-        expand_accumulate<T, VEC, 1>(b_stack + s_slot[t] * max_rank * n_vec + v, n_vec, k_begin, k_end, &y_row,
-                                     &acc[t]);
+        expand_accumulate<T, VEC, 1>(b_stack + s_slot[t] * max_lora_rank * n_vec + v, n_vec, k_begin, k_end,
+                                     &y_row, &acc[t]);
       }
     }
   }
@@ -639,11 +639,11 @@ __device__ __forceinline__ float load_f32(const float* p, bool pred) {
 // ------------------------------------------------------------------------------------------------
 // bgmv: one slot per row (decode).
 
-// The rank of row i's slot, clamped to [0, max_rank] (0: skip the row), and the slot. Loads slot_ids[i]
+// The rank of row i's slot, clamped to [0, max_lora_rank] (0: skip the row), and the slot. Loads slot_ids[i]
 // (every thread, one address) and the first blockDim entries of lora_ranks (one per thread) together,
 // so the slot's rank usually comes from shared memory rather than a second dependent load.
 __device__ __forceinline__ int bgmv_row_rank(long long i, const int* slot_ids, const int* lora_ranks,
-                                             long long num_slots, long long max_rank, int* s_ranks,
+                                             long long num_slots, long long max_lora_rank, int* s_ranks,
                                              int* slot_out) {
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const long long nthreads = blockDim.x * blockDim.y;
@@ -654,7 +654,7 @@ __device__ __forceinline__ int bgmv_row_rank(long long i, const int* slot_ids, c
   long long r = 0;
   if (s >= 0 && s < num_slots) r = s < table ? s_ranks[s] : lora_ranks[s];
   *slot_out = (s >= 0 && s < num_slots) ? static_cast<int>(s) : 0;
-  return static_cast<int>(r < 0 ? 0 : (r > max_rank ? max_rank : r));
+  return static_cast<int>(r < 0 ? 0 : (r > max_lora_rank ? max_lora_rank : r));
 }
 
 // y[i, k0:k0 + 4] for the rank group k0 = 4 * blockIdx.y (then + 4 * gridDim.y, ...) of row i. Each
@@ -666,7 +666,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
     lora_bgmv_shrink(const typename T::storage* __restrict__ x, long long x_stride,
                      const typename T::storage* __restrict__ lora_a_stack, const int* __restrict__ slot_ids,
                      const int* __restrict__ lora_ranks, long long num_slots, float* __restrict__ y,
-                     long long y_stride, long long num_tokens, long long h_in, long long max_rank) {
+                     long long y_stride, long long num_tokens, long long h_in, long long max_lora_rank) {
   typedef Vec<typename T::storage, VEC> V;
   constexpr int RW = LORA_SHRINK_RANK_ROWS;
   constexpr int CH = LORA_SHRINK_CHUNKS;
@@ -676,7 +676,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
 
   const long long i = blockIdx.x;  // grid.x == num_tokens
   int slot;
-  const int rank = bgmv_row_rank(i, slot_ids, lora_ranks, num_slots, max_rank, s_ranks, &slot);
+  const int rank = bgmv_row_rank(i, slot_ids, lora_ranks, num_slots, max_lora_rank, s_ranks, &slot);
   const int tid = threadIdx.x;
   const int nthreads = blockDim.x;
   const long long n_vec = h_in / VEC;
@@ -690,7 +690,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
 #pragma unroll
     for (int w = 0; w < RW; ++w) {
       a_ok[w] = k0 + w < rank;
-      const long long row = static_cast<long long>(slot) * max_rank + (a_ok[w] ? k0 + w : k0);
+      const long long row = static_cast<long long>(slot) * max_lora_rank + (a_ok[w] ? k0 + w : k0);
       a_rows[w] = reinterpret_cast<const V*>(lora_a_stack + row * h_in);
     }
     float acc[RW];
@@ -766,7 +766,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
                      const typename T::storage* __restrict__ lora_b_stack, const int* __restrict__ slot_ids,
                      const int* __restrict__ lora_ranks, long long num_slots,
                      typename T::storage* __restrict__ out, long long out_stride, long long out_offset,
-                     long long num_tokens, long long h_out, long long max_rank) {
+                     long long num_tokens, long long h_out, long long max_lora_rank) {
   typedef Vec<typename T::storage, VEC> V;
   constexpr int KU = LORA_EXPAND_ROWS_IN_FLIGHT;
   __shared__ int s_ranks[LORA_MAX_THREADS];
@@ -774,7 +774,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
 
   const long long i = blockIdx.x;  // grid.x == num_tokens
   int slot;
-  const int rank = bgmv_row_rank(i, slot_ids, lora_ranks, num_slots, max_rank, s_ranks, &slot);
+  const int rank = bgmv_row_rank(i, slot_ids, lora_ranks, num_slots, max_lora_rank, s_ranks, &slot);
   if (rank == 0) return;  // uniform over the block: the row has no adapter
   const int tx = threadIdx.x, ty = threadIdx.y, bx = blockDim.x, by = blockDim.y;
   const long long n_vec = h_out / VEC;
@@ -788,7 +788,8 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
 #pragma unroll
   for (int j = 0; j < VEC; ++j) acc[j] = 0.0f;
   if (column_ok) {
-    const V* b = reinterpret_cast<const V*>(lora_b_stack + static_cast<long long>(slot) * max_rank * h_out) + v;
+    const V* b =
+        reinterpret_cast<const V*>(lora_b_stack + static_cast<long long>(slot) * max_lora_rank * h_out) + v;
     const float* y_row = y + i * y_stride;
     for (int k0 = ty; k0 < rank; k0 += KU * by) {  // rank rows k0, k0 + by, ..., KU of them at once
       V bv[KU];
@@ -832,6 +833,10 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
 #define LORA_MMA_COLS 64  // columns of out per warp in lora_sgmv_expand_mma
 #define LORA_MMA_K 64     // elements of h_in per warp chunk in lora_sgmv_shrink_mma
 #define LORA_MMA_STAGES 3  // chunks per warp in lora_sgmv_shrink_mma's cp.async ring (2 in flight)
+// Warps per lora_sgmv_shrink_mma block at most (the wrapper launches up to these, one per chunk of h_in):
+// for its 16 x 8 tile (MT = NG = 1) and for the larger tiles.
+#define LORA_MMA_SMALL_TILE_WARPS 16
+#define LORA_MMA_TILE_WARPS 8
 
 // Rows [begin, end) of one segment within a row tile, its slot and its (clamped, nonzero) rank.
 struct SegmentRows {
@@ -844,8 +849,9 @@ struct SegmentRows {
 // the segments; returns the count, the same in every thread.
 __device__ __forceinline__ int tile_segments(long long row0, long long row_end, const int* segment_indptr,
                                              const int* segment_slot_ids, long long num_segments,
-                                             const int* lora_ranks, long long num_slots, long long max_rank,
-                                             SegmentRows* s_seg, int capacity, int* s_count) {
+                                             const int* lora_ranks, long long num_slots,
+                                             long long max_lora_rank, SegmentRows* s_seg, int capacity,
+                                             int* s_count) {
   const int tid = threadIdx.y * blockDim.x + threadIdx.x;
   const long long nthreads = blockDim.x * blockDim.y;
   if (tid == 0) *s_count = 0;
@@ -856,7 +862,7 @@ __device__ __forceinline__ int tile_segments(long long row0, long long row_end, 
     const long long begin = p > row0 ? p : row0, end = q < row_end ? q : row_end;
     if (begin < end && s >= 0 && s < num_slots) {
       long long r = lora_ranks[s];
-      r = r > max_rank ? max_rank : r;
+      r = r > max_lora_rank ? max_lora_rank : r;
       if (r > 0) {
         const int idx = atomicAdd(s_count, 1);
         if (idx < capacity) {  // always, for non-decreasing segment_indptr
@@ -891,16 +897,16 @@ __device__ __forceinline__ unsigned int tf32_bits(float f) {
 // vectors of 16 bytes per warp), LORA_MMA_STAGES - 1 chunks ahead of the products; each lane reads back
 // only what it copied, so the warps never wait for each other until the final sum.
 template <typename T, int MT, int NG>
-__global__ void __launch_bounds__(MT * NG == 1 ? 512 : 256)
+__global__ void __launch_bounds__(MT * NG == 1 ? 32 * LORA_MMA_SMALL_TILE_WARPS : 32 * LORA_MMA_TILE_WARPS)
     lora_sgmv_shrink_mma(const typename T::storage* __restrict__ x, long long x_stride,
                          const typename T::storage* __restrict__ lora_a_stack,
                          const int* __restrict__ segment_indptr, const int* __restrict__ segment_slot_ids,
                          long long num_segments, const int* __restrict__ lora_ranks, long long num_slots,
                          float* __restrict__ y, long long y_stride, long long num_tokens, long long h_in,
-                         long long max_rank) {
+                         long long max_lora_rank) {
   typedef Vec<unsigned int, 4> W4;  // 16 bytes: 8 elements
   constexpr int BM = 16 * MT;
-  constexpr int MAX_WARPS = MT * NG == 1 ? 16 : 8;
+  constexpr int MAX_WARPS = MT * NG == 1 ? LORA_MMA_SMALL_TILE_WARPS : LORA_MMA_TILE_WARPS;
   constexpr int NV = MT * NG * 4 * 32;  // fragment values of a warp's tile
   constexpr int NVEC = 4 * MT + 2 * NG;  // 16-byte vectors per lane and chunk: x (m tile, row, half), A
   constexpr int S = LORA_MMA_STAGES;
@@ -914,7 +920,7 @@ __global__ void __launch_bounds__(MT * NG == 1 ? 512 : 256)
   const long long row0 = static_cast<long long>(blockIdx.x) * BM;
   const long long row_end = row0 + BM < num_tokens ? row0 + BM : num_tokens;
   const int count = tile_segments(row0, row_end, segment_indptr, segment_slot_ids, num_segments, lora_ranks,
-                                  num_slots, max_rank, s_seg, BM, &s_count);
+                                  num_slots, max_lora_rank, s_seg, BM, &s_count);
   const long long nchunks = (h_in + LORA_MMA_K - 1) / LORA_MMA_K;
   const int my_chunks = warp < nchunks ? static_cast<int>((nchunks - 1 - warp) / nwarps) + 1 : 0;
   W4* ring = lora_dynamic_smem() + static_cast<long long>(warp) * S * NVEC * 32 + lane;
@@ -939,7 +945,7 @@ __global__ void __launch_bounds__(MT * NG == 1 ? 512 : 256)
       for (int nt = 0; nt < NG; ++nt) {
         const int n = nb + 8 * nt + g;
         a_ok[nt] = n < seg.rank;
-        const long long a_row = static_cast<long long>(seg.slot) * max_rank + (a_ok[nt] ? n : nb);
+        const long long a_row = static_cast<long long>(seg.slot) * max_lora_rank + (a_ok[nt] ? n : nb);
         ar[nt] = reinterpret_cast<const W4*>(lora_a_stack + a_row * h_in);
       }
       // Copies of this warp's chunk i into ring slot i % S, as one cp.async group (empty past the end).
@@ -1050,7 +1056,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
                          const int* __restrict__ segment_indptr, const int* __restrict__ segment_slot_ids,
                          long long num_segments, const int* __restrict__ lora_ranks, long long num_slots,
                          typename T::storage* __restrict__ out, long long out_stride, long long out_offset,
-                         long long num_tokens, long long h_out, long long max_rank) {
+                         long long num_tokens, long long h_out, long long max_lora_rank) {
   typedef Vec<typename T::storage, 8> V;  // 16 bytes: 8 columns
   constexpr int BM = 16;
   __shared__ SegmentRows s_seg[BM];
@@ -1079,7 +1085,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
     for (int c = 0; c < 2; ++c) ov[h][c] = in_range && o_ok[c] ? o_ptr[h][c] : zero;
   }
   const int count = tile_segments(row0, row_end, segment_indptr, segment_slot_ids, num_segments, lora_ranks,
-                                  num_slots, max_rank, s_seg, BM, &s_count);
+                                  num_slots, max_lora_rank, s_seg, BM, &s_count);
   if (base >= h_out) return;  // no block-wide barrier follows
 
   for (int e = 0; e < count; ++e) {
@@ -1094,7 +1100,7 @@ __global__ void __launch_bounds__(LORA_MAX_THREADS)
       for (int q = 0; q < 4; ++q) acc[j][q] = 0.0f;
     }
     const typename T::storage* b_slot =
-        lora_b_stack + static_cast<long long>(seg.slot) * max_rank * h_out + (b_ok ? bcol : 0);
+        lora_b_stack + static_cast<long long>(seg.slot) * max_lora_rank * h_out + (b_ok ? bcol : 0);
     for (int k0 = 0; k0 < seg.rank; k0 += 16) {  // two k8 steps at a time, all loads first
       V bv[2][2];
       float yv[2][2][2];  // [k8 step][row g / g + 8][k slot t / t + 4]

@@ -63,6 +63,15 @@ class _Sequence:
     last_token: int  # sampled, not yet in the cache
 
 
+@dataclass
+class _Rows:
+    """A step's sequences in row order: the new ones' prompt rows first, then a row per running one."""
+
+    new: list[PrefillRequest]
+    running_ids: list[int]
+    running: list[_Sequence]
+
+
 class ModelRunner:
     def __init__(self, config: WorkerConfig, ctx: ParallelContext | None = None):
         self.config = config
@@ -76,7 +85,7 @@ class ModelRunner:
         if config.max_adapters > 0:
             self.lora_layout = LoraLayout(
                 num_slots=config.max_adapters + 1,
-                max_rank=config.max_lora_rank,
+                max_lora_rank=config.max_lora_rank,
                 dtype=self.lora_ops.stack_dtype(self.dtype),
                 device=self.device,
                 fuse_sub_modules=self.lora_ops.fuse_sub_modules,
@@ -120,13 +129,13 @@ class ModelRunner:
         }
 
     def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
-        """Write `adapter` into `slot` (1..max_adapters) of every layer's stacks."""
+        """Write `adapter` into `slot` (1..max_adapters) of every layer's stacks, replacing what was there."""
         if self.lora_layout is None or not 1 <= slot < self.lora_layout.num_slots:
             raise RequestError(f"adapter {adapter.name!r}: slot {slot} is not an adapter slot of this worker")
-        if adapter.rank > self.lora_layout.max_rank:
+        if adapter.lora_rank > self.lora_layout.max_lora_rank:
             raise RequestError(
-                f"adapter {adapter.name!r}: rank {adapter.rank} exceeds the maximum LoRA rank "
-                f"{self.lora_layout.max_rank} (raise MAX_LORA_RANK)"
+                f"adapter {adapter.name!r}: LoRA rank {adapter.lora_rank} exceeds the maximum LoRA rank "
+                f"{self.lora_layout.max_lora_rank} (raise MAX_LORA_RANK)"
             )
         with torch.no_grad():
             for i, layer in enumerate(self.model.layers):
@@ -136,57 +145,70 @@ class ModelRunner:
                     )
         self.adapters[slot] = adapter
 
-    def unload_adapter(self, slot: int) -> None:
-        with torch.no_grad():
-            for layer in self.model.layers:
-                for stack in layer.lora_stacks():
-                    stack.clear_slot(slot)
-        self.adapters.pop(slot, None)
-
     # ---- steps ----------------------------------------------------------------------------------
 
     def prefill(self, requests: list[PrefillRequest]) -> list[TokenOutput]:
         """Run the whole prompt of each new sequence, then sample its first token."""
         return self.step(requests, [])
 
-    def decode(
-        self, request_ids: list[int], block_tables: dict[int, list[int]] | None = None
-    ) -> list[TokenOutput]:
-        """One token for each running sequence. `block_tables` replaces the tables of sequences that grew."""
-        return self.step([], request_ids, block_tables)
+    def decode(self, request_ids: list[int]) -> list[TokenOutput]:
+        """One token for each running sequence."""
+        return self.step([], request_ids)
 
     @torch.inference_mode()
-    def step(
-        self,
-        new: list[PrefillRequest],
-        request_ids: list[int],
-        block_tables: dict[int, list[int]] | None = None,
-    ) -> list[TokenOutput]:
+    def step(self, new: list[PrefillRequest], request_ids: list[int]) -> list[TokenOutput]:
         """One forward over the whole prompt of each `new` sequence (sampling its first token) and one
-        token of each running sequence in `request_ids`; `block_tables` replaces the tables of running
-        sequences that grew. Outputs: the new sequences' in the order given, then the running ones'.
+        token of each running sequence in `request_ids`. Outputs: the new sequences' in the order given,
+        then the running ones'.
 
         With both kinds (a join step), newcomers do not pause the running batch for a forward of their
         own: every linear layer reads its weights once for all rows. Everything is checked before any
         state changes, so a bad request fails the call and leaves every sequence as it was.
         """
+        running = self._check_step(new, request_ids)
+        rows = self._order_rows(new, request_ids, running)
+        token_ids, batch = self._build_batch(rows)
+        logits = self.model(token_ids, batch, self.kv)  # [num logits rows, vocab]
+        outputs = self._collect(rows, logits)
+        return self._in_request_order(outputs, [r.request_id for r in new] + list(request_ids))
+
+    def release(self, request_ids: list[int]) -> None:
+        """Forget finished or cancelled sequences (their blocks are the caller's to reuse)."""
+        for rid in request_ids:
+            self.sequences.pop(rid, None)
+
+    # ---- step phases ----------------------------------------------------------------------------
+
+    def _check_step(self, new: list[PrefillRequest], request_ids: list[int]) -> list[_Sequence]:
+        """The running sequences of `request_ids`, once every sequence of the step is known to run."""
         for r in new:
             self._check_new(r)
-        seqs = [self._seq(rid) for rid in request_ids]
-        tables = {rid: list(t) for rid, t in (block_tables or {}).items()}
-        grown = [self._seq(rid) for rid in tables]
+        running = [self._seq(rid) for rid in request_ids]
         bs = self.kv.block_size
-        for rid, s in zip(request_ids, seqs, strict=True):
-            if s.num_cached // bs >= len(tables.get(rid, s.block_table)):
+        for rid, s in zip(request_ids, running, strict=True):
+            if s.num_cached // bs >= len(s.block_table):
                 raise RequestError(f"request {rid}: its block table has no room for token {s.num_cached + 1}")
-        for s, table in zip(grown, tables.values(), strict=True):
-            s.block_table = table
-        reqs = [new[i] for i in self._row_order([r.lora_slot for r in new])]
-        order = self._row_order([s.lora_slot for s in seqs])
-        ids, seqs = [request_ids[i] for i in order], [seqs[i] for i in order]
+        return running
 
+    def _order_rows(
+        self, new: list[PrefillRequest], request_ids: list[int], running: list[_Sequence]
+    ) -> _Rows:
+        """The step's sequences in the order the LoRA ops want their rows in, new and running ones apart."""
+        slot_lora_ranks = {slot: adapter.lora_rank for slot, adapter in self.adapters.items()}
+        new_order = self.lora_ops.row_order([r.lora_slot for r in new], slot_lora_ranks)
+        order = self.lora_ops.row_order([s.lora_slot for s in running], slot_lora_ranks)
+        return _Rows(
+            new=[new[i] for i in new_order],
+            running_ids=[request_ids[i] for i in order],
+            running=[running[i] for i in order],
+        )
+
+    def _build_batch(self, rows: _Rows) -> tuple[torch.Tensor, ForwardBatch]:
+        """The forward's token ids [num_tokens] and metadata: each new sequence's prompt rows, then the
+        last sampled token of each running sequence."""
+        bs = self.kv.block_size
         token_ids, positions, slots, row_slots, logits_rows = [], [], [], [], []
-        for r in reqs:
+        for r in rows.new:
             n, start = len(r.token_ids), len(token_ids)
             token_ids += r.token_ids
             positions += range(n)
@@ -194,43 +216,30 @@ class ModelRunner:
             row_slots += [r.lora_slot] * n
             logits_rows += range(start, start + n) if r.prompt_logprobs else [start + n - 1]
         num_prefill = len(token_ids)
-        for s in seqs:
+        for s in rows.running:
             p = s.num_cached
             token_ids.append(s.last_token)
             positions.append(p)
             slots.append(s.block_table[p // bs] * bs + p % bs)
             row_slots.append(s.lora_slot)
             logits_rows.append(len(token_ids) - 1)
-        decode_tables = context_lens = None
-        if seqs:
-            max_blocks = max(len(s.block_table) for s in seqs)
-            padded = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in seqs]
-            decode_tables = self._long(padded)  # [num_decode, max_blocks]
-            context_lens = self._long([s.num_cached + 1 for s in seqs])
-        batch = ForwardBatch(
+        block_tables, context_lens = self._decode_tables(rows.running)
+        return self._long(token_ids), ForwardBatch(
             num_prefill_tokens=num_prefill,
             positions=self._long(positions),
             slot_mapping=self._long(slots),
-            query_lens=[len(r.token_ids) for r in reqs],
-            block_tables=decode_tables,
+            query_lens=[len(r.token_ids) for r in rows.new],
+            block_tables=block_tables,
             context_lens=context_lens,
             logits_indices=self._long(logits_rows),
             lora=self._lora_batch(row_slots, num_prefill),
         )
-        logits = self.model(self._long(token_ids), batch, self.kv)  # [len(logits_rows), vocab]
 
-        sample_rows, prompt_lps, row = [], {}, 0
-        for r in reqs:
-            if r.prompt_logprobs:
-                n = len(r.token_ids)
-                nxt = self._long(r.token_ids[1:])
-                prompt_lps[r.request_id] = prompt_logprobs(logits[row : row + n - 1], nxt).tolist()
-                row += n
-            else:
-                row += 1
-            sample_rows.append(row - 1)
-        sample_rows += range(row, row + len(seqs))
-        for r in reqs:
+    def _collect(self, rows: _Rows, logits: torch.Tensor) -> list[TokenOutput]:
+        """Sample each sequence's next token from `logits` (the forward's logits rows), start the new
+        sequences and advance the running ones. Outputs in row order."""
+        logits, prompt_lps = self._split_logits(rows.new, logits)
+        for r in rows.new:
             self.sequences[r.request_id] = _Sequence(
                 block_table=list(r.block_table),
                 lora_slot=r.lora_slot,
@@ -239,21 +248,43 @@ class ModelRunner:
                 num_cached=len(r.token_ids),
                 last_token=-1,
             )
-        if len(sample_rows) < logits.shape[0]:  # prompt-logprob rows are not sampled
-            logits = logits[sample_rows]
-        outputs = self._sample(logits, [r.request_id for r in reqs] + ids)
+        outputs = self._sample(logits, [r.request_id for r in rows.new] + rows.running_ids)
         for out in outputs:
             out.prompt_logprobs = prompt_lps.get(out.request_id)
-        for s in seqs:
+        for s in rows.running:
             s.num_cached += 1
-        return self._in_request_order(outputs, [r.request_id for r in new] + list(request_ids))
-
-    def release(self, request_ids: list[int]) -> None:
-        """Forget finished or cancelled sequences (their blocks are the caller's to reuse)."""
-        for rid in request_ids:
-            self.sequences.pop(rid, None)
+        return outputs
 
     # ---- helpers --------------------------------------------------------------------------------
+
+    def _decode_tables(self, running: list[_Sequence]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """The running sequences' block tables padded with block 0 [num_decode, max_blocks] and their
+        context lengths [num_decode], counting the token of this step; None without running sequences."""
+        if not running:
+            return None, None
+        max_blocks = max(len(s.block_table) for s in running)
+        padded = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in running]
+        return self._long(padded), self._long([s.num_cached + 1 for s in running])
+
+    def _split_logits(
+        self, new: list[PrefillRequest], logits: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[int, list[float]]]:
+        """The logits rows to sample, one per sequence, and the prompt logprobs of the new sequences that
+        asked for them (request id -> logprob of prompt token i + 1 given tokens <= i)."""
+        sample_rows, prompt_lps, row = [], {}, 0
+        for r in new:
+            if r.prompt_logprobs:
+                n = len(r.token_ids)
+                nxt = self._long(r.token_ids[1:])
+                prompt_lps[r.request_id] = prompt_logprobs(logits[row : row + n - 1], nxt).tolist()
+                row += n
+            else:
+                row += 1
+            sample_rows.append(row - 1)
+        sample_rows += range(row, logits.shape[0])
+        if len(sample_rows) < logits.shape[0]:  # prompt-logprob rows are not sampled
+            logits = logits[sample_rows]
+        return logits, prompt_lps
 
     def _sample(self, logits: torch.Tensor, ids: list[int]) -> list[TokenOutput]:
         seqs = [self.sequences[rid] for rid in ids]
@@ -273,16 +304,6 @@ class ModelRunner:
                 TokenOutput(rid, token_ids[i], logprobs[i], [t for t, _ in top], [lp for _, lp in top])
             )
         return results
-
-    def _row_order(self, slots: list[int]) -> list[int]:
-        """Sequences grouped by adapter slot (stable), so each adapter's rows form one segment; slots in
-        order of adapter rank, so adapters of one rank are neighbours (the CPU path batches them)."""
-
-        def key(i: int) -> tuple[int, int]:
-            adapter = self.adapters.get(slots[i])
-            return (adapter.rank if adapter is not None else 0, slots[i])
-
-        return sorted(range(len(slots)), key=key)
 
     def _lora_batch(self, row_slots: list[int], num_prefill: int) -> LoraBatch | SplitLoraBatch | None:
         """Prompt rows always take the segment ops (sgmv); decode rows the ops' choice. A join step's two

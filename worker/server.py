@@ -72,7 +72,7 @@ def _rpc(handler: Callable[[WorkerServicer, T, grpc.aio.ServicerContext], Awaita
 def step_thread(rank: int) -> ThreadPoolExecutor:
     """The one thread that runs a rank's torch work. Build the runner on it too: each thread that runs
     torch ops gets its own OpenMP team, and the idle team of a second thread spins on the cores the
-    steps need (on 2 cores, loading on the main thread and stepping on another made decode ~2x slower)."""
+    steps need."""
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-step")
 
 
@@ -143,19 +143,13 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         return await self._run(self._load_adapter, request)
 
     @_rpc
-    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
-        """Empty `slot`; the router drains the sequences that use it first."""
-        await self._run(self._unload_adapter, request.slot)
-        return pb.UnloadAdapterResponse()
-
-    @_rpc
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.StepResponse:
         """Run the prompts of new sequences and sample each one's first token."""
         return await self._run(self._prefill, request)
 
     @_rpc
     async def Decode(self, request: pb.DecodeRequest, context) -> pb.StepResponse:
-        """One token for each listed running sequence, after replacing the block tables that grew."""
+        """One token for each listed running sequence, and the first of each joining one (one forward)."""
         return await self._run(self._decode, request)
 
     @_rpc
@@ -187,20 +181,19 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         self.runner.load_adapter(request.slot, adapter)
         load_ns = time.perf_counter_ns() - start
         log.info(
-            "adapter %r in slot %d (r=%d, %.1f ms)", adapter.name, request.slot, adapter.rank, load_ns / 1e6
+            "adapter %r in slot %d (r=%d, %.1f ms)",
+            adapter.name,
+            request.slot,
+            adapter.lora_rank,
+            load_ns / 1e6,
         )
         return pb.LoadAdapterResponse(
-            rank=adapter.rank,
+            lora_rank=adapter.lora_rank,
             alpha=adapter.alpha,
             use_rslora=adapter.use_rslora,
             target_modules=list(adapter.target_modules),
             load_ns=load_ns,
         )
-
-    def _unload_adapter(self, slot: int) -> None:
-        self._check_slot(slot, None)
-        self.runner.unload_adapter(slot)
-        log.info("unloaded adapter slot %d", slot)
 
     def _prefill(self, request: pb.PrefillRequest) -> pb.StepResponse:
         self._check_healthy()
@@ -217,14 +210,10 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         request_ids = list(request.request_ids)
         joining = [self._prefill_request(seq) for seq in request.joining]
         _check_unique([r.request_id for r in joining] + request_ids)
-        grown = {}
-        for table in request.grown:
-            self._check_blocks(table.request_id, table.block_table)
-            grown[table.request_id] = list(table.block_table)
         if not request_ids and not joining:
             return pb.StepResponse()
         start = time.perf_counter_ns()
-        outputs = self.runner.step(joining, request_ids, grown)
+        outputs = self.runner.step(joining, request_ids)
         return _step_response(outputs, time.perf_counter_ns() - start)
 
     # ---- request conversion and checks ----------------------------------------------------------
@@ -251,12 +240,13 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         if bad:
             raise RequestError(f"request {request_id}: block {bad[0]} is outside the {num_blocks} KV blocks")
 
-    def _check_slot(self, slot: int, adapter_id: str | None) -> None:
+    def _check_slot(self, slot: int, adapter_id: str) -> None:
         num_slots = self.runner.config.max_adapters
         if not 1 <= slot <= num_slots:
-            who = f"adapter {adapter_id!r}: " if adapter_id else ""
             has = f"slots 1..{num_slots}" if num_slots else "no adapter slots (max_adapters is 0)"
-            raise RequestError(f"{who}slot {slot} is not an adapter slot; this worker has {has}")
+            raise RequestError(
+                f"adapter {adapter_id!r}: slot {slot} is not an adapter slot; this worker has {has}"
+            )
 
 
 def sampling_params(request_id: int, p: pb.SamplingParameters | None) -> SamplingParams:
@@ -299,15 +289,13 @@ def _step_response(outputs: list[TokenOutput], forward_ns: int) -> pb.StepRespon
 
 
 def _involved(request) -> str:
-    """What a failed RPC was about, for the log: its request ids, or its adapter slot."""
+    """What a failed RPC was about, for the log: its request ids, or its adapter and slot."""
     if isinstance(request, pb.PrefillRequest):
         return f"request ids {[s.request_id for s in request.sequences]}"
     if isinstance(request, pb.DecodeRequest | pb.ReleaseRequest):
         return f"request ids {list(request.request_ids)}"
     if isinstance(request, pb.LoadAdapterRequest):
         return f"adapter {request.adapter_id!r} into slot {request.slot}"
-    if isinstance(request, pb.UnloadAdapterRequest):
-        return f"slot {request.slot}"
     return "no request ids"
 
 

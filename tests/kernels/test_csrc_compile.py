@@ -6,6 +6,7 @@
   the PATH; a compile error (or warning) fails.
 - The wrapper passes each kernel exactly as many arguments as its signature has, and rejects bad
   arguments with ValueErrors naming the sizes, before any launch (run here with launches recorded).
+- The sizes the launches depend on are the source's own `#define`s, read from it.
 """
 
 from __future__ import annotations
@@ -48,6 +49,22 @@ def test_compiles_with_nvcc(source, arch, tmp_path):
     assert result.returncode == 0, f"{' '.join(cmd)} failed:\n{result.stdout}\n{result.stderr}"
 
 
+def test_defines_are_read_from_the_source():
+    text = (
+        "#define LORA_GUARD\n"
+        "#define LORA_A 4  // rows\n"
+        "#define LORA_B (LORA_A * (LORA_A + 1) / 3)\n"
+        "#define LORA_EPS 1e-6f\n"
+        "#define LORA_F(x) (2 * x)\n"
+    )
+    assert cuda.source_defines(text) == {"LORA_A": 4, "LORA_B": 6}
+    defines = cuda.source_defines(cuda.SOURCE_PATH.read_text())
+    assert defines["LORA_MAX_WARPS"] == defines["LORA_MAX_THREADS"] // 32
+    assert (
+        cuda.SHRINK_STAGE == defines["LORA_SHRINK_STAGE"] == cuda.SHRINK_CHUNKS * (cuda.SHRINK_RANK_ROWS + 1)
+    )
+
+
 def _parameter_counts() -> dict[str, int]:
     """Kernel template name -> number of parameters, read from the .cu source."""
     text = cuda.SOURCE_PATH.read_text()
@@ -70,17 +87,17 @@ class _Recorder(cuda.CudaLoraOps):
         self.launches.append((name, grid, block, args, smem))
 
 
-def _problem(dtype=torch.bfloat16, n=5, h_in=64, h_out=48, max_rank=8, num_slots=3):
+def _problem(dtype=torch.bfloat16, n=5, h_in=64, h_out=48, max_lora_rank=8, num_slots=3):
     i32 = dict(dtype=torch.int32)
     return dict(
         x=torch.zeros(n, h_in, dtype=dtype),
-        lora_a_stack=torch.zeros(num_slots, max_rank, h_in, dtype=dtype),
-        lora_b_stack=torch.zeros(num_slots, max_rank, h_out, dtype=dtype),
+        lora_a_stack=torch.zeros(num_slots, max_lora_rank, h_in, dtype=dtype),
+        lora_b_stack=torch.zeros(num_slots, max_lora_rank, h_out, dtype=dtype),
         lora_ranks=torch.tensor([0, 8, 4][:num_slots], **i32),
         slot_ids=torch.zeros(n, **i32),
         segment_indptr=torch.tensor([0, 2, n], **i32),
         segment_slot_ids=torch.tensor([1, 2], **i32),
-        y=torch.zeros(n, max_rank),
+        y=torch.zeros(n, max_lora_rank),
         out=torch.zeros(n, h_out + 16, dtype=dtype),
     )
 
@@ -123,7 +140,7 @@ def test_wrapper_passes_every_kernel_parameter(dtype, h_in, h_out, out_offset, m
 
 
 @pytest.mark.parametrize(
-    "n, max_rank, h_in, tile, warps, grid",
+    "n, max_lora_rank, h_in, tile, warps, grid",
     [
         (4096, 16, 4096, (2, 2), 8, (128, 1)),  # about a block per SM: 32 x 16 tiles
         (1024, 16, 4096, (1, 1), 16, (64, 2)),  # too few 32-row tiles: 16 x 8 tiles, 16 warps
@@ -131,9 +148,9 @@ def test_wrapper_passes_every_kernel_parameter(dtype, h_in, h_out, out_offset, m
         (64, 8, 576, (1, 1), 9, (4, 1)),  # 9 chunks of 64: a warp each
     ],
 )
-def test_tensor_core_shrink_tiles(n, max_rank, h_in, tile, warps, grid):
+def test_tensor_core_shrink_tiles(n, max_lora_rank, h_in, tile, warps, grid):
     ops = _Recorder()
-    p = _problem(torch.bfloat16, n=n, h_in=h_in, max_rank=max_rank)
+    p = _problem(torch.bfloat16, n=n, h_in=h_in, max_lora_rank=max_lora_rank)
     p["segment_indptr"] = torch.tensor([0, n // 2, n], dtype=torch.int32)
     ops.sgmv_shrink(
         p["x"], p["lora_a_stack"], p["segment_indptr"], p["segment_slot_ids"], p["lora_ranks"], p["y"]

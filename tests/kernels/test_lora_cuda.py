@@ -81,9 +81,9 @@ def _segments(slot_ids: list[int]) -> tuple[list[int], list[int]]:
     return indptr, seg_slots
 
 
-def _stack(num_slots, max_rank, h, ranks, dtype, device, g, scale) -> torch.Tensor:
-    """[num_slots, max_rank, h] with N(0, scale^2) values and NaN past each slot's rank."""
-    stack = torch.randn(num_slots, max_rank, h, generator=g, device=device, dtype=torch.float32) * scale
+def _stack(num_slots, max_lora_rank, h, ranks, dtype, device, g, scale) -> torch.Tensor:
+    """[num_slots, max_lora_rank, h] with N(0, scale^2) values and NaN past each slot's rank."""
+    stack = torch.randn(num_slots, max_lora_rank, h, generator=g, device=device, dtype=torch.float32) * scale
     for s, r in enumerate(ranks):
         stack[s, r:] = float("nan")
     return stack.to(dtype)
@@ -92,13 +92,13 @@ def _stack(num_slots, max_rank, h, ranks, dtype, device, g, scale) -> torch.Tens
 @dataclass
 class Case:
     x: torch.Tensor  # [n, h_in]
-    lora_a_stack: torch.Tensor  # [num_slots, max_rank, h_in]
-    lora_b_stack: torch.Tensor  # [num_slots, max_rank, h_out]
+    lora_a_stack: torch.Tensor  # [num_slots, max_lora_rank, h_in]
+    lora_b_stack: torch.Tensor  # [num_slots, max_lora_rank, h_out]
     lora_ranks: torch.Tensor  # [num_slots] int32 on the device
     slot_ids: torch.Tensor  # [n] int32 on the device
     segment_indptr: torch.Tensor
     segment_slot_ids: torch.Tensor
-    y_in: torch.Tensor  # [n, max_rank] float32 expand input, NaN past each row's rank
+    y_in: torch.Tensor  # [n, max_lora_rank] float32 expand input, NaN past each row's rank
     out: torch.Tensor  # [n, h_total] model dtype
     out_offset: int
 
@@ -108,7 +108,7 @@ class Case:
 
 
 def make_case(device, dtype, n, h_in, h_out, rank, pattern, out_pad=OUT_PAD, out_offset=OUT_OFFSET, seed=()):
-    """A random problem of n rows with mixed ranks up to `rank` (the stack's max_rank)."""
+    """A random problem of n rows with mixed ranks up to `rank` (the stack's max_lora_rank)."""
     g = _generator(device, dtype, n, h_in, h_out, rank, pattern, *seed)
     gh = _generator("cpu", dtype, n, h_in, h_out, rank, pattern, *seed)
     num_slots = n + 1 if pattern == "distinct" else min(n, 16) + 2
@@ -142,12 +142,12 @@ def _assert_y(y, y_ref, what):
 
 def check_case(ops, case: Case, what: str = "") -> None:
     """All four ops on `case` against the reference loops (bgmv with slot_ids, sgmv with segments)."""
-    n, max_rank = case.x.shape[0], case.lora_a_stack.shape[1]
+    n, max_lora_rank = case.x.shape[0], case.lora_a_stack.shape[1]
     h_out, o = case.lora_b_stack.shape[2], case.out_offset
     ranks_h, slots_h = case.host("lora_ranks"), case.host("slot_ids")
     indptr_h, seg_slots_h = case.host("segment_indptr"), case.host("segment_slot_ids")
     for kind in ("bgmv", "sgmv"):
-        y = torch.full((n, max_rank), float("nan"), device=case.x.device)
+        y = torch.full((n, max_lora_rank), float("nan"), device=case.x.device)
         y_ref = y.clone()
         if kind == "bgmv":
             ops.bgmv_shrink(case.x, case.lora_a_stack, case.slot_ids, case.lora_ranks, y)
@@ -327,10 +327,10 @@ def test_cuda_graph_replay_is_bit_equal_to_eager(ops, monkeypatch, min_rows):
     segment boundaries of the same count): bit-equal to running them eagerly."""
     monkeypatch.setattr(ops, "sgmv_mma_min_rows_per_segment", min_rows)
     bufs = _graph_inputs("zipf", "first")
-    n, max_rank = bufs.x.shape[0], bufs.lora_a_stack.shape[1]
+    n, max_lora_rank = bufs.x.shape[0], bufs.lora_a_stack.shape[1]
 
     def fresh_outputs():
-        y = torch.full((n, max_rank), float("nan"), device="cuda")
+        y = torch.full((n, max_lora_rank), float("nan"), device="cuda")
         return y, y.clone(), bufs.out.clone(), bufs.out.clone()
 
     graph_outs = fresh_outputs()

@@ -14,7 +14,7 @@ from tests.kernels.test_lora_ops import (
     DTYPES,
     H_IN,
     H_OUT,
-    MAX_RANK,
+    MAX_LORA_RANK,
     OFFSET,
     OUT_PAD,
     OUT_TOL,
@@ -28,7 +28,7 @@ from tests.kernels.test_lora_ops import (
     _x,
 )
 from worker.kernels.reference import sgmv_lora_ref
-from worker.kernels.torch_grouped import rank_bucket
+from worker.kernels.torch_grouped import lora_rank_bucket
 from worker.kernels.torch_ops import TorchLoraOps
 
 
@@ -54,7 +54,7 @@ def _run(ops, dtype, n, indptr, seg_slots, g, a=None, b=None, ranks=RANKS):
     x = _x(g, n, H_IN, dtype)
     out = _out(g, n, H_OUT + OUT_PAD, dtype)
     out_before, out_ref = out.clone(), out.clone()
-    y = torch.empty(n, MAX_RANK)
+    y = torch.empty(n, MAX_LORA_RANK)
     ops.sgmv_lora(x, a, b, indptr, seg_slots, lora_ranks, y, out, OFFSET)
     sgmv_lora_ref(x, a, b, indptr, seg_slots, lora_ranks, out_ref, OFFSET)
     row_ranks = _row_ranks_sgmv(indptr, seg_slots)
@@ -182,7 +182,7 @@ def test_rejects_bad_segments_and_ranks():
     ops, n = TorchLoraOps(), 12
     g = _seed("reject")
     a, b = _stack(g, H_IN, 1.0), _stack(g, H_OUT, 1.0)
-    x, out, y = torch.zeros(n, H_IN), torch.zeros(n, H_OUT), torch.zeros(n, MAX_RANK)
+    x, out, y = torch.zeros(n, H_IN), torch.zeros(n, H_OUT), torch.zeros(n, MAX_LORA_RANK)
     ranks = torch.tensor(RANKS, dtype=torch.int32)
     indptr, seg_slots = _decode_segments("equal", n)
     with pytest.raises(ValueError, match="segment_indptr"):
@@ -198,7 +198,7 @@ def test_rejects_bad_segments_and_ranks():
 def test_rank_buckets_clamped_to_stack_rows():
     """Ranks round up to a power of two or 1.5 times one, never past the stack's rows."""
     expected = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 7: 8, 8: 8, 9: 12, 13: 16, 24: 24, 25: 32, 48: 48, 97: 128}
-    assert {r: rank_bucket(r) for r in expected} == expected
+    assert {r: lora_rank_bucket(r) for r in expected} == expected
     ops, n, rows = TorchLoraOps(), 10, 20  # ranks 17 and 20 both bucket to 24, past the 20 rows
     g = _seed("clamp")
     ranks = torch.tensor([0, 3, 20, 12, 17], dtype=torch.int32)

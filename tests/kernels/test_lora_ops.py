@@ -16,7 +16,7 @@ from worker.kernels.reference import bgmv_expand_ref, bgmv_shrink_ref, sgmv_expa
 from worker.kernels.torch_ops import TorchLoraOps
 
 RANKS = [0, 4, 8, 16, 64]  # slot 0 has no adapter; ranks differ per slot within one stack
-MAX_RANK = 64
+MAX_LORA_RANK = 64
 H_IN, H_OUT = 48, 80
 OUT_PAD = 23  # out is wider than h_out: columns [OFFSET, OFFSET + h_out) of [N, h_out + OUT_PAD]
 OFFSET = 17
@@ -39,8 +39,8 @@ def _seed(*parts) -> torch.Generator:
 
 
 def _stack(g: torch.Generator, h: int, scale: float) -> torch.Tensor:
-    """[num_slots, MAX_RANK, h] float32 with NaN in every row a slot's rank does not cover."""
-    stack = torch.randn(len(RANKS), MAX_RANK, h, generator=g) * scale
+    """[num_slots, MAX_LORA_RANK, h] float32 with NaN in every row a slot's rank does not cover."""
+    stack = torch.randn(len(RANKS), MAX_LORA_RANK, h, generator=g) * scale
     for s, r in enumerate(RANKS):
         stack[s, r:] = float("nan")
     return stack
@@ -98,14 +98,14 @@ def _row_ranks_sgmv(indptr: torch.Tensor, seg_slots: torch.Tensor) -> torch.Tens
 
 
 def _y_input(g: torch.Generator, row_ranks: torch.Tensor) -> torch.Tensor:
-    """[n, MAX_RANK] float32 expand input, NaN past each row's rank."""
-    y = torch.randn(row_ranks.shape[0], MAX_RANK, generator=g)
-    y[torch.arange(MAX_RANK) >= row_ranks[:, None]] = float("nan")
+    """[n, MAX_LORA_RANK] float32 expand input, NaN past each row's rank."""
+    y = torch.randn(row_ranks.shape[0], MAX_LORA_RANK, generator=g)
+    y[torch.arange(MAX_LORA_RANK) >= row_ranks[:, None]] = float("nan")
     return y
 
 
 def _check_shrink(y: torch.Tensor, y_ref: torch.Tensor, row_ranks: torch.Tensor) -> None:
-    written = torch.arange(MAX_RANK) < row_ranks[:, None]  # [n, MAX_RANK]
+    written = torch.arange(MAX_LORA_RANK) < row_ranks[:, None]  # [n, MAX_LORA_RANK]
     assert torch.equal(y[~written], torch.full_like(y[~written], SENTINEL)), "y changed where untouched"
     torch.testing.assert_close(y[written], y_ref[written], rtol=Y_TOL[0], atol=Y_TOL[1])
 
@@ -134,7 +134,7 @@ def test_bgmv_shrink_matches_ref(dtype, n, pattern):
     a = _stack(g, H_IN, H_IN**-0.5)
     slot_ids, lora_ranks = _slot_ids(pattern, n, g), torch.tensor(RANKS, dtype=torch.int32)
     x = _x(g, n, H_IN, dtype)
-    y, y_ref = torch.full((n, MAX_RANK), SENTINEL), torch.full((n, MAX_RANK), SENTINEL)
+    y, y_ref = torch.full((n, MAX_LORA_RANK), SENTINEL), torch.full((n, MAX_LORA_RANK), SENTINEL)
     ops.bgmv_shrink(x, a, slot_ids, lora_ranks, y)
     bgmv_shrink_ref(x, a, slot_ids, lora_ranks, y_ref)
     _check_shrink(y, y_ref, _row_ranks_bgmv(slot_ids))
@@ -165,7 +165,7 @@ def test_sgmv_shrink_matches_ref(dtype, n, pattern):
     indptr, seg_slots = _segments(pattern, n, g)
     lora_ranks = torch.tensor(RANKS, dtype=torch.int32)
     x = _x(g, n, H_IN, dtype)
-    y, y_ref = torch.full((n, MAX_RANK), SENTINEL), torch.full((n, MAX_RANK), SENTINEL)
+    y, y_ref = torch.full((n, MAX_LORA_RANK), SENTINEL), torch.full((n, MAX_LORA_RANK), SENTINEL)
     ops.sgmv_shrink(x, a, indptr, seg_slots, lora_ranks, y)
     sgmv_shrink_ref(x, a, indptr, seg_slots, lora_ranks, y_ref)
     _check_shrink(y, y_ref, _row_ranks_sgmv(indptr, seg_slots))
@@ -211,7 +211,7 @@ def test_fused_qkv_at_model_width(dtype, kind):
     offset = 0
     for h_out in h_outs:
         a, b = _stack(g, h_in, h_in**-0.5), _stack(g, h_out, 1.0)
-        y, y_ref = torch.full((n, MAX_RANK), SENTINEL), torch.full((n, MAX_RANK), SENTINEL)
+        y, y_ref = torch.full((n, MAX_LORA_RANK), SENTINEL), torch.full((n, MAX_LORA_RANK), SENTINEL)
         shrink(x, a, *index, lora_ranks, y)
         shrink_ref(x, a, *index, lora_ranks, y_ref)
         _check_shrink(y, y_ref, row_ranks)
@@ -228,9 +228,9 @@ def test_strided_views_as_operands(dtype, kind):
     n = 13
     g = _seed("views", dtype, kind)
     lora_ranks = torch.tensor(RANKS, dtype=torch.int32)
-    a_big = torch.randn(len(RANKS) + 2, MAX_RANK + 3, H_IN + 5, generator=g) * H_IN**-0.5
-    b_big = torch.randn(len(RANKS) + 2, MAX_RANK + 3, H_OUT + 5, generator=g)
-    a, b = a_big[1:-1, 2:-1, 3:-2], b_big[1:-1, 2:-1, 3:-2]  # [num_slots, MAX_RANK, h], non-contiguous
+    a_big = torch.randn(len(RANKS) + 2, MAX_LORA_RANK + 3, H_IN + 5, generator=g) * H_IN**-0.5
+    b_big = torch.randn(len(RANKS) + 2, MAX_LORA_RANK + 3, H_OUT + 5, generator=g)
+    a, b = a_big[1:-1, 2:-1, 3:-2], b_big[1:-1, 2:-1, 3:-2]  # [num_slots, MAX_LORA_RANK, h], non-contiguous
     x = _x(g, 2 * n, H_IN, dtype)[::2]  # [n, H_IN], row stride 2 * H_IN
     pattern = "with_none" if kind == "bgmv_unsorted" else "sorted"
     slot_ids = _slot_ids(pattern, n, g)
@@ -246,8 +246,8 @@ def test_strided_views_as_operands(dtype, kind):
     else:
         index, shrink, expand = (slot_ids,), ops.bgmv_shrink, ops.bgmv_expand
         shrink_ref, expand_ref, row_ranks = bgmv_shrink_ref, bgmv_expand_ref, _row_ranks_bgmv(slot_ids)
-    y = torch.full((n + 1, MAX_RANK + 7), SENTINEL)[1:, 5:-2]  # [n, MAX_RANK] view
-    y_ref = torch.full((n, MAX_RANK), SENTINEL)
+    y = torch.full((n + 1, MAX_LORA_RANK + 7), SENTINEL)[1:, 5:-2]  # [n, MAX_LORA_RANK] view
+    y_ref = torch.full((n, MAX_LORA_RANK), SENTINEL)
     shrink(x, a, *index, lora_ranks, y)
     shrink_ref(x, a, *index, lora_ranks, y_ref)
     _check_shrink(y, y_ref, row_ranks)
@@ -261,10 +261,10 @@ def test_strided_views_as_operands(dtype, kind):
 def _dense(x, a, b, row_slots, out):
     """Independent float64 computation: per-row A/B gathered, masked to each slot's rank, einsum."""
     row_ranks = _row_ranks_bgmv(row_slots)
-    keep = (torch.arange(MAX_RANK) < row_ranks[:, None])[:, :, None]  # [n, MAX_RANK, 1]
-    a_rows = torch.where(keep, a[row_slots.long()].double(), 0.0)  # [n, MAX_RANK, h_in]
-    b_rows = torch.where(keep, b[row_slots.long()].double(), 0.0)  # [n, MAX_RANK, h_out]
-    y = torch.einsum("nh,nrh->nr", x.double(), a_rows)  # [n, MAX_RANK]
+    keep = (torch.arange(MAX_LORA_RANK) < row_ranks[:, None])[:, :, None]  # [n, MAX_LORA_RANK, 1]
+    a_rows = torch.where(keep, a[row_slots.long()].double(), 0.0)  # [n, MAX_LORA_RANK, h_in]
+    b_rows = torch.where(keep, b[row_slots.long()].double(), 0.0)  # [n, MAX_LORA_RANK, h_out]
+    y = torch.einsum("nh,nrh->nr", x.double(), a_rows)  # [n, MAX_LORA_RANK]
     y = torch.where(keep[:, :, 0], y, SENTINEL)
     delta = torch.einsum("nr,nrh->nh", torch.where(keep[:, :, 0], y, 0.0), b_rows)
     out = out.double().clone()
@@ -281,7 +281,7 @@ def test_reference_matches_dense_einsum(kind):
     lora_ranks = torch.tensor(RANKS, dtype=torch.int32)
     x = _x(g, n, H_IN, torch.float32)
     out = _out(g, n, H_OUT + OUT_PAD, torch.float32)
-    y = torch.full((n, MAX_RANK), SENTINEL)
+    y = torch.full((n, MAX_LORA_RANK), SENTINEL)
     out_ref = out.clone()
     if kind == "bgmv":
         row_slots = _slot_ids("with_none", n, g)
@@ -303,7 +303,7 @@ def test_no_work_leaves_everything_untouched():
     a, b = _stack(_seed("none"), H_IN, 1.0), _stack(_seed("none"), H_OUT, 1.0)
     lora_ranks = torch.tensor(RANKS, dtype=torch.int32)
     for n in (0, 5):
-        x, y = torch.ones(n, H_IN, dtype=torch.bfloat16), torch.full((n, MAX_RANK), SENTINEL)
+        x, y = torch.ones(n, H_IN, dtype=torch.bfloat16), torch.full((n, MAX_LORA_RANK), SENTINEL)
         out = torch.ones(n, H_OUT, dtype=torch.bfloat16)
         slot_ids, indptr = torch.zeros(n, dtype=torch.int32), torch.tensor([0, n], dtype=torch.int32)
         seg_slots = torch.zeros(1, dtype=torch.int32)
@@ -323,7 +323,7 @@ def test_contract_and_selection():
 
 def test_rejects_wrong_dtype_and_sizes():
     lora_ranks, slot_ids = torch.tensor(RANKS, dtype=torch.int32), torch.zeros(2, dtype=torch.int32)
-    a, y = torch.zeros(len(RANKS), MAX_RANK, H_IN), torch.zeros(2, MAX_RANK)
+    a, y = torch.zeros(len(RANKS), MAX_LORA_RANK, H_IN), torch.zeros(2, MAX_LORA_RANK)
     with pytest.raises(ValueError, match="float32"):
         ops.bgmv_shrink(torch.zeros(2, H_IN), a.bfloat16(), slot_ids, lora_ranks, y)
     with pytest.raises(ValueError, match="sizes disagree"):
@@ -348,10 +348,10 @@ def test_rejects_wrong_dtype_and_sizes():
             a,
             torch.tensor([0, 2], dtype=torch.int32),
             slot_ids[:1],
-            lora_ranks + MAX_RANK,
+            lora_ranks + MAX_LORA_RANK,
             y,
         )
     with pytest.raises(ValueError, match="out"):
         ops.bgmv_expand(
-            y, torch.zeros(len(RANKS), MAX_RANK, H_OUT), slot_ids, lora_ranks, torch.zeros(2, H_OUT), 1
+            y, torch.zeros(len(RANKS), MAX_LORA_RANK, H_OUT), slot_ids, lora_ranks, torch.zeros(2, H_OUT), 1
         )

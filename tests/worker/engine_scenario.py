@@ -21,6 +21,9 @@ from worker.runner import ModelRunner, PrefillRequest
 from worker.sampler import SamplingParams
 
 BLOCK_SIZE = 4
+# Tokens a sequence may generate here, at most; its blocks are allocated for them at its prefill, as the
+# router allocates prompt + max_new_tokens.
+MAX_NEW_TOKENS = 8
 # The mix over the tiny model's session adapters (tests/conftest.py `tiny_adapters`) and prompt lengths.
 TINY_MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all", "r4_qv"]
 TINY_LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
@@ -35,15 +38,23 @@ class Record:
 
 
 def build_runner(
-    model_dir: Path, adapters: dict[str, Path], dtype="float32", device="cpu", ctx=None, rank=0, ws=1
+    model_dir: Path,
+    adapters: dict[str, Path],
+    dtype="float32",
+    device="cpu",
+    ctx=None,
+    rank=0,
+    ws=1,
+    num_slots: int | None = None,
 ):
+    """A runner with `adapters` loaded into slots 1, 2, ... of its `num_slots` (default: one each)."""
     config = WorkerConfig(
         model_dir=model_dir,
         dtype=dtype,
         device=device,
         block_size=BLOCK_SIZE,
         num_blocks=96,
-        max_adapters=len(adapters),
+        max_adapters=len(adapters) if num_slots is None else num_slots,
         max_lora_rank=64,
         rank=rank,
         world_size=ws,
@@ -64,13 +75,10 @@ class _Blocks:
         self.free = list(range(num_blocks))
         self.tables: dict[int, list[int]] = {}
 
-    def grow(self, rid: int, num_tokens: int) -> bool:
-        table = self.tables.setdefault(rid, [])
-        grew = False
-        while len(table) * BLOCK_SIZE < num_tokens:
-            table.append(self.free.pop(0))
-            grew = True
-        return grew
+    def allocate(self, rid: int, num_tokens: int) -> list[int]:
+        num_blocks = -(-num_tokens // BLOCK_SIZE)
+        self.tables[rid], self.free = self.free[:num_blocks], self.free[num_blocks:]
+        return self.tables[rid]
 
     def release(self, rid: int) -> None:
         self.free[:0] = self.tables.pop(rid)  # reused first, so stale cache contents would show
@@ -102,20 +110,16 @@ def run_scenario(
         reqs = []
         for rid in rids:
             adapter, prompt = prompts[rid]
-            blocks.grow(rid, len(prompt))
+            table = blocks.allocate(rid, len(prompt) + MAX_NEW_TOKENS)
             slot = slots[adapter] if adapter else 0
-            reqs.append(PrefillRequest(rid, prompt, blocks.tables[rid], params, slot))
+            reqs.append(PrefillRequest(rid, prompt, table, params, slot))
         return reqs
 
     def prefill(rids):
         record(runner.prefill(new_requests(rids)))
 
     def decode(rids, joining=()):
-        grown = {}
-        for rid in rids:
-            if blocks.grow(rid, len(records[rid].prompt) + len(records[rid].tokens)):
-                grown[rid] = blocks.tables[rid]
-        record(runner.step(new_requests(joining), rids, grown))
+        record(runner.step(new_requests(joining), rids))
 
     running = list(first)
     prefill(first)

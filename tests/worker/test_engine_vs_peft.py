@@ -83,13 +83,12 @@ def test_greedy_tokens_same_alone_and_in_mixed_batch(tiny_model_dir, tiny_adapte
     assert alone[3].tokens == mixed[3].tokens
 
 
-def test_unloaded_slot_and_bad_requests_are_refused(tiny_model_dir, tiny_adapters):
+def test_empty_slot_and_bad_requests_are_refused(tiny_model_dir, tiny_adapters):
     from worker.runner import PrefillRequest, RequestError
 
-    runner, slots = build_runner(tiny_model_dir, {"r4_qv": tiny_adapters["r4_qv"]})
-    with pytest.raises(RequestError, match="slot 1"):
-        runner.unload_adapter(1)
-        runner.prefill([PrefillRequest(1, [3, 4], [0], lora_slot=1)])
+    runner, slots = build_runner(tiny_model_dir, {"r4_qv": tiny_adapters["r4_qv"]}, num_slots=2)
+    with pytest.raises(RequestError, match="no adapter is loaded in slot 2"):
+        runner.prefill([PrefillRequest(1, [3, 4], [0], lora_slot=2)])
     with pytest.raises(RequestError, match="cannot hold"):
         runner.prefill([PrefillRequest(2, list(range(3, 12)), [0])])
     with pytest.raises(RequestError, match="token ids"):

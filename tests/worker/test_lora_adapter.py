@@ -139,7 +139,7 @@ def assert_matches_peft(adapter: LoraAdapter, ref: dict) -> None:
         assert torch.equal(w.a, a), key
         assert torch.equal(w.b, b), key
         assert w.scale == pytest.approx(scaling, rel=1e-12), key
-    assert adapter.rank == max(a.shape[0] for a, _, _ in ref.values())
+    assert adapter.lora_rank == max(a.shape[0] for a, _, _ in ref.values())
     assert adapter.target_modules == tuple(m for m in TARGET_MODULES if any(k[1] == m for k in ref))
 
 
@@ -158,7 +158,7 @@ def test_config_features_match_peft(which, tiny_model_dir, extra_adapters):
 
 def test_fields_and_scales(tiny_adapters, extra_adapters):
     rs = load(tiny_adapters["r64_rs"])
-    assert (rs.rank, rs.alpha, rs.use_rslora) == (64, 16.0, True)
+    assert (rs.lora_rank, rs.alpha, rs.use_rslora) == (64, 16.0, True)
     assert all(w.scale == 16 / 8 for w in rs.weights.values())  # alpha / sqrt(64)
     part = load(tiny_adapters["r8_layer1"])
     assert set(part.weights) == {(1, "q_proj"), (1, "o_proj"), (1, "down_proj")}
@@ -166,7 +166,7 @@ def test_fields_and_scales(tiny_adapters, extra_adapters):
         part.target_modules == ("q_proj", "o_proj", "down_proj") and part.weights[(1, "q_proj")].scale == 2.0
     )
     pat = load(extra_adapters["patterns"])
-    assert pat.rank == 8 and pat.weights[(1, "down_proj")].a.shape == (2, 150)
+    assert pat.lora_rank == 8 and pat.weights[(1, "down_proj")].a.shape == (2, 150)
     assert pat.weights[(1, "down_proj")].scale == 4.0 and pat.weights[(0, "q_proj")].scale == 1.0
     assert pat.weights[(2, "v_proj")].scale == 0.75 and pat.weights[(1, "v_proj")].scale == 2.0
     assert pat.weights[(0, "up_proj")].scale == 4.0

@@ -45,18 +45,16 @@ async def test_load_adapter(worker, tiny_adapters, caplog):
     reply = await worker.stub.LoadAdapter(
         pb.LoadAdapterRequest(slot=1, adapter_id="r4_qv", path=str(tiny_adapters["r4_qv"]))
     )
-    assert (reply.rank, reply.alpha, reply.use_rslora) == (4, 8.0, False)
+    assert (reply.lora_rank, reply.alpha, reply.use_rslora) == (4, 8.0, False)
     assert list(reply.target_modules) == ["q_proj", "v_proj"]
     assert reply.load_ns > 0
     assert "Loading adapter weights into model: r4_qv" in caplog.messages
     reply = await worker.stub.LoadAdapter(
         pb.LoadAdapterRequest(slot=1, adapter_id="r64_rs", path=str(tiny_adapters["r64_rs"]))
     )
-    assert (reply.rank, reply.alpha, reply.use_rslora) == (64, 16.0, True)
+    assert (reply.lora_rank, reply.alpha, reply.use_rslora) == (64, 16.0, True)
     assert len(reply.target_modules) == 7
     assert worker.runner.adapters[1].name == "r64_rs"  # replaced what was in the slot
-    await worker.stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1))
-    assert 1 not in worker.runner.adapters
 
 
 # request id -> (adapter slot, prompt length, sampling params, prompt_logprobs)
@@ -70,6 +68,7 @@ REQUESTS = {
     5: (2, 7, dict(do_sample=True, typical_p=0.75, seed=11, top_n_tokens=3), True),
 }
 # The schedule: a mixed-adapter prefill, decodes, one sequence leaves, two join, more decodes.
+# Each sequence gets the blocks of its whole length at its prefill, as the router allocates them.
 SCHEDULE = [
     ("prefill", [0, 1, 2, 3]),
     ("decode", [0, 1, 2, 3]),
@@ -82,39 +81,27 @@ SCHEDULE = [
 ]
 
 
+MAX_DECODES = sum(kind == "decode" for kind, _ in SCHEDULE)
+
+
 def scripted_steps(vocab: int):
     """Yield (kind, payload) with block tables: prefill -> [(rid, slot, tokens, table, params, plp)];
-    decode -> (rids, {rid: grown table}); release -> rids."""
+    decode -> rids; release -> rids."""
     gen = torch.Generator().manual_seed(0)
     free = list(range(NUM_BLOCKS))
     tables: dict[int, list[int]] = {}
-    lengths: dict[int, int] = {}
-
-    def grow(rid: int, num_tokens: int) -> bool:
-        table = tables.setdefault(rid, [])
-        grew = False
-        while len(table) * BLOCK_SIZE < num_tokens:
-            table.append(free.pop(0))
-            grew = True
-        return grew
-
     for kind, rids in SCHEDULE:
         if kind == "prefill":
             seqs = []
             for rid in rids:
                 slot, n, params, plp = REQUESTS[rid]
                 tokens = torch.randint(3, vocab, (n,), generator=gen).tolist()
-                lengths[rid] = n
-                grow(rid, n)
+                num_blocks = -(-(n + MAX_DECODES) // BLOCK_SIZE)
+                tables[rid], free = free[:num_blocks], free[num_blocks:]
                 seqs.append((rid, slot, tokens, list(tables[rid]), params, plp))
             yield kind, seqs
         elif kind == "decode":
-            grown = {}
-            for rid in rids:
-                lengths[rid] += 1  # the last sampled token enters the cache
-                if grow(rid, lengths[rid]):
-                    grown[rid] = list(tables[rid])
-            yield kind, (rids, grown)
+            yield kind, rids
         else:
             for rid in rids:
                 free[:0] = tables.pop(rid)  # reused first, so stale cache contents would show
@@ -133,9 +120,7 @@ async def run_over_grpc(stub, vocab) -> list[list[tuple]]:
                 seq.prompt_logprobs = plp
             reply = await stub.Prefill(pb.PrefillRequest(sequences=seqs))
         elif kind == "decode":
-            rids, grown = payload
-            tables = [pb.BlockTable(request_id=rid, block_table=t) for rid, t in grown.items()]
-            reply = await stub.Decode(pb.DecodeRequest(request_ids=rids, grown=tables))
+            reply = await stub.Decode(pb.DecodeRequest(request_ids=payload))
         else:
             await stub.Release(pb.ReleaseRequest(request_ids=payload))
             continue
@@ -154,7 +139,7 @@ def run_directly(runner: ModelRunner) -> list[list[tuple]]:
             ]
             outputs = runner.prefill(reqs)
         elif kind == "decode":
-            outputs = runner.decode(*payload)
+            outputs = runner.decode(payload)
         else:
             runner.release(payload)
             continue
@@ -298,9 +283,7 @@ async def test_decode_without_room_is_invalid_argument(worker):
     err = await rpc_error(worker.stub.Decode(pb.DecodeRequest(request_ids=[1])))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request 1: its block table has no room" in err.details()
-    grown = [pb.BlockTable(request_id=1, block_table=[0, 1])]
-    reply = await worker.stub.Decode(pb.DecodeRequest(request_ids=[1], grown=grown))
-    assert [g.request_id for g in reply.generations] == [1]
+    assert worker.runner.sequences[1].num_cached == 4  # refused before any state changed
 
 
 async def test_unset_parameters_mean_greedy_defaults(worker):
@@ -317,7 +300,7 @@ async def test_internal_failure_marks_rank_unhealthy(worker, monkeypatch, caplog
     await worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(11, [3, 4], [0])]))
     gate, started = threading.Event(), threading.Event()
 
-    def broken_step(new, request_ids, block_tables=None):
+    def broken_step(new, request_ids):
         started.set()
         assert gate.wait(10)
         raise RuntimeError("device fell over")

@@ -12,7 +12,7 @@ import torch
 
 
 class LoraOps(Protocol):
-    """The four punica ops plus the two facts the model needs to lay out its buffers and batches."""
+    """The four punica ops plus what the model needs to lay out its buffers and batches."""
 
     # True when decode batches should be passed as contiguous segments (sgmv) instead of per-row slots.
     decode_uses_segments: bool
@@ -21,6 +21,11 @@ class LoraOps(Protocol):
 
     def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """dtype of lora_a_stack / lora_b_stack for a model running in `model_dtype`."""
+        ...
+
+    def row_order(self, slots: list[int], slot_lora_ranks: dict[int, int]) -> list[int]:
+        """The order to lay out a step's sequences in, whose adapter slots are `slots` (one or more rows
+        each): a permutation of their indices. slot_lora_ranks: slot -> LoRA rank of its adapter."""
         ...
 
     def bgmv_shrink(self, x, lora_a_stack, slot_ids, lora_ranks, y) -> None: ...

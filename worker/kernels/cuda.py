@@ -15,7 +15,7 @@ the launch shapes. What this wrapper adds:
 - dtypes: x and the stacks share the model dtype, bfloat16 or float16 (float32 works too, at twice the
   bytes; the tiny test models run in it). y is always float32.
 - Index values are not checked on the host (that would synchronise): a slot id outside the stack or a
-  row past the last segment is skipped on the device, and a rank is clamped to max_rank.
+  row past the last segment is skipped on the device, and a rank is clamped to max_lora_rank.
 - Kernel choice (shapes only): bgmv takes lora_bgmv_shrink / lora_bgmv_expand; sgmv takes the
   tensor-core kernels (lora_sgmv_*_mma) for bfloat16 / float16 with 16-byte aligned rows on sm_80+ when
   the batch averages at least `sgmv_mma_min_rows_per_segment` rows per segment, else the generic
@@ -26,7 +26,10 @@ the launch shapes. What this wrapper adds:
 
 from __future__ import annotations
 
+import ast
 import functools
+import operator
+import re
 import warnings
 from pathlib import Path
 
@@ -40,17 +43,54 @@ COMPILE_OPTIONS: tuple[str, ...] = ()
 KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16", torch.float32: "Fp32"}
 # The dtypes of the tensor-core sgmv kernels (16-bit operands; mma.sync needs sm_80+).
 MMA_TYPES = (torch.bfloat16, torch.float16)
-SHRINK_RANK_ROWS = 4  # LORA_SHRINK_RANK_ROWS: rank rows per lora_bgmv_shrink block
-SHRINK_CHUNKS = 2  # LORA_SHRINK_CHUNKS: vectors of x per lora_bgmv_shrink thread and step
-SHRINK_STAGE = SHRINK_CHUNKS * (SHRINK_RANK_ROWS + 1)  # LORA_SHRINK_STAGE: 16-byte vectors per thread
-EXPAND_ROWS_IN_FLIGHT = 8  # LORA_EXPAND_ROWS_IN_FLIGHT: rank rows of B per lora_bgmv_expand thread
+
+# C's integer operators; `/` truncates, which is floor division on the non-negative sizes of the macros.
+_C_OPERATORS = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.floordiv,
+}
+
+
+def source_defines(text: str) -> dict[str, int]:
+    """The `#define NAME value` macros of a CUDA source whose values are integer expressions (literals,
+    + - * /, parentheses and the macros defined above them), evaluated; other macros are left out."""
+    defines: dict[str, int] = {}
+    for name, expression in re.findall(r"^#define[ \t]+(\w+)[ \t]+(.*?)[ \t]*(?://.*)?$", text, re.MULTILINE):
+        try:
+            defines[name] = _c_integer(ast.parse(expression, mode="eval").body, defines)
+        except (SyntaxError, ValueError):
+            continue
+    return defines
+
+
+def _c_integer(node: ast.AST, defines: dict[str, int]) -> int:
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return node.value
+    if isinstance(node, ast.Name) and node.id in defines:
+        return defines[node.id]
+    if isinstance(node, ast.BinOp) and type(node.op) in _C_OPERATORS:
+        return _C_OPERATORS[type(node.op)](_c_integer(node.left, defines), _c_integer(node.right, defines))
+    raise ValueError(f"not an integer expression of literals and macros: {ast.unparse(node)}")
+
+
+# The kernels' compile-time sizes that their launches must agree with, read from the source itself.
+_DEFINES = source_defines(SOURCE_PATH.read_text())
+SHRINK_RANK_ROWS = _DEFINES["LORA_SHRINK_RANK_ROWS"]  # rank rows per lora_bgmv_shrink block
+SHRINK_CHUNKS = _DEFINES["LORA_SHRINK_CHUNKS"]  # vectors of x per lora_bgmv_shrink thread and step
+SHRINK_STAGE = _DEFINES["LORA_SHRINK_STAGE"]  # 16-byte vectors per thread of lora_bgmv_shrink's staging
+EXPAND_ROWS_IN_FLIGHT = _DEFINES["LORA_EXPAND_ROWS_IN_FLIGHT"]  # rank rows of B per lora_bgmv_expand thread
 # lora_sgmv_shrink_mma tiles (MT, NG): 16 * MT rows by 8 * NG rank rows per block, and its warps.
-MMA_SHRINK_TILES = {(2, 2): 8, (1, 1): 16}
-MMA_STAGES = 3  # LORA_MMA_STAGES: depth of each warp's cp.async ring in lora_sgmv_shrink_mma
-MMA_EXPAND_WARPS = 4  # lora_sgmv_expand_mma: 64 columns per warp, 16 rows per block
-GENERIC_ROWS = 4  # rows of x fused per block by the generic lora_shrink / lora_expand (sgmv fallback)
-_MAX_THREADS = 256  # LORA_MAX_THREADS: the kernels size their shared memory for it
+MMA_SHRINK_TILES = {(2, 2): _DEFINES["LORA_MMA_TILE_WARPS"], (1, 1): _DEFINES["LORA_MMA_SMALL_TILE_WARPS"]}
+MMA_STAGES = _DEFINES["LORA_MMA_STAGES"]  # depth of each warp's cp.async ring in lora_sgmv_shrink_mma
+MMA_K = _DEFINES["LORA_MMA_K"]  # elements of h_in per warp chunk in lora_sgmv_shrink_mma
+MMA_COLS = _DEFINES["LORA_MMA_COLS"]  # columns of out per warp in lora_sgmv_expand_mma
+_MAX_THREADS = _DEFINES["LORA_MAX_THREADS"]  # the kernels size their shared memory for it
 _MAX_GRID_X, _MAX_GRID_Y = 2**31 - 1, 65535
+# The wrapper's own launch choices, which the kernels take as template arguments or block shapes.
+GENERIC_ROWS = 4  # rows of x fused per block by the generic lora_shrink / lora_expand (sgmv fallback)
+MMA_EXPAND_WARPS = 4  # warps per lora_sgmv_expand_mma block (16 rows, MMA_COLS columns per warp)
 
 
 def _wide_vec(dtype: torch.dtype) -> int:
@@ -193,12 +233,17 @@ class CudaLoraOps:
             raise ValueError(f"CudaLoraOps supports {list(KERNEL_TYPES)} models, got {model_dtype}")
         return model_dtype
 
+    def row_order(self, slots: list[int], slot_lora_ranks: dict[int, int]) -> list[int]:
+        """Sequences grouped by adapter slot (stable): each adapter's prompt rows form one sgmv segment.
+        bgmv takes rows in any order and the kernels handle mixed ranks, so ranks play no part."""
+        return sorted(range(len(slots)), key=slots.__getitem__)
+
     def bgmv_shrink(self, x, lora_a_stack, slot_ids, lora_ranks, y) -> None:
         """Semantics: y[i, :r] = x[i] @ lora_a_stack[s, :r].T  where s = slot_ids[i], r = lora_ranks[s].
 
-        x: [num_tokens, h_in] model dtype (rows may be strided). lora_a_stack: [num_slots, max_rank,
+        x: [num_tokens, h_in] model dtype (rows may be strided). lora_a_stack: [num_slots, max_lora_rank,
         h_in] same dtype, contiguous. slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32
-        (0 = row skipped). y: [num_tokens, max_rank] float32, changed in place in columns < r only.
+        (0 = row skipped). y: [num_tokens, max_lora_rank] float32, changed in place in columns < r only.
         """
         self._shrink("bgmv_shrink", x, lora_a_stack, slot_ids, None, None, lora_ranks, y)
 
@@ -206,7 +251,7 @@ class CudaLoraOps:
         """Semantics: out[i, o:o+h_out] += y[i, :r] @ lora_b_stack[s, :r]  with s = slot_ids[i],
         r = lora_ranks[s], o = out_offset.
 
-        y: [num_tokens, max_rank] float32. lora_b_stack: [num_slots, max_rank, h_out] model dtype,
+        y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out] model dtype,
         contiguous. slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32 (0 = row untouched).
         out: [num_tokens, h_total] model dtype (rows may be strided), changed in place in columns
         [o, o + h_out) of rows with an adapter (float32 sum, rounded once).
@@ -217,10 +262,10 @@ class CudaLoraOps:
         """Semantics: y[p:q, :r] = x[p:q] @ lora_a_stack[s, :r].T  for each segment g with rows
         [p, q) = segment_indptr[g:g+2], s = segment_slot_ids[g], r = lora_ranks[s].
 
-        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_rank, h_in] same dtype.
+        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_lora_rank, h_in] same dtype.
         segment_indptr: [num_segments + 1] int32 (non-decreasing, from 0; segments may be empty).
         segment_slot_ids: [num_segments] int32. lora_ranks: [num_slots] int32.
-        y: [num_tokens, max_rank] float32, changed in place in columns < r of each segment's rows.
+        y: [num_tokens, max_lora_rank] float32, changed in place in columns < r of each segment's rows.
         """
         self._shrink("sgmv_shrink", x, lora_a_stack, None, segment_indptr, segment_slot_ids, lora_ranks, y)
 
@@ -230,7 +275,7 @@ class CudaLoraOps:
         """Semantics: out[p:q, o:o+h_out] += y[p:q, :r] @ lora_b_stack[s, :r]  for each segment g with
         rows [p, q), s = segment_slot_ids[g], r = lora_ranks[s], o = out_offset.
 
-        y: [num_tokens, max_rank] float32. lora_b_stack: [num_slots, max_rank, h_out] model dtype.
+        y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out] model dtype.
         segment_indptr: [num_segments + 1] int32. segment_slot_ids: [num_segments] int32.
         out: [num_tokens, h_total] model dtype, changed in place (float32 sum, rounded once).
         """
@@ -268,26 +313,26 @@ class CudaLoraOps:
         _check(op, "lora_a_stack", lora_a_stack, x.dtype, 3, dev, True)
         _check(op, "y", y, torch.float32, 2, dev, False)
         num_tokens, h_in = x.shape
-        num_slots, max_rank, a_h_in = lora_a_stack.shape
-        if a_h_in != h_in or tuple(y.shape) != (num_tokens, max_rank):
+        num_slots, max_lora_rank, a_h_in = lora_a_stack.shape
+        if a_h_in != h_in or tuple(y.shape) != (num_tokens, max_lora_rank):
             raise ValueError(
                 f"{op}: sizes disagree: x {tuple(x.shape)}, lora_a_stack {tuple(lora_a_stack.shape)}, "
-                f"y {tuple(y.shape)} (expected y [{num_tokens}, {max_rank}])"
+                f"y {tuple(y.shape)} (expected y [{num_tokens}, {max_lora_rank}])"
             )
         num_segments = self._check_indices(
             op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
         )
-        if num_tokens == 0 or max_rank == 0 or (slot_ids is None and num_segments == 0):
+        if num_tokens == 0 or max_lora_rank == 0 or (slot_ids is None and num_segments == 0):
             return
         vec = _vec(x.dtype, (h_in, x.stride(0)), (x, lora_a_stack))
         n_vec = h_in // vec
         head = (x.data_ptr(), x.stride(0), lora_a_stack.data_ptr())
-        tail = (lora_ranks.data_ptr(), num_slots, y.data_ptr(), y.stride(0), num_tokens, h_in, max_rank)
-        sizes = f"num_tokens={num_tokens}, max_rank={max_rank}"
+        tail = (lora_ranks.data_ptr(), num_slots, y.data_ptr(), y.stride(0), num_tokens, h_in, max_lora_rank)
+        sizes = f"num_tokens={num_tokens}, max_lora_rank={max_lora_rank}"
         if slot_ids is not None:
             # One row per block, 4 rank rows; each thread loads 2 vectors of x and of each rank row at once.
             threads = min(_MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // SHRINK_CHUNKS))))
-            grid = (num_tokens, min(-(-max_rank // SHRINK_RANK_ROWS), _MAX_GRID_Y))
+            grid = (num_tokens, min(-(-max_lora_rank // SHRINK_RANK_ROWS), _MAX_GRID_Y))
             self._check_grid(op, grid, sizes)
             args = (*head, slot_ids.data_ptr(), *tail)
             smem = SHRINK_STAGE * threads * 16 if vec == _wide_vec(x.dtype) else 0  # cp.async staging
@@ -296,10 +341,10 @@ class CudaLoraOps:
         segments = (segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments)
         if self._use_mma(x.dtype, vec, num_tokens, num_segments):
             # Tiles of 32 rows x 16 ranks when they alone give about a block per SM, else 16 x 8.
-            big = -(-num_tokens // 32) * -(-max_rank // 16) * 10 >= 9 * self._num_sms
+            big = -(-num_tokens // 32) * -(-max_lora_rank // 16) * 10 >= 9 * self._num_sms
             mt, ng = (2, 2) if big else (1, 1)
-            warps = min(MMA_SHRINK_TILES[(mt, ng)], -(-h_in // 64))  # warps split the 64-element chunks
-            grid = (-(-num_tokens // (16 * mt)), min(-(-max_rank // (8 * ng)), _MAX_GRID_Y))
+            warps = min(MMA_SHRINK_TILES[(mt, ng)], -(-h_in // MMA_K))  # warps split h_in's chunks
+            grid = (-(-num_tokens // (16 * mt)), min(-(-max_lora_rank // (8 * ng)), _MAX_GRID_Y))
             self._check_grid(op, grid, sizes)
             name = kernel_name("sgmv_shrink_mma", x.dtype, mt, ng)
             smem = mma_shrink_smem(mt, ng, warps)
@@ -308,8 +353,8 @@ class CudaLoraOps:
         # Generic kernel: threads of one rank row split h_in, about 4 vectors each; the rest of the block
         # takes more rank rows. Few tokens: one block per rank tile; many: blocks loop over tiles.
         threads_per_row = min(_MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // 4))))
-        rank_rows = min(_MAX_THREADS // threads_per_row, max_rank)
-        num_groups, num_tiles = -(-num_tokens // GENERIC_ROWS), -(-max_rank // rank_rows)
+        rank_rows = min(_MAX_THREADS // threads_per_row, max_lora_rank)
+        num_groups, num_tiles = -(-num_tokens // GENERIC_ROWS), -(-max_lora_rank // rank_rows)
         grid = (num_groups, min(num_tiles, max(1, -(-self._target_blocks // num_groups))))
         self._check_grid(op, grid, sizes)
         args = (*head, 0, *segments, *tail)
@@ -324,18 +369,18 @@ class CudaLoraOps:
         _check(op, "lora_b_stack", lora_b_stack, out.dtype, 3, dev, True)
         _check(op, "y", y, torch.float32, 2, dev, False)
         num_tokens, h_total = out.shape
-        num_slots, max_rank, h_out = lora_b_stack.shape
+        num_slots, max_lora_rank, h_out = lora_b_stack.shape
         out_offset = int(out_offset)
-        if tuple(y.shape) != (num_tokens, max_rank) or not 0 <= out_offset <= h_total - h_out:
+        if tuple(y.shape) != (num_tokens, max_lora_rank) or not 0 <= out_offset <= h_total - h_out:
             raise ValueError(
                 f"{op}: sizes disagree: y {tuple(y.shape)}, lora_b_stack {tuple(lora_b_stack.shape)}, "
-                f"out {tuple(out.shape)}, out_offset {out_offset} (expected y [{num_tokens}, {max_rank}] "
-                f"and columns [{out_offset}, {out_offset + h_out}) within out's {h_total})"
+                f"out {tuple(out.shape)}, out_offset {out_offset} (expected y [{num_tokens}, "
+                f"{max_lora_rank}] and columns [{out_offset}, {out_offset + h_out}) within out's {h_total})"
             )
         num_segments = self._check_indices(
             op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
         )
-        if num_tokens == 0 or max_rank == 0 or h_out == 0 or (slot_ids is None and num_segments == 0):
+        if num_tokens == 0 or max_lora_rank == 0 or h_out == 0 or (slot_ids is None and num_segments == 0):
             return
         vec = _vec(out.dtype, (h_out, out.stride(0), out_offset), (out, lora_b_stack))
         n_vec = h_out // vec
@@ -348,11 +393,11 @@ class CudaLoraOps:
             out_offset,
             num_tokens,
             h_out,
-            max_rank,
+            max_lora_rank,
         )
         sizes = f"num_tokens={num_tokens}, h_out={h_out}"
         # The rank is split over threadIdx.y so that each thread has at most 8 rows of B in flight at once.
-        rank_splits = min(_MAX_THREADS // 32, max(1, -(-max_rank // EXPAND_ROWS_IN_FLIGHT)))
+        rank_splits = min(_MAX_THREADS // 32, max(1, -(-max_lora_rank // EXPAND_ROWS_IN_FLIGHT)))
         if slot_ids is not None:
             threads = 64 if n_vec > 32 and 64 * rank_splits <= _MAX_THREADS else 32
             grid = (num_tokens, -(-n_vec // threads))
@@ -362,14 +407,14 @@ class CudaLoraOps:
             return
         segments = (segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments)
         if self._use_mma(out.dtype, vec, num_tokens, num_segments):
-            grid = (-(-num_tokens // 16), -(-h_out // (64 * MMA_EXPAND_WARPS)))
+            grid = (-(-num_tokens // 16), -(-h_out // (MMA_COLS * MMA_EXPAND_WARPS)))
             self._check_grid(op, grid, sizes)
             name = kernel_name("sgmv_expand_mma", out.dtype)
             self._launch(name, grid, (32, MMA_EXPAND_WARPS), (*head, *segments, *tail))
             return
         # Generic kernel: small blocks spread one row's columns over more SMs.
         threads = 64 if n_vec > 32 else 32
-        rank_splits = min(_MAX_THREADS // threads, max(1, max_rank // 8))
+        rank_splits = min(_MAX_THREADS // threads, max(1, max_lora_rank // 8))
         grid = (-(-num_tokens // GENERIC_ROWS), -(-n_vec // threads))
         self._check_grid(op, grid, sizes)
         args = (*head, 0, *segments, *tail)

@@ -6,15 +6,15 @@ compare every implementation against these functions.
 
 Layouts shared by every implementation (names are the same in Python, CUDA and the proto):
 
-- `lora_a_stack`: [num_slots, max_rank, h_in]   model dtype; slot s holds adapter s's A (rank rows used)
-- `lora_b_stack`: [num_slots, max_rank, h_out]  model dtype; slot s holds adapter s's B^T with the
+- `lora_a_stack`: [num_slots, max_lora_rank, h_in]  model dtype; slot s holds adapter s's A (rank rows used)
+- `lora_b_stack`: [num_slots, max_lora_rank, h_out] model dtype; slot s holds adapter s's B^T with the
   LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA) already folded in
 - `lora_ranks`:   [num_slots] int32; the true rank of each slot. Rank 0 means "no adapter": rows that
   map to such a slot are skipped entirely (no compute, their outputs untouched)
 - `slot_ids`:     [num_tokens] int32 (bgmv); the slot of each row
 - `segment_indptr`: [num_segments + 1] int32 (sgmv); rows segment_indptr[g]:segment_indptr[g+1]
   form segment g (segments may be empty); `segment_slot_ids`: [num_segments] int32
-- the shrink output / expand input `y`: [num_tokens, max_rank] float32, so the x@A intermediate is
+- the shrink output / expand input `y`: [num_tokens, max_lora_rank] float32, so the x@A intermediate is
   never rounded to half precision (peers lost accuracy doing that)
 
 Only the first r = lora_ranks[slot] rows of a slot's A and B are read, so adapters of different ranks
@@ -35,9 +35,9 @@ def bgmv_shrink_ref(
 ) -> None:
     """Semantics: y[i, :r] = x[i] @ lora_a_stack[s, :r].T  where s = slot_ids[i], r = lora_ranks[s].
 
-    x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_rank, h_in].
+    x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_lora_rank, h_in].
     slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32.
-    y: [num_tokens, max_rank] float32, written in place for columns < r only.
+    y: [num_tokens, max_lora_rank] float32, written in place for columns < r only.
     """
     for i in range(x.shape[0]):
         s = int(slot_ids[i])
@@ -57,7 +57,7 @@ def bgmv_expand_ref(
 ) -> None:
     """Semantics: out[i, o:o+h_out] += y[i, :r] @ lora_b_stack[s, :r]  (s = slot_ids[i], r = lora_ranks[s]).
 
-    y: [num_tokens, max_rank] float32. lora_b_stack: [num_slots, max_rank, h_out].
+    y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out].
     out: [num_tokens, h_total] model dtype, updated in place (the sum is formed in float32 and rounded
     once); o = out_offset lets one call write a slice of a fused output (qkv, gate_up).
     """
@@ -84,7 +84,7 @@ def sgmv_shrink_ref(
     y[p:q, :r] = x[p:q] @ lora_a_stack[s, :r].T  with r = lora_ranks[s].
 
     x: [num_tokens, h_in]. segment_indptr: [num_segments + 1] int32 (non-decreasing, starts at 0).
-    segment_slot_ids: [num_segments] int32. y: [num_tokens, max_rank] float32, columns < r written.
+    segment_slot_ids: [num_segments] int32. y: [num_tokens, max_lora_rank] float32, columns < r written.
     """
     for g in range(segment_slot_ids.shape[0]):
         p, q = int(segment_indptr[g]), int(segment_indptr[g + 1])
@@ -107,7 +107,7 @@ def sgmv_expand_ref(
     """Semantics: for each segment g with rows [p, q) and slot s = segment_slot_ids[g]:
     out[p:q, o:o+h_out] += y[p:q, :r] @ lora_b_stack[s, :r]  with r = lora_ranks[s], o = out_offset.
 
-    y: [num_tokens, max_rank] float32. out: [num_tokens, h_total] model dtype, updated in place
+    y: [num_tokens, max_lora_rank] float32. out: [num_tokens, h_total] model dtype, updated in place
     (float32 sum, rounded once).
     """
     h_out = lora_b_stack.shape[2]
@@ -134,7 +134,7 @@ def sgmv_lora_ref(
 ) -> None:
     """Semantics: the shrink then the expand of each segment, through a float32 intermediate:
     out[p:q, o:o+h_out] += (x[p:q] @ lora_a_stack[s, :r].T) @ lora_b_stack[s, :r]  (float32 sum, rounded
-    once). Implementations take a scratch y [num_tokens, max_rank] float32 and leave it unspecified.
+    once). Implementations take a scratch y [num_tokens, max_lora_rank] float32 and leave it unspecified.
     """
     y = torch.zeros(x.shape[0], lora_a_stack.shape[1], dtype=torch.float32)
     sgmv_shrink_ref(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)

@@ -1,13 +1,13 @@
 """The CPU's fused sgmv (shrink then expand) for many short segments: a few batched matmuls per call.
 
 With one matmul per segment (torch_ops.py), a decode batch of 32 rows over 8 adapters costs 16 small
-matmuls per layer stack, each dominated by ~5-10 us of dispatch: about 2,000 calls per step on a
-30-layer model, whatever the flops. Here the segments run as one `bmm` pair (shrink, expand) per run of
+matmuls per layer stack, each dominated by its dispatch: about 2,000 calls per step on a 30-layer
+model, whatever the flops. Here the segments run as one `bmm` pair (shrink, expand) per run of
 consecutive segments in one rank bucket, each segment padded to the longest of its run, so a call costs
-a handful of ops whatever the number of adapters (the runner orders decode rows by adapter rank, so
-there is one run per bucket). When the segments are contiguous and of equal length (no padding), x and
-out are used in place instead of gathered: at large batches the gathers' memory traffic, not the
-weights', is what LoRA costs.
+a handful of ops whatever the number of adapters (`TorchLoraOps.row_order` puts the rows of adapters of
+one LoRA rank next to each other, so there is one run per bucket). When the segments are contiguous
+and of equal length (no padding), x and out are used in place instead of gathered: at large batches
+the gathers' memory traffic, not the weights', is what LoRA costs.
 
 `bmm` needs every segment's A and B at one shape and stride, so the stack rows of the batch's slots are
 copied into [groups, rank, h] tensors, one per rank bucket (ranks rounded up to a power of two or 1.5
@@ -67,8 +67,8 @@ class SegmentPlan:
     num_rows: int
     layouts: dict[Buckets, Layout] = field(default_factory=dict)
     scratch: dict[tuple[str, int, int], torch.Tensor] = field(default_factory=dict)  # (kind, rows, width)
-    # Host-side decisions per stack rank pattern (every layer's stacks of one kind share one): a decode
-    # step makes ~120 LoRA calls, and redoing these in Python cost ~30 us a call (~4 ms a step).
+    # Host-side decisions per stack rank pattern (every layer's stacks of one kind share one), made once:
+    # a decode step makes ~120 LoRA calls, each of which would otherwise redo them in Python.
     memo: dict[tuple, object] = field(default_factory=dict)
 
     def __post_init__(self):
@@ -122,12 +122,12 @@ class SegmentPlan:
         return self.scratch[key]
 
 
-def rank_bucket(rank: int) -> int:
-    """The padded rank a slot of this rank computes at: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
+def lora_rank_bucket(lora_rank: int) -> int:
+    """The padded LoRA rank a slot of this rank computes at: the next of 1, 2, 3, 4, 6, 8, 12, 16, 24, ...
     (powers of two and 1.5 times them). A fused q/k/v stack has slot rank 3r, which these hold exactly
-    for the usual r (a power of two): with powers of two alone its copies were a third larger."""
-    power = 1 << (rank - 1).bit_length()
-    return power * 3 // 4 if power >= 4 and rank <= power * 3 // 4 else power
+    for the usual r (a power of two), where powers of two alone would pad its copies by a third."""
+    power = 1 << (lora_rank - 1).bit_length()
+    return power * 3 // 4 if power >= 4 and lora_rank <= power * 3 // 4 else power
 
 
 @dataclass
@@ -144,7 +144,7 @@ class GroupedLora:
     def __init__(self, cache_bytes: int = 1 << 30):
         self.cache_bytes = cache_bytes
         # The plans of the last few distinct segmentations: a join step alternates two (its prompt rows
-        # and its decode rows) in every layer, and a single remembered plan was rebuilt on every call.
+        # and its decode rows) in every layer.
         self._plans: dict[tuple, SegmentPlan] = {}
         self._cache: dict[int, _Copies] = {}  # id of a lora_a_stack -> its copies
         self._cached_bytes = 0
@@ -185,7 +185,7 @@ class GroupedLora:
             return None
         runs: list[tuple[list[int], int]] = []
         for g in included:
-            bucket = rank_bucket(ranks[plan.slots[g]])
+            bucket = lora_rank_bucket(ranks[plan.slots[g]])
             if runs and runs[-1][1] == bucket:
                 runs[-1][0].append(g)
             else:

@@ -2,14 +2,14 @@
 
 Semantics, layouts and argument names are those of `reference.py` (the spec); only the speed differs.
 Rows are grouped by slot (bgmv) or taken as given segments (sgmv), and each group costs one matmul at
-that slot's true rank `lora_ranks[s]`, so a rank-8 adapter never pays for the stack's `max_rank`.
+that slot's true rank `lora_ranks[s]`, so a rank-8 adapter never pays for the stack's `max_lora_rank`.
 Python loops run over groups (few), never over tokens; index tensors become Python lists once per call.
 
-Why the stacks are float32 on the CPU (`stack_dtype`): a small bf16 matmul (4x576 @ 576x16) costs about
-35 us per call on the CPU where the same fp32 matmul costs about 4 us, because the CPU BLAS has no fast
-half-precision path for such shapes; casting x to fp32 once per call (about 5 us for 32x576) is far
-cheaper than paying the bf16 penalty once per group. The y intermediate is fp32 by spec anyway, and peft
-keeps LoRA weights in fp32 too, so fp32 stacks also match the numbers users get from peft.
+Why the stacks are float32 on the CPU (`stack_dtype`): a small bf16 matmul (4x576 @ 576x16) costs
+several times the same fp32 matmul on the CPU, because the CPU BLAS has no fast half-precision path for
+such shapes; casting x to fp32 once per call is far cheaper than paying the bf16 penalty once per group.
+The y intermediate is fp32 by spec anyway, and peft keeps LoRA weights in fp32 too, so fp32 stacks also
+match the numbers users get from peft.
 """
 
 from __future__ import annotations
@@ -54,8 +54,8 @@ def _groups(bounds: list[int], slots: list[int], ranks: list[int], num_rows: int
     Validates every index first: the group loops build views with as_strided, which does not check
     them against the tensors' sizes.
     """
-    num_slots, max_rank = stack.shape[0], stack.shape[1]
-    if len(ranks) != num_slots or (ranks and not 0 <= min(ranks) <= max(ranks) <= max_rank):
+    num_slots, max_lora_rank = stack.shape[0], stack.shape[1]
+    if len(ranks) != num_slots or (ranks and not 0 <= min(ranks) <= max(ranks) <= max_lora_rank):
         raise ValueError(f"lora_ranks {ranks} do not fit a stack of shape {tuple(stack.shape)}")
     if slots and not 0 <= min(slots) <= max(slots) < num_slots:
         raise ValueError(f"slot ids range over [{min(slots)}, {max(slots)}], outside [0, {num_slots})")
@@ -88,8 +88,8 @@ def _group_slots(slot_ids: torch.Tensor, ranks: list[int], num_rows: int, stack:
     return order, _groups(bounds, run_slots.tolist(), ranks, num_rows, stack)
 
 
-# The group loops below take each operand view with one as_strided call: tensor indexing such as
-# A[s, :r].T costs about 1 us per index on the CPU, more than the small matmul it feeds. Offsets are
+# The group loops below take each operand view with one as_strided call: on the CPU, tensor indexing
+# such as A[s, :r].T costs more per index than the small matmul it feeds. Offsets are
 # absolute storage offsets, so the inputs may themselves be views.
 
 
@@ -139,7 +139,7 @@ def _expand_groups(
 class TorchLoraOps:
     """The four punica ops as grouped torch matmuls over float32 stacks (see the module docstring)."""
 
-    # The runner sorts decode batches by slot so the CPU path gets contiguous segments (sgmv).
+    # row_order groups decode rows by slot, so the CPU path gets contiguous segments (sgmv).
     decode_uses_segments = True
     # One stack per fused layer (qkv, gate_up): per-call overhead, not flops, dominates these matmuls.
     fuse_sub_modules = True
@@ -148,15 +148,21 @@ class TorchLoraOps:
         self.grouped = GroupedLora()
 
     def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """float32 for every model dtype: fp32 matmuls are ~9x faster than bf16 ones on the CPU."""
+        """float32 for every model dtype: small fp32 matmuls are far faster than bf16 ones on the CPU."""
         return torch.float32
+
+    def row_order(self, slots: list[int], slot_lora_ranks: dict[int, int]) -> list[int]:
+        """Sequences grouped by adapter slot (stable), so each adapter's rows form one segment, with the
+        slots in order of LoRA rank, so that adapters of one rank are neighbours: the grouped sgmv
+        (torch_grouped.py) runs each run of neighbouring segments in one rank bucket as one bmm pair."""
+        return sorted(range(len(slots)), key=lambda i: (slot_lora_ranks.get(slots[i], 0), slots[i]))
 
     def bgmv_shrink(self, x, lora_a_stack, slot_ids, lora_ranks, y) -> None:
         """Semantics: y[i, :r] = x[i] @ lora_a_stack[s, :r].T  where s = slot_ids[i], r = lora_ranks[s].
 
-        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_rank, h_in] float32.
+        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_lora_rank, h_in] float32.
         slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32 (0 = row skipped).
-        y: [num_tokens, max_rank] float32, changed in place in columns < r only.
+        y: [num_tokens, max_lora_rank] float32, changed in place in columns < r only.
         """
         _check(x, lora_a_stack, y, 2, "bgmv_shrink")
         if x.shape[0] == 0:
@@ -169,7 +175,7 @@ class TorchLoraOps:
             _shrink_groups(x.float(), lora_a_stack, groups, y)
             return
         xs = x.index_select(0, order).float()  # [num_tokens, h_in] rows sorted by slot
-        ys = y.index_select(0, order)  # [num_tokens, max_rank], keeps untouched columns as they were
+        ys = y.index_select(0, order)  # [num_tokens, max_lora_rank], keeps untouched columns as they were
         _shrink_groups(xs, lora_a_stack, groups, ys)
         y.index_copy_(0, order, ys)
 
@@ -177,7 +183,7 @@ class TorchLoraOps:
         """Semantics: out[i, o:o+h_out] += y[i, :r] @ lora_b_stack[s, :r]  with s = slot_ids[i],
         r = lora_ranks[s], o = out_offset.
 
-        y: [num_tokens, max_rank] float32. lora_b_stack: [num_slots, max_rank, h_out] float32.
+        y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out] float32.
         slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32 (0 = row untouched).
         out: [num_tokens, h_total] model dtype, changed in place in columns [o, o + h_out) of rows with
         an adapter (the sum is formed in float32 and rounded once).
@@ -192,7 +198,7 @@ class TorchLoraOps:
             return
         h_out = lora_b_stack.shape[2]
         dst = out.narrow(1, out_offset, h_out)  # [num_tokens, h_out] view
-        ys = y.index_select(0, order)  # [num_tokens, max_rank] rows sorted by slot
+        ys = y.index_select(0, order)  # [num_tokens, max_lora_rank] rows sorted by slot
         acc = dst.index_select(0, order).float()  # [num_tokens, h_out] fp32 accumulator
         _expand_groups(ys, lora_b_stack, groups, acc, 0)
         dst.index_copy_(0, order, acc.to(out.dtype))
@@ -201,10 +207,10 @@ class TorchLoraOps:
         """Semantics: y[p:q, :r] = x[p:q] @ lora_a_stack[s, :r].T  for each segment g with rows
         [p, q) = segment_indptr[g:g+2], s = segment_slot_ids[g], r = lora_ranks[s].
 
-        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_rank, h_in] float32.
+        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_lora_rank, h_in] float32.
         segment_indptr: [num_segments + 1] int32 (non-decreasing, from 0; segments may be empty).
         segment_slot_ids: [num_segments] int32. lora_ranks: [num_slots] int32.
-        y: [num_tokens, max_rank] float32, changed in place in columns < r of each segment's rows.
+        y: [num_tokens, max_lora_rank] float32, changed in place in columns < r of each segment's rows.
         """
         _check(x, lora_a_stack, y, 2, "sgmv_shrink")
         bounds, slots, ranks = segment_indptr.tolist(), segment_slot_ids.tolist(), lora_ranks.tolist()
@@ -219,7 +225,7 @@ class TorchLoraOps:
         """Semantics: out[p:q, o:o+h_out] += y[p:q, :r] @ lora_b_stack[s, :r]  for each segment g with
         rows [p, q), s = segment_slot_ids[g], r = lora_ranks[s], o = out_offset.
 
-        y: [num_tokens, max_rank] float32. lora_b_stack: [num_slots, max_rank, h_out] float32.
+        y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out] float32.
         segment_indptr: [num_segments + 1] int32. segment_slot_ids: [num_segments] int32.
         out: [num_tokens, h_total] model dtype, changed in place (float32 sum, rounded once).
         """
@@ -242,7 +248,7 @@ class TorchLoraOps:
         out_offset: int = 0,
     ) -> None:
         """Semantics: sgmv_shrink(x, lora_a_stack, ..., y) then sgmv_expand(y, lora_b_stack, ..., out,
-        out_offset); y is scratch [num_tokens, max_rank] float32 whose contents are left unspecified.
+        out_offset); y is scratch [num_tokens, max_lora_rank] float32 whose contents are left unspecified.
 
         Many short segments (decode) run as two batched matmuls over padded segments (torch_grouped.py);
         few or long ones (prefill) as one matmul per segment.

@@ -3,11 +3,10 @@
 On the CPU, `F.linear` in bfloat16 hands oneDNN a plain [out, in] weight, which oneDNN reorders into its
 blocked layout on every call: the reorder reads and writes the whole weight again, and a decode step is
 memory-bound on exactly those bytes. Reordering once after loading (the same prepacking torch.compile's
-freezing pass does) and calling the packed matmul skips that. Measured on the 2-core development CPU
-(avx512_bf16, no AMX), the four SmolLM2 layer shapes: 1.4-1.7x faster at 1-4 rows, 1.3x at 16,
-1.1x at 32-64, never slower; the output is bitwise that of `F.linear` (same kernel, same blocking of the
-sum; tests/worker/test_linear_weight.py checks it). float32 keeps `F.linear` (its MKL GEMM does not
-reorder per call, and packing measured no faster), as do float16 (not measured) and every non-CPU device.
+freezing pass does) and calling the packed matmul skips that, most at the few rows of a decode step; the
+output is bitwise that of `F.linear` (same kernel, same blocking of the sum;
+tests/worker/test_linear_weight.py checks it). float32 keeps `F.linear` (its MKL GEMM does not reorder
+per call, so packing gains nothing), as do float16 and every non-CPU device.
 
 The plain weight is dropped after packing, so a packed model takes no more memory than a plain one.
 """
@@ -43,7 +42,7 @@ class LinearWeight:
     def __call__(self, x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """x: [..., in_features] -> [..., out_features]."""
         if self.packed:
-            # The overload itself, not the packet: the packet resolves the overload on every call
-            # (~5 us of a ~20 us call at one row, measured).
+            # The overload itself, not the packet: the packet resolves the overload on every call, a
+            # large share of a one-row matmul.
             return torch.ops.mkldnn._linear_pointwise.default(x, self.weight, bias, "none", [], "")
         return F.linear(x, self.weight, bias)

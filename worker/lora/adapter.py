@@ -71,7 +71,7 @@ class LoraAdapter:
 
     name: str
     source: str
-    rank: int  # max r over its modules
+    lora_rank: int  # max r over its modules
     alpha: float  # config lora_alpha
     use_rslora: bool
     target_modules: tuple[str, ...]  # subset of TARGET_MODULES, in that order
@@ -125,7 +125,7 @@ def load_peft_adapter(
     return LoraAdapter(
         name=name,
         source=str(path),
-        rank=max(w.a.shape[0] for w in weights.values()),
+        lora_rank=max(w.a.shape[0] for w in weights.values()),
         alpha=cfg.alpha,
         use_rslora=cfg.use_rslora,
         target_modules=tuple(m for m in TARGET_MODULES if m in touched),

@@ -52,7 +52,7 @@ class LoraBatch:
         x: [num_tokens, h_in_local]; out: [num_tokens, h_out_local_total], updated in place.
         """
         for st in stacks:
-            if not any(st.ranks[s] for s in self.active_slots):
+            if not any(st.host_lora_ranks[s] for s in self.active_slots):
                 continue
             rows = st.lora_a_stack.shape[1]
             if rows not in self.scratch:  # one per stack height, reused by every layer of the step

@@ -30,7 +30,7 @@ class LoraLayout:
     """How big the stacks are: slot 0 (no adapter) plus one slot per resident adapter."""
 
     num_slots: int
-    max_rank: int  # per sub-module
+    max_lora_rank: int  # per sub-module
     dtype: torch.dtype  # the stack dtype the LoRA ops want (LoraOps.stack_dtype)
     device: torch.device
     fuse_sub_modules: bool = False  # one stack per fused layer instead of one per sub-module
@@ -51,14 +51,14 @@ class LoraPart:
 class LoraStack:
     parts: list[LoraPart]
     out_offset: int  # first column of the stack's B in the layer's (local) output
-    lora_a_stack: torch.Tensor  # [num_slots, max_rank * len(parts), h_in_local]
-    lora_b_stack: torch.Tensor  # [num_slots, max_rank * len(parts), sum of part widths]
+    lora_a_stack: torch.Tensor  # [num_slots, max_lora_rank * len(parts), h_in_local]
+    lora_b_stack: torch.Tensor  # [num_slots, max_lora_rank * len(parts), sum of part widths]
     lora_ranks: torch.Tensor  # [num_slots] int32, on the model's device
-    ranks: list[int]  # host copy of lora_ranks, to skip work without a device sync
+    host_lora_ranks: list[int]  # host copy of lora_ranks, to skip work without a device sync
 
     @classmethod
     def empty(cls, parts: list[LoraPart], out_offset: int, h_in_local: int, layout: LoraLayout) -> LoraStack:
-        num_slots, rows = layout.num_slots, layout.max_rank * len(parts)
+        num_slots, rows = layout.num_slots, layout.max_lora_rank * len(parts)
         width = sum(p.width for p in parts)
         kw = dict(dtype=layout.dtype, device=layout.device)
         return cls(
@@ -67,7 +67,7 @@ class LoraStack:
             lora_a_stack=torch.zeros(num_slots, rows, h_in_local, **kw),
             lora_b_stack=torch.zeros(num_slots, rows, width, **kw),
             lora_ranks=torch.zeros(num_slots, dtype=torch.int32, device=layout.device),
-            ranks=[0] * num_slots,
+            host_lora_ranks=[0] * num_slots,
         )
 
     @property
@@ -79,14 +79,14 @@ class LoraStack:
         (full, unsharded) and `scale`; modules the adapter does not touch are absent."""
         self.clear_slot(slot)
         row = 0
-        max_rank = self.lora_a_stack.shape[1] // len(self.parts)
+        max_lora_rank = self.lora_a_stack.shape[1] // len(self.parts)
         for part in self.parts:
             w = weights.get(part.module)
             if w is None:
                 continue
             a, b, r = w.a, w.b, w.a.shape[0]
-            if r > max_rank:
-                raise ValueError(f"{part.module}: rank {r} exceeds the maximum LoRA rank {max_rank}")
+            if r > max_lora_rank:
+                raise ValueError(f"{part.module}: LoRA rank {r} exceeds the maximum {max_lora_rank}")
             if part.in_shard is not None:
                 a = a[:, part.in_shard[0] : part.in_shard[0] + part.in_shard[1]]
             if part.out_shard is not None:
@@ -98,13 +98,13 @@ class LoraStack:
             )
             row += r
         self.lora_ranks[slot] = row
-        self.ranks[slot] = row
+        self.host_lora_ranks[slot] = row
 
     def clear_slot(self, slot: int) -> None:
         self.lora_a_stack[slot].zero_()
         self.lora_b_stack[slot].zero_()
         self.lora_ranks[slot] = 0
-        self.ranks[slot] = 0
+        self.host_lora_ranks[slot] = 0
 
 
 def build_stacks(parts: list[LoraPart], h_in_local: int, layout: LoraLayout | None) -> list[LoraStack]:
