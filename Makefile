@@ -53,7 +53,7 @@ demo-adapters: install
 
 # Issue 6's benchmark suite (tests/bench/suite.py): our server base-only, with 8 and up to 1000 adapters,
 # and transformers+peft on the same requests; prints P1-P6 and writes bench-results/bench.{json,png}.
-# Run it on a quiet machine. bench-quick (< 3 min) only checks the harness; its figures mean nothing.
+# Run it on a quiet machine. bench-quick only checks the harness (on a tiny random model); its figures mean nothing.
 bench: install
 	$(PY) -m tests.bench.suite $(BENCH_ARGS)
 

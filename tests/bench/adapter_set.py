@@ -7,11 +7,13 @@ Two kinds:
 
 For each (rank, targets) peft writes one template adapter (tests/adapter_factory.py); adapter i is that
 template's files with its A and B redrawn from seed (seed, i). So every file is what peft writes, and a
-thousand adapters take seconds, not a model load each.
+thousand adapters take seconds, not a model load each. The cache is keyed by the model's config (the
+shapes the adapters fit), so adapters for one model are never served to another.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 from pathlib import Path
@@ -45,13 +47,18 @@ def max_rank(kind: str, n: int) -> int:
 
 def make_adapters(model_dir: Path, kind: str, n: int, seed: int = 0, cache_dir: Path | None = None):
     """{name: dir} of n adapters of `kind` (names `<kind>0000`...), made once into the cache."""
-    root = (cache_dir or default_cache_dir()) / f"{kind}-s{seed}"
+    root = (cache_dir or default_cache_dir()) / f"{kind}-s{seed}-{model_key(model_dir)}"
     out = {}
     for i in range(n):
         rank, targets = adapter_spec(kind, i)
         template = _template(model_dir, root / f"_template-r{rank}-{len(targets)}", rank, targets)
         out[f"{kind}{i:04d}"] = _clone(template, root / f"{i:04d}", seed=seed * 100_003 + i)
     return out
+
+
+def model_key(model_dir: Path) -> str:
+    """A short digest of the model's config.json: models of one shape share their adapters."""
+    return hashlib.sha256((model_dir / "config.json").read_bytes()).hexdigest()[:12]
 
 
 def _template(model_dir: Path, out: Path, rank: int, targets: tuple[str, ...]) -> Path:

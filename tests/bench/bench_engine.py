@@ -3,7 +3,7 @@
 Prints decode tokens/s at batch 1, 8 and 32 on SmolLM2-135M (bfloat16 by default) and the ratios
 against base-only, all measured in one run, in interleaved rounds (see decode_tps):
 
-    .venv/bin/python -m tests.bench.bench_engine [--steps 32] [--dtype bfloat16]
+    .venv/bin/python -m tests.bench.bench_engine [--steps 32] [--dtype auto]
 """
 
 from __future__ import annotations
@@ -15,10 +15,11 @@ from pathlib import Path
 
 import torch
 
+from launch.dtype import auto_dtype
+from launch.model_source import DEFAULT_CACHE_DIR, prepare_default_model
 from tests.adapter_factory import save_random_adapter
 from worker.config import WorkerConfig
 from worker.lora.adapter import load_peft_adapter
-from worker.model_source import DEFAULT_CACHE_DIR, prepare_default_model
 from worker.runner import ModelRunner, PrefillRequest
 
 RANKS = [8, 16, 32, 8, 16, 32, 8, 16]
@@ -39,7 +40,8 @@ def build(model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int
     runner = ModelRunner(config)
     for slot, path in enumerate(adapter_dirs, start=1):
         layers = runner.hf_config.num_hidden_layers
-        runner.load_adapter(slot, load_peft_adapter(f"a{slot}", path, layers, runner.module_shapes()))
+        adapter = load_peft_adapter(f"a{slot}", path, layers, runner.module_shapes())
+        runner.load_adapter(slot, adapter, generation=slot)  # one load per slot: its number will do
     return runner
 
 
@@ -52,6 +54,7 @@ def _prefill(runner: ModelRunner, slots: list[int], first_id: int, first_block: 
             torch.randint(3, runner.hf_config.vocab_size, (PROMPT_LEN,), generator=gen).tolist(),
             list(range(first_block + i * blocks_per_seq, first_block + (i + 1) * blocks_per_seq)),
             lora_slot=s,
+            adapter_generation=s,
         )
         for i, s in enumerate(slots)
     ]
@@ -93,10 +96,11 @@ def blocks_per_sequence(steps: int, warmup: int = 3) -> int:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="auto", help="auto: what the server's DTYPE=auto picks here")
     parser.add_argument("--batches", default="1,8,32")
     args = parser.parse_args()
     batches = [int(b) for b in args.batches.split(",")]
+    dtype = auto_dtype("cpu").dtype if args.dtype == "auto" else args.dtype
     model_dir = prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = [
@@ -105,11 +109,8 @@ def main() -> None:
         ]
         # Three batches (base, one adapter, mixed) of the largest size are resident at once.
         num_blocks = 3 * max(batches) * blocks_per_sequence(args.steps)
-        runner = build(model_dir, args.dtype, adapter_dirs, num_blocks)
-    print(
-        f"SmolLM2-135M {args.dtype}, {torch.get_num_threads()} threads, "
-        f"prompt {PROMPT_LEN}, {args.steps} steps"
-    )
+        runner = build(model_dir, dtype, adapter_dirs, num_blocks)
+    print(f"SmolLM2-135M {dtype}, {torch.get_num_threads()} threads, prompt {PROMPT_LEN}, {args.steps} steps")
     print(
         f"{'batch':>5} {'base tok/s':>11} {'1 adapter':>10} {'8 mixed':>9} {'1/base':>7} {'mixed/base':>10}"
     )

@@ -1,5 +1,6 @@
-"""The machine's ceilings (memory copy bandwidth, bf16 GEMM FLOP/s), the model sizes for P3, P4, P6, and
-how fast the model's own linear layers run here (the floor under any step: ratios.py's machine bounds)."""
+"""The machine's ceilings (memory copy bandwidth, GEMM FLOP/s in the served dtype), the model sizes for P3,
+P4, P6, and how fast the model's own linear layers run here (the floor under any step: ratios.py's machine
+bounds)."""
 
 from __future__ import annotations
 
@@ -33,11 +34,11 @@ def copy_bandwidth(size_bytes: int = 512 * 2**20, repeats: int = 5) -> float:
     return 2 * size_bytes / _best_time(lambda: dst.copy_(src), repeats)
 
 
-def gemm_flops(n: int = 2048, repeats: int = 5) -> float:
-    """FLOP/s of one bf16 n x n @ n x n matmul (2 n^3 FLOPs) on the serving device (CPU: torch's
+def gemm_flops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.bfloat16) -> float:
+    """FLOP/s of one n x n @ n x n matmul (2 n^3 FLOPs) in `dtype` on the serving device (CPU: torch's
     default threads)."""
-    a = torch.randn(n, n, device=serving_device()).to(torch.bfloat16)
-    b = torch.randn(n, n, device=serving_device()).to(torch.bfloat16)
+    a = torch.randn(n, n, device=serving_device()).to(dtype)
+    b = torch.randn(n, n, device=serving_device()).to(dtype)
     return 2 * n**3 / _best_time(lambda: torch.matmul(a, b), repeats)
 
 

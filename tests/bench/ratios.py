@@ -53,8 +53,9 @@ def _bracketed(f: dict, name: str) -> tuple[float | None, str]:
 def compute(f: dict) -> dict[str, Ratio]:
     """f: the suite's figures (see suite.py for where each comes from)."""
     mixed, p3_n = f["mixed8_saturated"], f["many_registered"]
-    # P1's and P3's references are runs of other servers, made before (and, in a full suite, again after)
-    # the runs they are compared with: the mean of the two cancels drift that is steady over the suite.
+    # P1's and P3's references are runs of other servers, made before and again after the runs they are
+    # compared with (where `_after` is missing, once): the mean of the two cancels drift that is steady
+    # over the suite.
     base_tps, base_text = _bracketed(f, "base_saturated")
     small_tps, small_text = _bracketed(f, "small8_zipf")
     machine, model = f["machine"], f["model"]

@@ -3,19 +3,26 @@
     .venv/bin/python -m tests.bench.suite [--quick] [--out bench-results]     # make bench / bench-quick
 
 One run measures, on this machine and the same seeded requests:
-1. the machine: memory copy bandwidth and bf16 GEMM FLOP/s, and one pass of the model's own linear layers
-   at 1 row, at the saturated batch and at a prefill's rows (machine.py): the floor under any step;
-2. our server base-only: a lone request at a time, then saturated (the largest concurrency), and saturated
+1. our server base-only: a lone request at a time, then saturated (the largest concurrency), and saturated
    once more after step 3, so that P1's reference brackets the adapter runs;
+2. the machine, with no server running: memory copy bandwidth, GEMM FLOP/s in the dtype the server chose
+   (its /info `model_dtype`), and one pass of the model's own linear layers at 1 row, at the saturated
+   batch and at a prefill's rows (machine.py): the floor under any step;
 3. our server with 8 `mixed` adapters (r 8/16/32, all projections), uniform popularity: a concurrency
    sweep (a lone request first, the saturated run last), then Poisson arrivals at half the saturating
    request rate (the most requests/s any concurrency of the sweep sustained);
 4. our server with `small` adapters (r8 on q, v) registered in growing numbers up to 1000 (or what fits
    in memory), zipf popularity, saturated, then 8 registered once more (P3's reference brackets them);
-5. transformers+peft with the same 8 adapters on the saturated run's requests (hf_baseline.py).
+5. transformers+peft with the same 8 adapters on the saturated run's requests, in the server's dtype
+   (hf_baseline.py).
 Then it prints every run side by side and the ratios P1-P6 against their targets (ratios.py), and
 writes bench.json and bench.png to the output dir. Each server is a fresh `launcher.py` (harness.Server);
 peak RSS is its whole process tree's, startup included.
+
+--quick checks the harness: every stage above runs and the JSON, PNG and ratios come out, on a tiny
+random-weight Llama with SmolLM2's tokenizer (tiny_chat_model) unless --model-dir names another, with a
+few short requests and small machine probes. Its work is then the harness's own (server startups,
+requests, the files), whatever this CPU's speed at the real model's dtype; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -31,11 +39,13 @@ import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
+import torch
+
 from tests.bench import adapter_set, hf_baseline, loadgen, machine, plot, ratios
 from tests.bench.figures import summarize
 from tests.bench.rss_monitor import RssMonitor
 from tests.bench.workload import Request, build_requests, poisson_offsets, render_chat, with_adapters
-from tests.e2e.harness import ROOT, Server
+from tests.e2e.harness import ROOT, Server, get
 
 P3_TARGET = 1000
 MEMORY_RESERVE = 4 * 2**30  # of MemAvailable, left for the model, KV cache, router, clients and slack
@@ -52,6 +62,10 @@ class Plan:
     hf_batch_size: int
     hf_requests: int | None = None  # the first this many of the saturated run's requests; None: all
     seed: int = 0
+    # The machine probes: MiB copied (full: far past the caches), the GEMM's n, best of how many runs.
+    copy_mib: int = 512
+    gemm_n: int = 2048
+    probe_repeats: int = 5
 
 
 FULL = Plan(
@@ -72,14 +86,19 @@ QUICK = Plan(
     scaling=(8, 16),
     hf_batch_size=4,
     hf_requests=4,
+    copy_mib=64,
+    gemm_n=256,
+    probe_repeats=1,
 )
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny run (< 3 min): checks the harness")
+    parser.add_argument("--quick", action="store_true", help="a tiny run on a tiny model: checks the harness")
     parser.add_argument("--out", type=Path, default=None, help="results dir (default bench-results[/quick])")
-    parser.add_argument("--model-dir", type=Path, default=None, help="default: the converted SmolLM2")
+    parser.add_argument(
+        "--model-dir", type=Path, default=None, help="default: the converted SmolLM2 (--quick: a tiny model)"
+    )
     parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for every launcher")
     parser.add_argument("--requests", type=int, help="requests per saturated run (full: 128)")
     parser.add_argument("--concurrencies", type=_ints, help="the 8-adapter sweep, e.g. 1,4,16,32,64")
@@ -93,9 +112,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--concurrencies must start at 1 (the lone request) and --scaling at 8 (P3's base)")
     out_dir = args.out or ROOT / ("bench-results/quick" if args.quick else "bench-results")
     env = dict(kv.split("=", 1) for kv in args.env)
-    if args.model_dir:
-        env["MODEL_ID"] = str(args.model_dir)
-    results = run_suite(plan, _model_dir(args.model_dir), env, quick=args.quick)
+    with tempfile.TemporaryDirectory(prefix="bench-model-") as tmp:
+        model_dir = args.model_dir
+        if model_dir is None and args.quick:
+            model_dir = tiny_chat_model(_model_dir(None), Path(tmp))
+        if model_dir:
+            env["MODEL_ID"] = str(model_dir)
+        results = run_suite(plan, _model_dir(model_dir), env, quick=args.quick)
     results["command"] = shlex.join(["python", "-m", "tests.bench.suite", *(argv or sys.argv[1:])])
     results["git"] = _git_state()
     results["date_utc"] = time.strftime("%Y-%m-%d %H:%M", time.gmtime())
@@ -122,30 +145,35 @@ def _git_state() -> dict:
 def _model_dir(given: Path | None) -> Path:
     if given:
         return given
-    from worker.model_source import DEFAULT_CACHE_DIR, prepare_default_model
+    from launch.model_source import DEFAULT_CACHE_DIR, prepare_default_model
 
     return prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
+
+
+def tiny_chat_model(tokenizer_dir: Path, out: Path) -> Path:
+    """The e2e tests' tiny random Llama (3 layers, hidden 64) with the tokenizer and chat template of the
+    model in `tokenizer_dir` (SmolLM2: its ids 0/1/2, unk, bos and eos, match the tiny config's)."""
+    from tests.adapter_factory import save_random_model, tiny_llama_config
+    from tests.e2e.conftest import TOKENIZER_FILES
+
+    config = tiny_llama_config(vocab_size=49152, max_position_embeddings=2048)
+    save_random_model(config, out, seed=0)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
+    return out
 
 
 def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> dict:
     start = time.perf_counter()
     info = machine.describe()
-    info["copy_bytes_per_s"] = machine.copy_bandwidth()
-    info["gemm_flops_per_s"] = machine.gemm_flops()
     model = machine.model_size(model_dir)
     sat = plan.concurrencies[-1]
-    # The floor under any step: the model's linear layers alone, at 1 row (P4), at the saturated batch
-    # and at a prefill's rows (the P2 and P6 bounds).
-    info["linear_pass_s"] = {
-        str(rows): machine.linear_pass_s(model_dir, rows) for rows in sorted({1, sat, ratios.PROMPT_ROWS})
-    }
-    setup_start = time.perf_counter()
     texts = render_chat(model_dir, _prompts())
     prompt_tokens = count_tokens(model_dir, texts)
     base = build_requests(texts, plan.requests, plan.lengths, plan.seed)
     mixed = adapter_set.make_adapters(model_dir, "mixed", 8, plan.seed)
     mixed_reqs = with_adapters(base, list(mixed), "uniform", plan.seed + 2)
-    setup_s = {"machine": setup_start - start, "adapters_and_prompts": time.perf_counter() - setup_start}
+    setup_s = {"adapters_and_prompts": time.perf_counter() - start}
     runs: dict[str, dict] = {}
     servers: dict[str, dict] = {}
     sweep: list[dict] = []
@@ -155,6 +183,11 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
         with _served("base", {}, work, env, servers) as url:
             runs["base_lone"] = _closed(url, base[: plan.lone_requests], 1, prompt_tokens)
             runs["base_saturated"] = _closed(url, base, sat, prompt_tokens)
+        # What the server computes in (DTYPE=auto resolves per machine), for the probes and the baseline.
+        dtype = servers["base"]["model_dtype"]
+        probe_start = time.perf_counter()
+        info.update(_probe_machine(plan, model_dir, dtype))
+        setup_s["machine"] = time.perf_counter() - probe_start
         with _served("mixed8", mixed, work, env, servers) as url:
             for c in plan.concurrencies:
                 n = max(plan.lone_requests, min(plan.requests, 4 * c))
@@ -171,7 +204,7 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
         # percent within minutes; see ratios.py).
         with _served("base_again", {}, work, env, servers) as url:
             runs["base_saturated_after"] = _closed(url, base, sat, prompt_tokens)
-        scaling, why = _scaling(plan, model_dir)
+        scaling, why = _scaling(plan, model_dir, dtype)
         small = adapter_set.make_adapters(model_dir, "small", scaling[-1], plan.seed)
         points = []
         # 8 registered again at the end, so that P3's reference brackets the larger counts.
@@ -185,7 +218,10 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
         runs["small8_zipf"], runs["small8_zipf_after"] = points[0], points.pop()
         runs["many_registered"] = {**points[-1], "why": why}
         hf_reqs = mixed_reqs[: plan.hf_requests or len(mixed_reqs)]
-        runs["hf_peft"] = hf_baseline.run_baseline(model_dir, mixed, hf_reqs, plan.hf_batch_size, work)
+        runs["hf_peft"] = hf_baseline.run_baseline(model_dir, mixed, hf_reqs, plan.hf_batch_size, work, dtype)
+    dtypes = {name: s["model_dtype"] for name, s in servers.items()}
+    if set(dtypes.values()) != {dtype}:
+        raise RuntimeError(f"the servers ran in different dtypes: {dtypes}")
 
     for name, server in [
         ("base_lone", "base"),
@@ -200,6 +236,7 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
     return {
         "title": _title(info, quick),
         "mode": "quick" if quick else "full",
+        "model_dtype": dtype,
         "plan": asdict(plan),
         "machine": info,
         "model": {**model, "dir": str(model_dir)},
@@ -210,6 +247,21 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
         "ratios": {k: r.as_dict() for k, r in ratios.compute(figures).items()},
         "setup_s": setup_s,
         "suite_wall_s": time.perf_counter() - start,
+    }
+
+
+def _probe_machine(plan: Plan, model_dir: Path, dtype: str) -> dict:
+    """The machine's ceilings, and the floor under any step: the model's linear layers alone, at 1 row
+    (P4), at the saturated batch and at a prefill's rows (the P2 and P6 bounds), all in `dtype`."""
+    torch_dtype = getattr(torch, dtype)
+    rows = sorted({1, plan.concurrencies[-1], ratios.PROMPT_ROWS})
+    return {
+        "dtype": dtype,
+        "copy_bytes_per_s": machine.copy_bandwidth(plan.copy_mib * 2**20, plan.probe_repeats),
+        "gemm_flops_per_s": machine.gemm_flops(plan.gemm_n, plan.probe_repeats, torch_dtype),
+        "linear_pass_s": {
+            str(n): machine.linear_pass_s(model_dir, n, plan.probe_repeats, torch_dtype) for n in rows
+        },
     }
 
 
@@ -233,10 +285,10 @@ def count_tokens(model_dir: Path, texts: list[str]) -> dict[str, int]:
     return {t: len(tok(t).input_ids) for t in texts}
 
 
-def _scaling(plan: Plan, model_dir: Path) -> tuple[list[int], str]:
+def _scaling(plan: Plan, model_dir: Path, dtype: str) -> tuple[list[int], str]:
     """The registered counts that fit in memory now, and why the last one is what it is."""
     rank = adapter_set.max_rank("small", 1)
-    per_slot = machine.lora_slot_bytes(model_dir, rank, machine.serving_device())
+    per_slot = machine.lora_slot_bytes(model_dir, rank, machine.serving_device(), getattr(torch, dtype))
     budget = machine.available_memory() - MEMORY_RESERVE
     fit = max(8, int(budget // per_slot))
     want = plan.scaling[-1]
@@ -262,6 +314,7 @@ def _served(name: str, adapters: dict[str, Path], work: Path, env: dict[str, str
         try:
             server.wait_ready(timeout=1800)
             entry["startup_s"] = time.perf_counter() - t0
+            entry["model_dtype"] = json.loads(get(server.url + "/info")[1])["model_dtype"]
             first = next(iter(adapters), None)
             loadgen.run_concurrency(server.url, [Request(0, "Hello", 2, first)], 1)
             yield server.url
@@ -283,10 +336,11 @@ def report(results: dict) -> str:
     lines = [
         results["title"],
         f"copy bandwidth {m['copy_bytes_per_s'] / 1e9:.1f} GB/s (read+write), "
-        f"bf16 GEMM {m['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, "
+        f"{m['dtype']} GEMM {m['gemm_flops_per_s'] / 1e9:.0f} GFLOP/s, "
         f"model {results['model']['parameters'] / 1e6:.1f}M parameters, "
-        f"{results['model']['weight_bytes'] / 2**20:.0f} MiB; load average {m['load_average_1min']:.1f} "
-        f"at the start (other work on the machine makes every figure noisy)",
+        f"{results['model']['weight_bytes'] / 2**20:.0f} MiB, served in {results['model_dtype']}; "
+        f"load average {m['load_average_1min']:.1f} at the start (other work on the machine makes every "
+        "figure noisy)",
         "the model's linear layers alone, one pass: "
         + ", ".join(f"{t * 1e3:.1f} ms at {rows} row(s)" for rows, t in m.get("linear_pass_s", {}).items()),
         "",
@@ -307,7 +361,8 @@ def report(results: dict) -> str:
     lines += [
         "",
         "servers: " + ", ".join(_server_line(k, v) for k, v in results["servers"].items()),
-        f"transformers+peft: {results['runs']['hf_peft']['total_s']:.0f} s; "
+        f"transformers+peft ({results['runs']['hf_peft']['dtype']}): "
+        f"{results['runs']['hf_peft']['total_s']:.0f} s; "
         f"suite: {results['suite_wall_s']:.0f} s",
         "",
         ratios.table(results["ratios"]),

@@ -7,7 +7,7 @@ import statistics
 
 import pytest
 
-from tests.bench import machine, ratios
+from tests.bench import adapter_set, hf_baseline, machine, ratios
 from tests.bench.figures import percentile, summarize
 from tests.bench.loadgen import Record, Run
 from tests.bench.workload import (
@@ -149,3 +149,18 @@ def test_ratio_without_a_figure_is_none_not_a_crash():
     r = ratios.compute(_figures(mixed8_lone={"ttft_p50_s": None}))
     assert r["P5"].value is None and r["P5"].met is None
     assert r["P5"].as_dict()["target"] == "<= 2"
+
+
+def test_baseline_takes_only_a_concrete_dtype(tmp_path):
+    """The baseline runs in the dtype the server reports; `auto` there would be a resolution missed."""
+    with pytest.raises(ValueError, match="'auto' is not one of float32, bfloat16, float16"):
+        hf_baseline.run_baseline(tmp_path, {}, [], 1, tmp_path, "auto")
+
+
+def test_adapter_cache_is_per_model_shape(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    for d, hidden in ((a, 64), (b, 576)):
+        d.mkdir()
+        (d / "config.json").write_text(json.dumps({"hidden_size": hidden}))
+    assert adapter_set.model_key(a) != adapter_set.model_key(b)
+    assert adapter_set.model_key(a) == adapter_set.model_key(a)
