@@ -2,8 +2,8 @@
 
 The caller (the gRPC servicer, or a test) owns scheduling: it decides which sequences run, and which
 KV blocks and adapter slot each one uses. The runner keeps only per-sequence execution state (tokens in
-the cache, the last token, the sampling state), so a decode step carries just request ids. All ranks
-receive the same calls and stay in lockstep.
+the cache, the last token, the sampling state, the adapter generation it was prefilled with), so a
+decode step carries just request ids. All ranks receive the same calls and stay in lockstep.
 """
 
 from __future__ import annotations
@@ -15,11 +15,13 @@ import torch
 from transformers import AutoConfig
 
 from worker.config import WorkerConfig
+from worker.errors import RequestError
 from worker.forward_batch import ForwardBatch
 from worker.kernels import select_lora_ops
 from worker.kv_cache import KVCache
 from worker.lora.adapter import LoraAdapter, ModuleShape
 from worker.lora.batch import LoraBatch, SplitLoraBatch
+from worker.lora.slots import AdapterSlots, PreparedAdapter, ResidentAdapter, prepare_adapter
 from worker.lora.stacks import LoraLayout
 from worker.models.llama import LlamaForCausalLM, head_dim_of
 from worker.parallel import ParallelContext
@@ -27,10 +29,6 @@ from worker.sampler import Sampler, SamplingParams, SequenceSamplingState, promp
 from worker.weights import CheckpointWeights
 
 log = logging.getLogger(__name__)
-
-
-class RequestError(ValueError):
-    """A request the runner cannot execute (unknown id, too few blocks, bad slot); names the request."""
 
 
 @dataclass
@@ -41,6 +39,7 @@ class PrefillRequest:
     params: SamplingParams = field(default_factory=SamplingParams)
     lora_slot: int = 0
     prompt_logprobs: bool = False
+    adapter_generation: int = 0  # the load generation expected in lora_slot (0 with slot 0)
 
 
 @dataclass
@@ -57,6 +56,7 @@ class TokenOutput:
 class _Sequence:
     block_table: list[int]
     lora_slot: int
+    adapter_generation: int  # of lora_slot at its prefill; checked again on every step
     params: SamplingParams
     sampling: SequenceSamplingState
     num_cached: int  # tokens whose K/V are in the cache
@@ -104,7 +104,7 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.sequences: dict[int, _Sequence] = {}
-        self.adapters: dict[int, LoraAdapter] = {}  # slot -> adapter
+        self.slots = AdapterSlots(config.max_adapters, [layer.lora_stacks() for layer in self.model.layers])
 
     # ---- adapters -------------------------------------------------------------------------------
 
@@ -128,22 +128,29 @@ class ModelRunner:
             "down_proj": ModuleShape(m, h),
         }
 
-    def load_adapter(self, slot: int, adapter: LoraAdapter) -> None:
-        """Write `adapter` into `slot` (1..max_adapters) of every layer's stacks, replacing what was there."""
-        if self.lora_layout is None or not 1 <= slot < self.lora_layout.num_slots:
-            raise RequestError(f"adapter {adapter.name!r}: slot {slot} is not an adapter slot of this worker")
-        if adapter.lora_rank > self.lora_layout.max_lora_rank:
-            raise RequestError(
-                f"adapter {adapter.name!r}: LoRA rank {adapter.lora_rank} exceeds the maximum LoRA rank "
-                f"{self.lora_layout.max_lora_rank} (raise MAX_LORA_RANK)"
-            )
-        with torch.no_grad():
-            for i, layer in enumerate(self.model.layers):
-                for stack in layer.lora_stacks():
-                    stack.set_slot(
-                        slot, {m: adapter.weights[(i, m)] for m in stack.modules if (i, m) in adapter.weights}
-                    )
-        self.adapters[slot] = adapter
+    @property
+    def adapters(self) -> dict[int, ResidentAdapter]:
+        """slot -> the adapter it holds, with its load generation."""
+        return self.slots.resident
+
+    def prepare_adapter(self, adapter: LoraAdapter) -> PreparedAdapter:
+        """`adapter` sharded, scaled and cast for this rank's stacks. Changes no state: the servicer
+        runs it on its loader thread while steps go on."""
+        return prepare_adapter(adapter, self.slots.layer_stacks, self.config.max_lora_rank)
+
+    def place_adapter(self, slot: int, generation: int, prepared: PreparedAdapter) -> ResidentAdapter:
+        """Copy a prepared adapter into the empty `slot` (1..max_adapters) as load `generation` (> 0)."""
+        return self.slots.place(slot, generation, prepared)
+
+    def load_adapter(self, slot: int, adapter: LoraAdapter, generation: int) -> ResidentAdapter:
+        """`prepare_adapter` then `place_adapter`, in one call."""
+        return self.place_adapter(slot, generation, self.prepare_adapter(adapter))
+
+    def unload_adapter(self, slot: int, generation: int) -> ResidentAdapter:
+        """Empty `slot`, which must hold load `generation` and no running sequence may use; returns
+        what it held. Its stacks are zeroed, so nothing can read the weights any more."""
+        users = [rid for rid, s in self.sequences.items() if s.lora_slot == slot]
+        return self.slots.unload(slot, generation, users)
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -186,6 +193,9 @@ class ModelRunner:
         running = [self._seq(rid) for rid in request_ids]
         bs = self.kv.block_size
         for rid, s in zip(request_ids, running, strict=True):
+            # The router unloads a slot only once no sequence uses it, and the worker refuses to
+            # otherwise; should the slot still have changed, the step fails rather than read other weights.
+            self.slots.check_row(rid, s.lora_slot, s.adapter_generation, running=True)
             if s.num_cached // bs >= len(s.block_table):
                 raise RequestError(f"request {rid}: its block table has no room for token {s.num_cached + 1}")
         return running
@@ -243,6 +253,7 @@ class ModelRunner:
             self.sequences[r.request_id] = _Sequence(
                 block_table=list(r.block_table),
                 lora_slot=r.lora_slot,
+                adapter_generation=r.adapter_generation,
                 params=r.params,
                 sampling=SequenceSamplingState(r.params, r.token_ids),
                 num_cached=len(r.token_ids),
@@ -337,8 +348,7 @@ class ModelRunner:
                 f"request {r.request_id}: {len(r.block_table)} blocks of {self.kv.block_size} cannot hold "
                 f"{len(r.token_ids)} tokens"
             )
-        if r.lora_slot and r.lora_slot not in self.adapters:
-            raise RequestError(f"request {r.request_id}: no adapter is loaded in slot {r.lora_slot}")
+        self.slots.check_row(r.request_id, r.lora_slot, r.adapter_generation)
         vocab = self.hf_config.vocab_size
         if min(r.token_ids) < 0 or max(r.token_ids) >= vocab:
             raise RequestError(f"request {r.request_id}: token ids must lie in [0, {vocab})")

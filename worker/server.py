@@ -5,13 +5,22 @@ inside the model pair up). So that the steps on all ranks happen in the same ord
 touches the runner runs on one dedicated thread, one at a time, in arrival order. The event loop stays
 free, so `Health` answers during a long step.
 
+`LoadAdapter` puts only the copy into the stacks on the step thread. Reading the files, validating,
+converting and sharding run first on a loader thread of their own (`loader_thread`), so steps keep
+running while an adapter loads: they change no state the steps read, and their time (a file read, a
+conversion of every tensor) would otherwise stall every running request. The copy itself must be on
+the step thread: the steps read the stacks, and a copy between two steps can never be seen half done.
+
 Errors are mapped at the edge by `_rpc`:
 - a bad request (`RequestError`, which validation of the proto fields also raises, or `AdapterError`)
   -> INVALID_ARGUMENT with the message, which names the request or the adapter. These are raised before
-  the runner changes any state, identically on every rank, so the ranks stay in lockstep;
+  the runner changes any state, identically on every rank, so the ranks stay in lockstep (the slot and
+  generation checks too, as long as the router names a load in a row only once every rank acked it);
 - anything else -> INTERNAL ("rank <r>: <type>: <message>"), logged with the request ids involved. The
   failed step may have left the ranks out of lockstep, so the rank marks itself unhealthy for good:
-  `Health`, `Prefill` and `Decode` then answer UNAVAILABLE until the worker is restarted.
+  `Health`, `Prefill` and `Decode` then answer UNAVAILABLE until the worker is restarted. Except on the
+  loader thread, which changes nothing the steps read: that load alone fails (INTERNAL, "rank <r>:
+  adapter '<id>': <type>: <message>").
 """
 
 from __future__ import annotations
@@ -28,11 +37,13 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
+import torch
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
 from worker.auth import TokenInterceptor
 from worker.lora.adapter import AdapterError, load_peft_adapter
+from worker.lora.slots import PreparedAdapter
 from worker.runner import ModelRunner, PrefillRequest, RequestError, TokenOutput
 from worker.sampler import SamplingParams
 
@@ -76,16 +87,39 @@ def step_thread(rank: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-step")
 
 
+def loader_thread(rank: int) -> ThreadPoolExecutor:
+    """The thread that reads, validates, converts and shards adapters while the step thread runs steps.
+
+    Its torch ops run single-threaded, so that it never starts an OpenMP team of its own to spin on the
+    cores the steps need. `torch.set_num_threads` sets the calling thread's OpenMP team size, and also
+    the process default that threads starting torch later begin with: the default is put back at once.
+    """
+    default = torch.get_num_threads()
+
+    def single_threaded() -> None:
+        torch.get_num_threads()  # this thread's lazy init first, else it would later reset the size
+        torch.set_num_threads(1)
+
+    loader = ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix=f"rank{rank}-loader", initializer=single_threaded
+    )
+    loader.submit(lambda: None).result()  # runs the initializer now
+    torch.set_num_threads(default)
+    return loader
+
+
 class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
     def __init__(self, runner: ModelRunner, steps: ThreadPoolExecutor | None = None):
         self.runner = runner
         self.rank = runner.ctx.rank
         self.failure: str | None = None  # why this rank is unhealthy; None while healthy
         self._steps = steps or step_thread(self.rank)
+        self._loader = loader_thread(self.rank)
 
     async def close(self) -> None:
-        """Finish the step in progress, drop the queued ones, and stop the step thread."""
-        await asyncio.to_thread(self._steps.shutdown, wait=True, cancel_futures=True)
+        """Finish the step and the adapter read in progress, drop the queued ones, stop both threads."""
+        for pool in (self._loader, self._steps):
+            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the step thread, after every call that arrived before it."""
@@ -139,8 +173,50 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
 
     @_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
-        """Read and validate the PEFT adapter at `path`, then write it into `slot` (queued like a step)."""
-        return await self._run(self._load_adapter, request)
+        """Read, validate, convert and shard the PEFT adapter at `path` on the loader thread while steps
+        go on, then copy it into the empty `slot` as load `generation` (queued like a step)."""
+        if not request.adapter_id or not request.path:
+            raise RequestError(f"LoadAdapter needs an adapter_id and a path, got {request.adapter_id!r}")
+        self.runner.slots.check_load(request.slot, request.generation, request.adapter_id)
+        log.info("Loading adapter weights into model: %s", request.adapter_id)
+        start = time.perf_counter_ns()
+        loop = asyncio.get_running_loop()
+        try:
+            prepared = await loop.run_in_executor(self._loader, self._read_adapter, request)
+        except (RequestError, AdapterError):
+            raise
+        except Exception as err:
+            # The loader thread changes nothing the steps read: this load fails, the rank stays healthy.
+            message = f"rank {self.rank}: adapter {request.adapter_id!r}: {type(err).__name__}: {err}"
+            log.error("LoadAdapter failed (%s): %s", _involved(request), message, exc_info=err)
+            await context.abort(grpc.StatusCode.INTERNAL, message)
+        resident = await self._run(self.runner.place_adapter, request.slot, request.generation, prepared)
+        load_ns = time.perf_counter_ns() - start
+        log.info(
+            "adapter %r in slot %d as generation %d (r=%d, %.1f MB, %.1f ms)",
+            resident.name,
+            request.slot,
+            resident.generation,
+            resident.lora_rank,
+            resident.weight_bytes / 1e6,
+            load_ns / 1e6,
+        )
+        return pb.LoadAdapterResponse(
+            lora_rank=resident.lora_rank,
+            alpha=resident.alpha,
+            use_rslora=resident.use_rslora,
+            target_modules=list(resident.target_modules),
+            load_ns=load_ns,
+            weight_bytes=resident.weight_bytes,
+        )
+
+    @_rpc
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
+        """Empty `slot` if it holds load `generation` and no running sequence uses it (queued like a
+        step); its stacks are zeroed, so nothing can read the weights any more."""
+        held = await self._run(self.runner.unload_adapter, request.slot, request.generation)
+        log.info("adapter %r unloaded from slot %d (generation %d)", held.name, request.slot, held.generation)
+        return pb.UnloadAdapterResponse()
 
     @_rpc
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.StepResponse:
@@ -166,35 +242,6 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
 
     # ---- on the step thread ---------------------------------------------------------------------
 
-    def _load_adapter(self, request: pb.LoadAdapterRequest) -> pb.LoadAdapterResponse:
-        if not request.adapter_id or not request.path:
-            raise RequestError(f"LoadAdapter needs an adapter_id and a path, got {request.adapter_id!r}")
-        self._check_slot(request.slot, request.adapter_id)
-        log.info("Loading adapter weights into model: %s", request.adapter_id)
-        start = time.perf_counter_ns()
-        adapter = load_peft_adapter(
-            request.adapter_id,
-            Path(request.path),
-            self.runner.hf_config.num_hidden_layers,
-            self.runner.module_shapes(),
-        )
-        self.runner.load_adapter(request.slot, adapter)
-        load_ns = time.perf_counter_ns() - start
-        log.info(
-            "adapter %r in slot %d (r=%d, %.1f ms)",
-            adapter.name,
-            request.slot,
-            adapter.lora_rank,
-            load_ns / 1e6,
-        )
-        return pb.LoadAdapterResponse(
-            lora_rank=adapter.lora_rank,
-            alpha=adapter.alpha,
-            use_rslora=adapter.use_rslora,
-            target_modules=list(adapter.target_modules),
-            load_ns=load_ns,
-        )
-
     def _prefill(self, request: pb.PrefillRequest) -> pb.StepResponse:
         self._check_healthy()
         requests = [self._prefill_request(seq) for seq in request.sequences]
@@ -216,6 +263,17 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         outputs = self.runner.step(joining, request_ids)
         return _step_response(outputs, time.perf_counter_ns() - start)
 
+    # ---- on the loader thread -------------------------------------------------------------------
+
+    def _read_adapter(self, request: pb.LoadAdapterRequest) -> PreparedAdapter:
+        adapter = load_peft_adapter(
+            request.adapter_id,
+            Path(request.path),
+            self.runner.hf_config.num_hidden_layers,
+            self.runner.module_shapes(),
+        )
+        return self.runner.prepare_adapter(adapter)
+
     # ---- request conversion and checks ----------------------------------------------------------
 
     def _prefill_request(self, seq: pb.NewSequence) -> PrefillRequest:
@@ -227,6 +285,7 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             params=sampling_params(seq.request_id, seq.parameters if seq.HasField("parameters") else None),
             lora_slot=seq.lora_slot,
             prompt_logprobs=seq.prompt_logprobs,
+            adapter_generation=seq.adapter_generation,
         )
 
     def _check_healthy(self) -> None:
@@ -239,14 +298,6 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         bad = [b for b in block_table if b >= num_blocks]
         if bad:
             raise RequestError(f"request {request_id}: block {bad[0]} is outside the {num_blocks} KV blocks")
-
-    def _check_slot(self, slot: int, adapter_id: str) -> None:
-        num_slots = self.runner.config.max_adapters
-        if not 1 <= slot <= num_slots:
-            has = f"slots 1..{num_slots}" if num_slots else "no adapter slots (max_adapters is 0)"
-            raise RequestError(
-                f"adapter {adapter_id!r}: slot {slot} is not an adapter slot; this worker has {has}"
-            )
 
 
 def sampling_params(request_id: int, p: pb.SamplingParameters | None) -> SamplingParams:
@@ -295,7 +346,9 @@ def _involved(request) -> str:
     if isinstance(request, pb.DecodeRequest | pb.ReleaseRequest):
         return f"request ids {list(request.request_ids)}"
     if isinstance(request, pb.LoadAdapterRequest):
-        return f"adapter {request.adapter_id!r} into slot {request.slot}"
+        return f"adapter {request.adapter_id!r} into slot {request.slot} as generation {request.generation}"
+    if isinstance(request, pb.UnloadAdapterRequest):
+        return f"slot {request.slot} generation {request.generation}"
     return "no request ids"
 
 

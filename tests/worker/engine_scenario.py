@@ -29,6 +29,12 @@ TINY_MIX = [None, "r4_qv", "r8_all", "r16_mlp", "r64_rs", "r8_layer1", "r8_all",
 TINY_LENGTHS = [5, 9, 3, 12, 7, 1, 6, 4]
 
 
+def generation_of(slot: int) -> int:
+    """The load generation these tests give the adapter in `slot` (0 for slot 0, "no adapter"): unlike
+    the slot's number, so that a mix-up of the two fails."""
+    return 0 if slot == 0 else 1000 + slot
+
+
 @dataclass
 class Record:
     adapter: str | None
@@ -47,7 +53,8 @@ def build_runner(
     ws=1,
     num_slots: int | None = None,
 ):
-    """A runner with `adapters` loaded into slots 1, 2, ... of its `num_slots` (default: one each)."""
+    """A runner with `adapters` loaded into slots 1, 2, ... of its `num_slots` (default: one each), each
+    as load generation `generation_of(slot)`."""
     config = WorkerConfig(
         model_dir=model_dir,
         dtype=dtype,
@@ -63,7 +70,7 @@ def build_runner(
     slots = {}
     for slot, (name, path) in enumerate(adapters.items(), start=1):
         adapter = load_peft_adapter(name, path, runner.hf_config.num_hidden_layers, runner.module_shapes())
-        runner.load_adapter(slot, adapter)
+        runner.load_adapter(slot, adapter, generation_of(slot))
         slots[name] = slot
     return runner, slots
 
@@ -112,7 +119,9 @@ def run_scenario(
             adapter, prompt = prompts[rid]
             table = blocks.allocate(rid, len(prompt) + MAX_NEW_TOKENS)
             slot = slots[adapter] if adapter else 0
-            reqs.append(PrefillRequest(rid, prompt, table, params, slot))
+            reqs.append(
+                PrefillRequest(rid, prompt, table, params, slot, adapter_generation=generation_of(slot))
+            )
         return reqs
 
     def prefill(rids):

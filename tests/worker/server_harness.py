@@ -10,6 +10,7 @@ import pytest
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
+from tests.worker.engine_scenario import generation_of
 from worker.config import WorkerConfig
 from worker.runner import ModelRunner
 
@@ -36,11 +37,17 @@ class Worker:
     runner: ModelRunner
 
 
+def load_request(slot: int, name: str, tiny_adapters, generation: int | None = None) -> pb.LoadAdapterRequest:
+    """Load adapter `name` into `slot`, as `generation` (default: `generation_of(slot)`)."""
+    generation = generation_of(slot) if generation is None else generation
+    return pb.LoadAdapterRequest(
+        slot=slot, adapter_id=name, path=str(tiny_adapters[name]), generation=generation
+    )
+
+
 async def load_adapters(stub, tiny_adapters):
     for slot, name in enumerate(ADAPTERS, start=1):
-        await stub.LoadAdapter(
-            pb.LoadAdapterRequest(slot=slot, adapter_id=name, path=str(tiny_adapters[name]))
-        )
+        await stub.LoadAdapter(load_request(slot, name, tiny_adapters))
 
 
 async def rpc_error(call) -> grpc.aio.AioRpcError:
@@ -49,13 +56,17 @@ async def rpc_error(call) -> grpc.aio.AioRpcError:
     return info.value
 
 
-def new_sequence(rid: int, tokens: list[int], blocks: list[int], slot: int = 0, **params) -> pb.NewSequence:
+def new_sequence(
+    rid: int, tokens: list[int], blocks: list[int], slot: int = 0, generation: int | None = None, **params
+) -> pb.NewSequence:
+    """A NewSequence on adapter `slot`, expecting load `generation` there (default: `generation_of(slot)`)."""
     full = {"temperature": 1.0, "top_p": 1.0, "typical_p": 1.0, "repetition_penalty": 1.0, **params}
     return pb.NewSequence(
         request_id=rid,
         token_ids=tokens,
         block_table=blocks,
         lora_slot=slot,
+        adapter_generation=generation_of(slot) if generation is None else generation,
         parameters=pb.SamplingParameters(**full),
     )
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import pytest
 
-from tests.worker.engine_scenario import TINY_LENGTHS, TINY_MIX, build_runner, run_scenario, scenario_prompts
+from tests.worker.engine_scenario import (
+    TINY_LENGTHS,
+    TINY_MIX,
+    build_runner,
+    generation_of,
+    run_scenario,
+    scenario_prompts,
+)
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
 
 
@@ -57,7 +64,7 @@ def test_join_step_refuses_a_bad_newcomer_and_changes_nothing(tiny_model_dir, ti
 
     def start():
         runner, _ = build_runner(tiny_model_dir, {"r4_qv": tiny_adapters["r4_qv"]})
-        runner.prefill([PrefillRequest(1, [3, 4, 5], [0], lora_slot=1)])
+        runner.prefill([PrefillRequest(1, [3, 4, 5], [0], lora_slot=1, adapter_generation=generation_of(1))])
         return runner
 
     runner = start()
@@ -88,7 +95,7 @@ def test_empty_slot_and_bad_requests_are_refused(tiny_model_dir, tiny_adapters):
 
     runner, slots = build_runner(tiny_model_dir, {"r4_qv": tiny_adapters["r4_qv"]}, num_slots=2)
     with pytest.raises(RequestError, match="no adapter is loaded in slot 2"):
-        runner.prefill([PrefillRequest(1, [3, 4], [0], lora_slot=2)])
+        runner.prefill([PrefillRequest(1, [3, 4], [0], lora_slot=2, adapter_generation=generation_of(2))])
     with pytest.raises(RequestError, match="cannot hold"):
         runner.prefill([PrefillRequest(2, list(range(3, 12)), [0])])
     with pytest.raises(RequestError, match="token ids"):

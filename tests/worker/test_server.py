@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from proto import generate_pb2 as pb
+from tests.worker.engine_scenario import generation_of
 from tests.worker.server_harness import (
     ADAPTERS,
     BLOCK_SIZE,
@@ -38,23 +39,6 @@ async def test_info_and_health(worker):
     assert (info.num_adapter_slots, info.max_lora_rank) == (len(ADAPTERS), 64)
     assert (info.world_size, info.rank) == (1, 0)
     await worker.stub.Health(pb.HealthRequest())
-
-
-async def test_load_adapter(worker, tiny_adapters, caplog):
-    caplog.set_level("INFO", logger="worker.server")
-    reply = await worker.stub.LoadAdapter(
-        pb.LoadAdapterRequest(slot=1, adapter_id="r4_qv", path=str(tiny_adapters["r4_qv"]))
-    )
-    assert (reply.lora_rank, reply.alpha, reply.use_rslora) == (4, 8.0, False)
-    assert list(reply.target_modules) == ["q_proj", "v_proj"]
-    assert reply.load_ns > 0
-    assert "Loading adapter weights into model: r4_qv" in caplog.messages
-    reply = await worker.stub.LoadAdapter(
-        pb.LoadAdapterRequest(slot=1, adapter_id="r64_rs", path=str(tiny_adapters["r64_rs"]))
-    )
-    assert (reply.lora_rank, reply.alpha, reply.use_rslora) == (64, 16.0, True)
-    assert len(reply.target_modules) == 7
-    assert worker.runner.adapters[1].name == "r64_rs"  # replaced what was in the slot
 
 
 # request id -> (adapter slot, prompt length, sampling params, prompt_logprobs)
@@ -129,12 +113,22 @@ async def run_over_grpc(stub, vocab) -> list[list[tuple]]:
     return results
 
 
+def direct_runner(model_dir, tiny_adapters) -> ModelRunner:
+    """A runner with ADAPTERS loaded as load_adapters loads them over gRPC."""
+    runner = ModelRunner(worker_config(model_dir))
+    num_layers = runner.hf_config.num_hidden_layers
+    for slot, name in enumerate(ADAPTERS, start=1):
+        adapter = load_peft_adapter(name, tiny_adapters[name], num_layers, runner.module_shapes())
+        runner.load_adapter(slot, adapter, generation_of(slot))
+    return runner
+
+
 def run_directly(runner: ModelRunner) -> list[list[tuple]]:
     results = []
     for kind, payload in scripted_steps(runner.hf_config.vocab_size):
         if kind == "prefill":
             reqs = [
-                PrefillRequest(rid, tokens, table, SamplingParams(**params), slot, plp)
+                PrefillRequest(rid, tokens, table, SamplingParams(**params), slot, plp, generation_of(slot))
                 for rid, slot, tokens, table, params, plp in payload
             ]
             outputs = runner.prefill(reqs)
@@ -153,12 +147,7 @@ async def test_steps_equal_direct_runner(worker, tiny_model_dir, tiny_adapters):
     await load_adapters(worker.stub, tiny_adapters)
     served = await run_over_grpc(worker.stub, worker.runner.hf_config.vocab_size)
 
-    runner = ModelRunner(worker_config(tiny_model_dir))
-    num_layers = runner.hf_config.num_hidden_layers
-    for slot, name in enumerate(ADAPTERS, start=1):
-        adapter = load_peft_adapter(name, tiny_adapters[name], num_layers, runner.module_shapes())
-        runner.load_adapter(slot, adapter)
-    direct = run_directly(runner)
+    direct = run_directly(direct_runner(tiny_model_dir, tiny_adapters))
 
     assert len(served) == len(direct) == 7
     for step, (got, want) in enumerate(zip(served, direct, strict=True)):
@@ -185,21 +174,15 @@ async def test_join_step_equals_direct_runner(worker, tiny_model_dir, tiny_adapt
     reply = await worker.stub.Decode(pb.DecodeRequest(request_ids=[2, 1], joining=joining))
     served = as_tuples(reply.generations)
 
-    runner = ModelRunner(worker_config(tiny_model_dir))
-    for slot, name in enumerate(ADAPTERS, start=1):
-        runner.load_adapter(
-            slot,
-            load_peft_adapter(
-                name, tiny_adapters[name], runner.hf_config.num_hidden_layers, runner.module_shapes()
-            ),
-        )
+    runner = direct_runner(tiny_model_dir, tiny_adapters)
     greedy = SamplingParams()
-    runner.prefill([PrefillRequest(1, [3, 4, 5], [0], greedy, 1), PrefillRequest(2, [6, 7], [1], greedy, 2)])
+
+    def request(rid, tokens, blocks, params, slot):
+        return PrefillRequest(rid, tokens, blocks, params, slot, adapter_generation=generation_of(slot))
+
+    runner.prefill([request(1, [3, 4, 5], [0], greedy, 1), request(2, [6, 7], [1], greedy, 2)])
     outputs = runner.step(
-        [
-            PrefillRequest(3, [8, 9, 10, 11], [2], SamplingParams(top_n_tokens=2), 3),
-            PrefillRequest(4, [5], [3], greedy, 0),
-        ],
+        [request(3, [8, 9, 10, 11], [2], SamplingParams(top_n_tokens=2), 3), request(4, [5], [3], greedy, 0)],
         [2, 1],
     )
     direct = [(o.request_id, o.token_id, o.logprob, o.top_token_ids) for o in outputs]
@@ -236,12 +219,30 @@ async def test_release_and_clear_cache(worker):
 BAD_REQUESTS = {
     "unknown request id": (lambda s: s.Decode(pb.DecodeRequest(request_ids=[42])), "request 42"),
     "adapter path missing": (
-        lambda s: s.LoadAdapter(pb.LoadAdapterRequest(slot=1, adapter_id="ghost", path="/no/such/adapter")),
-        "adapter 'ghost'",
+        lambda s: s.LoadAdapter(
+            pb.LoadAdapterRequest(slot=1, adapter_id="ghost", path="/no/such/adapter", generation=1)
+        ),
+        "adapter 'ghost': '/no/such/adapter' is not a directory",
     ),
     "adapter slot out of range": (
-        lambda s: s.LoadAdapter(pb.LoadAdapterRequest(slot=9, adapter_id="ghost", path="/x")),
-        "adapter 'ghost': slot 9",
+        lambda s: s.LoadAdapter(pb.LoadAdapterRequest(slot=9, adapter_id="ghost", path="/x", generation=1)),
+        "adapter 'ghost': slot 9 is not an adapter slot; this worker has slots 1..3",
+    ),
+    "load generation 0": (
+        lambda s: s.LoadAdapter(pb.LoadAdapterRequest(slot=1, adapter_id="ghost", path="/x")),
+        "adapter 'ghost': generation 0 is not a load generation",
+    ),
+    "unload of an empty slot": (
+        lambda s: s.UnloadAdapter(pb.UnloadAdapterRequest(slot=2, generation=5)),
+        "unload of slot 2 generation 5: the slot is empty",
+    ),
+    "unload slot out of range": (
+        lambda s: s.UnloadAdapter(pb.UnloadAdapterRequest(slot=0, generation=5)),
+        "unload of slot 0 generation 5: slot 0 is not an adapter slot",
+    ),
+    "slot 0 with a generation": (
+        lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(8, [3], [0], generation=4)])),
+        "request 8: lora_slot 0 (no adapter) needs adapter_generation 0, got 4",
     ),
     "block table too small": (
         lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(3, list(range(3, 12)), [0, 1])])),
@@ -263,7 +264,7 @@ BAD_REQUESTS = {
     ),
     "slot without adapter": (
         lambda s: s.Prefill(pb.PrefillRequest(sequences=[new_sequence(7, [3], [0], slot=2)])),
-        "request 7: no adapter is loaded in slot 2",
+        f"request 7: no adapter is loaded in slot 2 (the request expects generation {generation_of(2)})",
     ),
 }
 

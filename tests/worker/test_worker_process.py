@@ -19,8 +19,10 @@ import pytest
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
+from tests.worker.engine_scenario import generation_of
 from tests.worker.server_harness import (
     as_tuples,
+    load_request,
     new_sequence,
     worker_config,
 )
@@ -80,8 +82,10 @@ async def test_cli_two_ranks_serve_in_lockstep_until_sigterm(tiny_model_dir, tin
         channels = [grpc.aio.insecure_channel(f"unix://{uds}") for uds in socks]
         stubs = [pb_grpc.TextGenerationServiceStub(c) for c in channels]
         assert [(await s.Info(pb.InfoRequest())).rank for s in stubs] == [0, 1]
-        load = pb.LoadAdapterRequest(slot=1, adapter_id="r8_all", path=str(tiny_adapters["r8_all"]))
-        await asyncio.gather(*(s.LoadAdapter(load) for s in stubs))
+        load = load_request(1, "r8_all", tiny_adapters)
+        replies = await asyncio.gather(*(s.LoadAdapter(load) for s in stubs))
+        # Each rank holds its share: the column-parallel modules' A is whole on both, B is split.
+        assert 0 < replies[0].weight_bytes == replies[1].weight_bytes
         seqs = [new_sequence(1, [3, 4, 5, 6, 7], [0, 1]), new_sequence(2, [8, 9], [2, 3], slot=1)]
         steps = [pb.PrefillRequest(sequences=seqs)] + [pb.DecodeRequest(request_ids=[1, 2])] * 3
         served = []
@@ -104,11 +108,15 @@ async def test_cli_two_ranks_serve_in_lockstep_until_sigterm(tiny_model_dir, tin
     assert not any(uds.exists() for uds in socks)
 
     runner = ModelRunner(worker_config(tiny_model_dir))
-    runner.load_adapter(1, load_peft_adapter("r8_all", tiny_adapters["r8_all"], 3, runner.module_shapes()))
+    adapter = load_peft_adapter("r8_all", tiny_adapters["r8_all"], 3, runner.module_shapes())
+    runner.load_adapter(1, adapter, generation_of(1))
     greedy = SamplingParams()
     direct = [
         runner.prefill(
-            [PrefillRequest(1, [3, 4, 5, 6, 7], [0, 1], greedy), PrefillRequest(2, [8, 9], [2, 3], greedy, 1)]
+            [
+                PrefillRequest(1, [3, 4, 5, 6, 7], [0, 1], greedy),
+                PrefillRequest(2, [8, 9], [2, 3], greedy, 1, adapter_generation=generation_of(1)),
+            ]
         )
     ]
     direct += [runner.decode([1, 2]) for _ in range(3)]

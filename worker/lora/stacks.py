@@ -47,6 +47,29 @@ class LoraPart:
     width: int  # columns of this part (h_out on this rank)
 
 
+@dataclass(frozen=True)
+class SlotPart:
+    """One sub-module's share of an adapter, in the stack dtype, ready to copy into a slot."""
+
+    row: int  # first row of the slot it fills
+    column: int  # first column of the stack's B it fills
+    a: torch.Tensor  # [r, h_in_local]
+    b_t: torch.Tensor  # [r, width]: B transposed, with the scale folded in
+
+
+@dataclass(frozen=True)
+class SlotWeights:
+    """One adapter's share of one stack (`LoraStack.prepare`); the slot's rank is `lora_rank`."""
+
+    parts: tuple[SlotPart, ...]
+    lora_rank: int  # rows of the slot used: the sum of the parts' ranks
+
+    @property
+    def num_elements(self) -> int:
+        """The adapter's A and B elements in this stack (on this rank)."""
+        return sum(p.a.numel() + p.b_t.numel() for p in self.parts)
+
+
 @dataclass
 class LoraStack:
     parts: list[LoraPart]
@@ -74,12 +97,14 @@ class LoraStack:
     def modules(self) -> list[str]:
         return [p.module for p in self.parts]
 
-    def set_slot(self, slot: int, weights: dict) -> None:
-        """Write one adapter into `slot`. weights: module -> object with `a` [r, h_in], `b` [h_out, r]
-        (full, unsharded) and `scale`; modules the adapter does not touch are absent."""
-        self.clear_slot(slot)
-        row = 0
+    def prepare(self, weights: dict, pin: bool = False) -> SlotWeights:
+        """One adapter's share of this stack, sharded, scaled and cast, ready for `place`. Changes
+        nothing, so it can run off the step thread. weights: module -> object with `a` [r, h_in], `b`
+        [h_out, r] (full, unsharded) and `scale`; modules the adapter does not touch are absent. `pin`:
+        page-locked host tensors, so that `place` copies them to a GPU without waiting."""
+        parts, row = [], 0
         max_lora_rank = self.lora_a_stack.shape[1] // len(self.parts)
+        dtype = self.lora_a_stack.dtype
         for part in self.parts:
             w = weights.get(part.module)
             if w is None:
@@ -91,16 +116,36 @@ class LoraStack:
                 a = a[:, part.in_shard[0] : part.in_shard[0] + part.in_shard[1]]
             if part.out_shard is not None:
                 b = b[part.out_shard[0] : part.out_shard[0] + part.out_shard[1]]
-            # The scale is folded into B in float32, before any cast to the stack dtype.
-            self.lora_a_stack[slot, row : row + r].copy_(a)
-            self.lora_b_stack[slot, row : row + r, part.column : part.column + part.width].copy_(
-                (b.float() * w.scale).T
-            )
+            # The scale is folded into B in float32, then both are cast once to the stack dtype (the
+            # rounding a copy into the stack would do).
+            a = a.to(dtype).contiguous()  # [r, h_in_local]
+            b_t = (b.float() * w.scale).T.to(dtype).contiguous()  # [r, width]
+            if pin:
+                a, b_t = a.pin_memory(), b_t.pin_memory()
+            parts.append(SlotPart(row=row, column=part.column, a=a, b_t=b_t))
             row += r
-        self.lora_ranks[slot] = row
-        self.host_lora_ranks[slot] = row
+        return SlotWeights(tuple(parts), row)
+
+    def place(self, slot: int, weights: SlotWeights) -> None:
+        """Write prepared weights into `slot`, over everything the slot held: the whole slot is zeroed
+        first, so no row or column an op can read (rows below the slot's rank, every column of B)
+        keeps a previous adapter's values."""
+        self.clear_slot(slot)
+        for p in weights.parts:
+            r = p.a.shape[0]
+            self.lora_a_stack[slot, p.row : p.row + r].copy_(p.a, non_blocking=True)
+            self.lora_b_stack[slot, p.row : p.row + r, p.column : p.column + p.b_t.shape[1]].copy_(
+                p.b_t, non_blocking=True
+            )
+        self.lora_ranks[slot] = weights.lora_rank
+        self.host_lora_ranks[slot] = weights.lora_rank
+
+    def set_slot(self, slot: int, weights: dict) -> None:
+        """`prepare` then `place`: write one adapter into `slot`."""
+        self.place(slot, self.prepare(weights))
 
     def clear_slot(self, slot: int) -> None:
+        """Empty `slot`: zeros and rank 0, so nothing can read the weights it held."""
         self.lora_a_stack[slot].zero_()
         self.lora_b_stack[slot].zero_()
         self.lora_ranks[slot] = 0
