@@ -1,20 +1,26 @@
-"""Adapter registry: which LoRA adapter sits in which worker slot, and what /info says about each.
+"""What the adapter registry (router/adapter_registry.py) knows about each adapter, the lease a request
+holds on one, and the registry's errors.
 
-At startup every configured adapter is loaded into slot 1..N (list order) on every rank; slot 0 means the
-base model. Requests name adapters by id; null, "" and the base model's id select the base model, and an
-unknown id is an error (TGI silently serves the base model instead).
+An adapter is an entry under its name. Its state: `loading` (one load in flight, which every request for
+it awaits), `resident` (in a worker slot, as load `generation`), `not_resident` (registered, loaded again
+on its next request) or `unloading` (its name is gone; its slot empties once nothing uses it). `refs`
+counts the requests and sequences holding a lease on it: an adapter with refs is never evicted or
+unloaded, so a lease's slot and generation stay valid until it is released.
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Sequence
+import asyncio
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
 
-from router.client import ShardedClient, WorkerError
-from router.config import AdapterSource
-
-log = logging.getLogger(__name__)
+# Where an adapter came from: LORA_ADAPTERS, POST /v1/load_lora_adapter, or a first request resolved in
+# the adapter roots, the HF cache or by a Hub download (router/adapter_resolver.py).
+SourceKind = Literal["startup", "route", "root", "hf-cache", "hub-download"]
+State = Literal["loading", "resident", "not_resident", "unloading"]
 
 
 class AdapterLoadError(RuntimeError):
@@ -22,84 +28,127 @@ class AdapterLoadError(RuntimeError):
 
 
 class UnknownAdapterError(KeyError):
+    """A name the registry does not hold (the unload route)."""
+
     def __init__(self, adapter_id: str):
         super().__init__(adapter_id)
         self.adapter_id = adapter_id
 
 
+class AdapterExistsError(Exception):
+    """The load route named an adapter that is already registered (or a name of the base model)."""
+
+    def __init__(self, adapter_id: str, message: str):
+        super().__init__(message)
+        self.adapter_id = adapter_id
+
+
+class AdapterLoadFailedError(Exception):
+    """A rank refused or failed LoadAdapter; `reason` is the worker's message. `refused` is True when
+    the worker refused the adapter itself (invalid, wrong base model, corrupt), False when the worker
+    failed (unreachable, internal error)."""
+
+    def __init__(self, adapter_id: str, reason: str, refused: bool):
+        super().__init__(f"adapter {adapter_id!r} could not be loaded: {reason}")
+        self.adapter_id = adapter_id
+        self.reason = reason
+        self.refused = refused
+
+
+class AdapterCapacityError(Exception):
+    """No slot can ever be freed for the adapter: every slot holds a pinned adapter, or there is none."""
+
+    def __init__(self, adapter_id: str, num_slots: int):
+        held = (
+            f"all {num_slots} adapter slots hold pinned adapters"
+            if num_slots
+            else "there are no adapter slots"
+        )
+        super().__init__(
+            f"adapter {adapter_id!r} cannot be loaded: {held}; raise MAX_LORA_ADAPTERS "
+            "(or unload a pinned adapter)"
+        )
+        self.adapter_id = adapter_id
+
+
 @dataclass(frozen=True)
 class AdapterInfo:
-    id: str
-    source: str
-    slot: int
+    """What rank 0 reported when the adapter was loaded."""
+
     lora_rank: int
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
-
-    def to_json(self) -> dict:
-        return {
-            "id": self.id,
-            "source": self.source,
-            "rank": self.lora_rank,  # /info's documented key (router/responses.py)
-            "alpha": self.alpha,
-            "use_rslora": self.use_rslora,
-            "target_modules": list(self.target_modules),
-        }
+    weight_bytes: int  # on rank 0 (each rank holds its shard)
 
 
-class AdapterRegistry:
-    def __init__(self, base_model_id: str, adapters: Sequence[AdapterInfo] = ()):
-        self.base_model_id = base_model_id
-        self._by_id = {a.id: a for a in adapters}
+@dataclass(frozen=True)
+class Residency:
+    slot: int
+    generation: int
 
-    @classmethod
-    async def load(
-        cls, client: ShardedClient, base_model_id: str, sources: Sequence[AdapterSource], num_slots: int
-    ) -> AdapterRegistry:
-        ids = [s.id for s in sources]
-        duplicates = sorted({i for i in ids if ids.count(i) > 1})
-        if duplicates:
-            raise AdapterLoadError(f"adapter ids must be unique; repeated: {', '.join(duplicates)}")
-        if base_model_id in ids or "" in ids:
-            raise AdapterLoadError(
-                f"an adapter cannot be named {base_model_id!r} or '' (they mean the base model)"
-            )
-        if len(sources) > num_slots:
-            raise AdapterLoadError(
-                f"{len(sources)} adapters configured but the workers have {num_slots} adapter slots"
-            )
-        infos = []
-        for slot, source in enumerate(sources, start=1):
-            log.info("Loading adapter weights into model: %s", source.id)
-            try:
-                reply = await client.load_adapter(slot, source.id, source.path)
-            except WorkerError as e:
-                raise AdapterLoadError(f"failed to load adapter {source.id!r} from {source.path}: {e}") from e
-            infos.append(
-                AdapterInfo(
-                    id=source.id,
-                    source=source.source,
-                    slot=slot,
-                    lora_rank=reply.lora_rank,
-                    alpha=round(reply.alpha, 6),  # a float32 on the wire
-                    use_rslora=reply.use_rslora,
-                    target_modules=tuple(reply.target_modules),
-                )
-            )
-            log.info("Loaded adapter %s into slot %d in %.2f s", source.id, slot, reply.load_ns / 1e9)
-        return cls(base_model_id, infos)
 
-    def find(self, adapter_id: str | None) -> AdapterInfo | None:
-        """The adapter `adapter_id` names; None for the base model. Raises UnknownAdapterError.
+@dataclass(eq=False)
+class AdapterEntry:
+    name: str
+    kind: SourceKind
+    origin: str
+    """What the user wrote: the LORA_ADAPTERS source, the load route's lora_path, or the request's id."""
+    pinned: bool
+    source: str | None = None
+    """The `adapter_source` of the request that registered it (None: the load route, LORA_ADAPTERS)."""
+    path: Path | None = None
+    """The local PEFT directory; None until a first load resolved it."""
+    revision: str | None = None
+    disk_bytes: int = 0
+    info: AdapterInfo | None = None
+    """From the last load; kept while not resident."""
+    residency: Residency | None = None
+    load_task: asyncio.Task | None = None
+    refs: int = 0
+    lru: int = 0  # the registry's use counter when last acquired or released: eviction order
+    last_used: float | None = None  # unix time
+    removed: bool = False  # unloaded: no longer routable, emptied once refs reach 0
+    failed: tuple[float, Exception] | None = None  # (monotonic deadline, error) of its last failed load
 
-        Requests reach this through `router.lifecycle.resolve_adapter`, once each."""
-        if adapter_id is None or adapter_id == "" or adapter_id == self.base_model_id:
-            return None
-        try:
-            return self._by_id[adapter_id]
-        except KeyError:
-            raise UnknownAdapterError(adapter_id) from None
+    @property
+    def state(self) -> State:
+        if self.load_task is not None:
+            return "loading"
+        if self.removed:
+            return "unloading"
+        return "resident" if self.residency is not None else "not_resident"
 
-    def infos(self) -> list[AdapterInfo]:
-        return sorted(self._by_id.values(), key=lambda a: a.slot)
+    def used(self, tick: int) -> None:
+        self.lru = tick
+        self.last_used = time.time()
+
+
+class AdapterLease:
+    """One reference to a resident adapter; `slot` and `generation` are the ones its rows must name.
+
+    `release` is idempotent; `clone` takes one more reference (each sequence holds its own)."""
+
+    __slots__ = ("_drop", "_released", "entry", "generation", "slot")
+
+    def __init__(self, entry: AdapterEntry, drop: Callable[[AdapterEntry], None]):
+        assert entry.residency is not None and entry.refs > 0
+        self.entry = entry
+        self.slot = entry.residency.slot
+        self.generation = entry.residency.generation
+        self._drop = drop
+        self._released = False
+
+    @property
+    def id(self) -> str:
+        return self.entry.name
+
+    def clone(self) -> AdapterLease:
+        assert not self._released, "clone of a released lease"
+        self.entry.refs += 1
+        return AdapterLease(self.entry, self._drop)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self._drop(self.entry)

@@ -2,8 +2,8 @@
 
 Startup (a cleanup context, so `web.run_app` finishes it before it listens): wait for every worker rank
 to answer Health, read Info, forget stale sequences (ClearCache), derive the limits, load the tokenizer
-and the adapters, and start the scheduler task. Cleanup stops the scheduler, fails whatever is still in
-flight, and closes the worker channels it opened.
+and the LORA_ADAPTERS, and start the scheduler task. Cleanup stops the scheduler, fails whatever is still
+in flight, stops the adapter loads in progress, and closes the worker channels it opened.
 """
 
 from __future__ import annotations
@@ -12,10 +12,13 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 
 from aiohttp import web
 
-from router.adapters import AdapterRegistry
+from router.adapter_metrics import AdapterMetrics
+from router.adapter_registry import AdapterRegistry
+from router.adapter_resolver import AdapterResolver
 from router.auth import auth_middleware
 from router.block_manager import BlockManager
 from router.client import ShardedClient
@@ -65,6 +68,7 @@ def _serving(given: ShardedClient | None) -> Callable[[web.Application], AsyncIt
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await state.scheduler.close()
+            await state.adapters.close()
         finally:
             if given is None:
                 await client.close()
@@ -99,12 +103,20 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
         info.num_adapter_slots,
         limits,
     )
-    adapters = await AdapterRegistry.load(client, config.model_id, config.adapters, info.num_adapter_slots)
-    # The scheduler reports its steps to the metrics; the metrics' gauges read the scheduler's load.
+    # The scheduler and the adapter registry report to the metrics; the metrics' gauges read them.
     metrics = Metrics(limits, config.model_id)
+    resolver = AdapterResolver(
+        [Path(root) for root in config.adapter_roots],
+        None if config.hf_cache_dir is None else Path(config.hf_cache_dir),
+        allow_download=config.adapter_download,
+    )
+    adapter_metrics = AdapterMetrics(metrics.registry)
+    adapters = AdapterRegistry(client, config.model_id, resolver, info.num_adapter_slots, adapter_metrics)
+    adapter_metrics.watch(adapters)
+    await adapters.start(config.adapters)
     blocks = BlockManager(info.num_blocks, info.block_size)
     scheduler = Scheduler(client, limits, blocks, tokenizer, metrics)
-    metrics.watch(scheduler.load, adapters, info.num_adapter_slots, info.num_blocks)
+    metrics.watch(scheduler.load, info.num_blocks)
     return State(
         config=config,
         client=client,

@@ -1,9 +1,10 @@
 """API key (TGI's API_KEY): generation needs `Authorization: Bearer <key>`, information stays open.
 
 HTTP: as in TGI, every POST route needs the key (/, /generate, /generate_stream, /v1/completions,
-/v1/chat/completions, /tokenize, and any POST route added later), and every GET route is open (/health,
-/info, /metrics, /docs, /api-doc/openapi.json, /v1/models). The public gRPC service checks the
-`authorization` metadata the same way; gRPC health stays open.
+/v1/chat/completions, /tokenize, /v1/load_lora_adapter, /v1/unload_lora_adapter, and any POST route added
+later), and every GET route is open (/health, /info, /metrics, /docs, /api-doc/openapi.json, /v1/models)
+except `PRIVATE_GET_ROUTES`: GET /v1/adapters shows where each adapter's files are. The public gRPC
+service checks the `authorization` metadata the same way, on every method; gRPC health stays open.
 
 Differences from TGI: the key is compared in constant time and case-sensitively (TGI compares the whole
 header value ignoring case, so it accepts a key in the wrong case); only the scheme `Bearer` is
@@ -22,6 +23,8 @@ from router.errors import UnauthorizedError
 from router.middleware import error_response
 from router.state import CONFIG
 
+PRIVATE_GET_ROUTES = frozenset({"/v1/adapters"})
+
 
 def authorized(header: str | None, api_key: str | None) -> bool:
     """Whether an Authorization header value carries `api_key`; anything goes without a key."""
@@ -34,12 +37,14 @@ def authorized(header: str | None, api_key: str | None) -> bool:
 
 
 def needs_key(request: web.Request, config: RouterConfig) -> bool:
-    """POST routes that exist need the key (an unknown route stays a 404, a wrong method a 405)."""
-    return (
-        config.api_key is not None
-        and request.method == hdrs.METH_POST
-        and request.match_info.http_exception is None
-    )
+    """POST routes and private GET routes that exist need the key (an unknown route stays a 404, a wrong
+    method a 405)."""
+    if config.api_key is None or request.match_info.http_exception is not None:
+        return False
+    if request.method == hdrs.METH_POST:
+        return True
+    route = request.match_info.route.resource
+    return route is not None and route.canonical in PRIVATE_GET_ROUTES
 
 
 @web.middleware

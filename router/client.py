@@ -81,6 +81,20 @@ class ShardedClient:
             for task in tasks:
                 task.cancel()
 
+    async def _call_each(
+        self, method: str, request: Any, ranks: Sequence[int], timeout: float | None
+    ) -> list[Any]:
+        """Send `request` to `ranks` and wait for all of them: each one's reply or WorkerError."""
+
+        async def one(rank: int) -> Any:
+            call = getattr(self._stubs[rank], method)
+            try:
+                return await call(request, timeout=timeout, metadata=self._metadata)
+            except grpc.aio.AioRpcError as e:
+                return self._error(method, rank, e)
+
+        return list(await asyncio.gather(*(one(rank) for rank in ranks)))
+
     @staticmethod
     def _error(method: str, rank: int, exc: BaseException) -> WorkerError:
         if isinstance(exc, grpc.aio.AioRpcError):
@@ -117,10 +131,22 @@ class ShardedClient:
                 log.debug("waiting for workers: %s", e)
             await asyncio.sleep(poll_s)
 
-    async def load_adapter(self, slot: int, adapter_id: str, path: str) -> pb.LoadAdapterResponse:
-        return await self._call(
-            "LoadAdapter", pb.LoadAdapterRequest(slot=slot, adapter_id=adapter_id, path=path)
-        )
+    async def load_adapter(
+        self, slot: int, adapter_id: str, path: str, generation: int, timeout: float | None = None
+    ) -> list[pb.LoadAdapterResponse | WorkerError]:
+        """Load on every rank; each rank's reply or error, in rank order (a rollback needs to know which
+        ranks hold the adapter, so no call is cancelled when another fails)."""
+        request = pb.LoadAdapterRequest(slot=slot, adapter_id=adapter_id, path=path, generation=generation)
+        return await self._call_each("LoadAdapter", request, range(self.world_size), timeout)
+
+    async def unload_adapter(
+        self, slot: int, generation: int, ranks: Sequence[int] | None = None, timeout: float | None = None
+    ) -> list[WorkerError | None]:
+        """Empty `slot` (if it holds load `generation`) on `ranks` (default all); each one's error or None."""
+        ranks = range(self.world_size) if ranks is None else ranks
+        request = pb.UnloadAdapterRequest(slot=slot, generation=generation)
+        replies = await self._call_each("UnloadAdapter", request, ranks, timeout)
+        return [r if isinstance(r, WorkerError) else None for r in replies]
 
     async def prefill(self, sequences: Sequence[pb.NewSequence]) -> pb.StepResponse:
         return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))

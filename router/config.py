@@ -34,6 +34,15 @@ class RouterConfig(BaseModel):
     worker_token: str | None = None
     """The group's WORKER_TOKEN, sent to every rank (the TCP ranks refuse calls without it)."""
     adapters: list[AdapterSource] = []
+    """LORA_ADAPTERS: loaded at startup into slots 1..N, in order, and pinned (never evicted)."""
+    adapter_roots: list[str] = []
+    """LORA_ADAPTER_ROOTS: directories whose `name` or `org/name` sub-directories requests may name as
+    adapter ids (loaded on first request), and that `POST /v1/load_lora_adapter` paths must lie in."""
+    adapter_download: bool = False
+    """ADAPTER_DOWNLOAD: an adapter id found neither under a root nor in the HF cache is downloaded from
+    the Hugging Face Hub. Off by default: any client could otherwise make the server download any repo."""
+    hf_cache_dir: str | None = None
+    """HUGGINGFACE_HUB_CACHE: the hub cache adapter ids are looked up in (None: huggingface_hub's default)."""
     max_input_tokens: int | None = None
     max_total_tokens: int | None = None
     max_batch_prefill_tokens: int = 4096

@@ -15,9 +15,9 @@ import asyncio
 import contextlib
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from aiohttp import web
@@ -26,13 +26,20 @@ from pydantic import ValidationError as PydanticValidationError
 
 from proto import public_pb2 as pb
 from proto import public_pb2_grpc
-from router import lifecycle, stream
+from router import adapter_api, lifecycle, stream
+from router.adapter_registry import AdapterRegistry
 from router.auth import authorized
 from router.client import ShardedClient, WorkerError
 from router.errors import (
+    AdapterCapacityApiError,
+    AdapterDownloadApiError,
+    AdapterExistsApiError,
+    AdapterLoadApiError,
     AdapterNotLoadedError,
     ApiError,
+    BadRequestError,
     BodyError,
+    NotFoundError,
     OverloadedError,
     UnauthorizedError,
     ValidationError,
@@ -43,6 +50,7 @@ from router.state import CONFIG, STATE, State
 from router.validation import ValidRequest
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TextGeneration"].full_name
 GRPC_PORT = web.AppKey("grpc_port", int)
@@ -79,11 +87,17 @@ _FINISH = {
 
 
 def status_code(e: ApiError) -> grpc.StatusCode:
-    if isinstance(e, AdapterNotLoadedError):
+    if isinstance(e, AdapterNotLoadedError | NotFoundError):
         return grpc.StatusCode.NOT_FOUND
-    if isinstance(e, ValidationError | BodyError):
+    if isinstance(e, AdapterExistsApiError):
+        return grpc.StatusCode.ALREADY_EXISTS
+    if isinstance(e, AdapterLoadApiError) and e.refused:
+        return grpc.StatusCode.FAILED_PRECONDITION
+    if isinstance(e, ValidationError | BodyError | BadRequestError):
         return grpc.StatusCode.INVALID_ARGUMENT
-    if isinstance(e, OverloadedError):
+    if isinstance(e, AdapterDownloadApiError):
+        return grpc.StatusCode.UNAVAILABLE
+    if isinstance(e, OverloadedError | AdapterCapacityApiError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED
     if isinstance(e, UnauthorizedError):
         return grpc.StatusCode.UNAUTHENTICATED
@@ -126,6 +140,41 @@ class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
                             yield stream_response(valid, step)
                             if step.end is not None:
                                 record.succeeded(step.end)
+        except Exception as e:
+            await _abort(context, e)
+
+    async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
+        """HTTP `POST /v1/load_lora_adapter`: register an adapter and load it now."""
+
+        async def load(registry: AdapterRegistry) -> pb.LoadAdapterResponse:
+            entry = await adapter_api.load(registry, request.lora_name, request.lora_path, request.pinned)
+            return pb.LoadAdapterResponse(adapter=adapter_api.adapter_message(registry, entry))
+
+        return await self._adapters(context, load)
+
+    async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
+        """HTTP `POST /v1/unload_lora_adapter`: unroutable now, its memory freed after its requests."""
+
+        async def unload(registry: AdapterRegistry) -> pb.UnloadAdapterResponse:
+            await adapter_api.unload(registry, request.lora_name)
+            return pb.UnloadAdapterResponse()
+
+        return await self._adapters(context, unload)
+
+    async def ListAdapters(self, request: pb.ListAdaptersRequest, context) -> pb.ListAdaptersResponse:
+        """HTTP `GET /v1/adapters`."""
+
+        async def listed(registry: AdapterRegistry) -> pb.ListAdaptersResponse:
+            adapters = [adapter_api.adapter_message(registry, e) for e in registry.entries()]
+            return pb.ListAdaptersResponse(adapters=adapters)
+
+        return await self._adapters(context, listed)
+
+    async def _adapters(self, context, work: Callable[[AdapterRegistry], Awaitable[T]]) -> T:
+        """`work` on the adapter registry, behind the API key; its errors as status codes."""
+        try:
+            _check_key(context, self.state.config.api_key)
+            return await work(self.state.adapters)
         except Exception as e:
             await _abort(context, e)
 

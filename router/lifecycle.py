@@ -2,13 +2,16 @@
 
     admitted -> resolve_adapter -> submitted (validate, record, submit with seeds) -> read -> cancel
 
-`admitted` opens the request's metrics record inside the concurrency limit. `resolve_adapter` is the one
-place a request's adapter id becomes an adapter and its slot, once per request; the validated request
-carries the result (`ValidRequest.adapter`). `submitted` validates, records and submits, and on leaving
-cancels whatever is still queued or running (the client went away, a stream was cut, an error); its
-`Submission` is then streamed (router/stream.py) or collected (`Submission.results`). TGI's bodies name
-their adapter in `parameters.adapter_id` (`tgi_submitted`); the OpenAI routes resolve theirs from
-`model` first and pass it in.
+`admitted` opens the request's metrics record inside the concurrency limit, and on leaving releases the
+request's adapter lease. `resolve_adapter` is the one place a request's adapter id becomes an adapter:
+a lease from the registry (router/adapter_registry.py), which may wait for the adapter to load; it
+raises the registry's errors, which each route maps (router/errors.py `adapter_error`). `submitted`
+validates, records and submits, each sequence with a lease of its own (the scheduler releases it when it
+frees the sequence), and on leaving cancels whatever is still queued or running (the client went away, a
+stream was cut, an error); its `Submission` is then streamed (router/stream.py) or collected
+(`Submission.results`). TGI's bodies name their adapter in `parameters.adapter_id` (`tgi_submitted`,
+which validates the body before resolving it, so a bad body never loads an adapter); the OpenAI routes
+resolve theirs from `model` first and pass it in.
 """
 
 from __future__ import annotations
@@ -23,8 +26,8 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from proto import generate_pb2 as pb
-from router.adapters import AdapterInfo, UnknownAdapterError
-from router.errors import AdapterNotLoadedError
+from router.adapters import AdapterLease
+from router.errors import ADAPTER_ERRORS, adapter_error
 from router.metrics import RequestRecord
 from router.schemas import GenerateRequest
 from router.sequence import EndEvent, ErrorEvent, GenerationResult, Sequence, SequenceParams
@@ -36,19 +39,26 @@ _U64 = 2**64
 
 @contextlib.contextmanager
 def admitted(state: State) -> Iterator[RequestRecord]:
-    """The request's metrics record, inside `max_concurrent_requests` (full: 429, counted as a failure)."""
+    """The request's metrics record, inside `max_concurrent_requests` (full: 429, counted as a failure);
+    on leaving, the request's own adapter lease is released (its sequences hold their own)."""
     with state.metrics.request() as record, state.concurrency.acquire():
-        yield record
+        try:
+            yield record
+        finally:
+            if record.lease is not None:
+                record.lease.release()
 
 
-async def resolve_adapter(state: State, record: RequestRecord, adapter_id: str | None) -> AdapterInfo | None:
-    """The adapter `adapter_id` names (None: the base model), which then labels `record`'s metrics.
+async def resolve_adapter(
+    state: State, record: RequestRecord, adapter_id: str | None, source: str | None = None
+) -> AdapterLease | None:
+    """A lease on the adapter `adapter_id` names (None: the base model), which then labels `record`'s
+    metrics and is released when the request ends (`admitted`).
 
-    Raises UnknownAdapterError. A coroutine, so that resolving may wait (for an adapter to load) without
-    its callers changing."""
-    adapter = state.adapters.find(adapter_id)
-    record.resolved(adapter)
-    return adapter
+    Waits while the adapter loads; raises the registry's errors (`ADAPTER_ERRORS`)."""
+    lease = await state.adapters.acquire(adapter_id, source)
+    record.resolved(lease)
+    return lease
 
 
 @dataclass(frozen=True)
@@ -84,22 +94,58 @@ async def submitted(
     state: State,
     record: RequestRecord,
     bodies: Seq[GenerateRequest],
-    adapter: AdapterInfo | None,
+    adapter: AdapterLease | None,
     *,
     stream: bool = False,
     add_special_tokens: bool = True,
 ) -> AsyncIterator[Submission]:
-    """Validate every body for `adapter` before submitting any, record them, submit each `best_of` times
+    """Validate every body before submitting any, then `_submission`."""
+    validator = state.validator
+    requests = [validator.validate(b, stream=stream, add_special_tokens=add_special_tokens) for b in bodies]
+    async with _submission(state, record, requests, adapter) as submission:
+        yield submission
+
+
+@contextlib.asynccontextmanager
+async def tgi_submitted(
+    state: State, record: RequestRecord, body: GenerateRequest, *, stream: bool = False
+) -> AsyncIterator[Submission]:
+    """`submitted` for one TGI body, its adapter named by `parameters.adapter_id` (and lorax's
+    `adapter_source`). The body is validated first: one that fails a check gets that check's message,
+    in TGI's order (router/validation.py), and loads nothing; then the adapter errors (a 422 for an id
+    that resolves nowhere)."""
+    params, adapters = body.parameters, state.adapters
+    # A body that fails validation counts against the adapter it names, when that one is known.
+    if adapters.is_base(params.adapter_id):
+        record.label(None)
+    elif adapters.registered(params.adapter_id):
+        record.label(params.adapter_id)
+    request = state.validator.validate(body, stream=stream)
+    try:
+        adapter = await resolve_adapter(state, record, params.adapter_id, params.adapter_source)
+    except ADAPTER_ERRORS as e:
+        raise adapter_error(e, "request") from None
+    async with _submission(state, record, [request], adapter) as submission:
+        yield submission
+
+
+@contextlib.asynccontextmanager
+async def _submission(
+    state: State, record: RequestRecord, requests: list[ValidRequest], adapter: AdapterLease | None
+) -> AsyncIterator[Submission]:
+    """Record `requests` and submit each `best_of` times for `adapter`, each sequence with its own lease
     (a sampling request without a seed gets a random one per sequence, echoed in details); on leaving,
     cancel the sequences that have not ended."""
-    validator = state.validator
-    requests = [
-        validator.validate(b, adapter, stream=stream, add_special_tokens=add_special_tokens) for b in bodies
-    ]
     for request in requests:
         record.validated(request)
     validated_at = time.monotonic()
-    seqs = [state.scheduler.submit(_seeded(r)) for r in requests for _ in range(r.best_of)]
+    seqs = [
+        state.scheduler.submit(_seeded(r, adapter), None if adapter is None else adapter.clone())
+        for r in requests
+        for _ in range(r.best_of)
+    ]
+    if adapter is not None:
+        adapter.release()  # the sequences hold it now
     try:
         yield Submission(record, requests, seqs, validated_at)
     finally:
@@ -107,29 +153,11 @@ async def submitted(
             state.scheduler.cancel(seq)
 
 
-@contextlib.asynccontextmanager
-async def tgi_submitted(
-    state: State, record: RequestRecord, body: GenerateRequest, *, stream: bool = False
-) -> AsyncIterator[Submission]:
-    """`submitted` for one TGI body, its adapter named by `parameters.adapter_id`. An unknown id is a 422
-    only once the body passes every other check: a body that fails one gets that check's message, in
-    TGI's order (router/validation.py)."""
-    adapter_id = body.parameters.adapter_id
-    try:
-        adapter, found = await resolve_adapter(state, record, adapter_id), True
-    except UnknownAdapterError:
-        adapter, found = None, False
-    if not found:
-        state.validator.validate(body, None, stream=stream)
-        raise AdapterNotLoadedError(
-            f"adapter `{adapter_id}` is not loaded; `GET /info` lists the loaded adapters"
-        )
-    async with submitted(state, record, [body], adapter, stream=stream) as submission:
-        yield submission
-
-
-def _seeded(request: ValidRequest) -> SequenceParams:
+def _seeded(request: ValidRequest, adapter: AdapterLease | None) -> SequenceParams:
+    """The sequence's parameters: the adapter's slot and load generation, and a seed if it samples."""
     params = request.params
+    if adapter is not None:
+        params = dataclasses.replace(params, lora_slot=adapter.slot, adapter_generation=adapter.generation)
     if not params.sampling.do_sample or request.seed is not None:
         return params
     sampling = pb.SamplingParameters()

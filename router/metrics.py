@@ -5,14 +5,14 @@ exporter renders it: counters keep their bare name (`tgi_request_count 3`, where
 write `tgi_request_count_total`) and there are no `_created` series.
 
 Request metrics carry an `adapter` label: the adapter id, the base model's id for base-model requests,
-and "" for requests that never named a loaded adapter (a body that is not a request, an unknown
-adapter_id). A request is counted in `tgi_request_count` once it is validated, or when it fails, so
+and "" for requests that never got an adapter (a body that is not a request, an adapter_id that did not
+resolve or load). A request is counted in `tgi_request_count` once it is validated, or when it fails, so
 count - success - failure is the number of requests in flight. Ours, next to TGI's: `multilora_*` gauges
-of loaded adapters, adapter slots and KV blocks. `multilora_adapter_slots_used` counts the slots holding an
-adapter (static: every adapter is loaded at startup); `multilora_adapter_slots_active` counts the slots
-that queued or running requests refer to, and `multilora_kv_blocks_used` the blocks they hold, so both
-are 0 whenever no request is in flight. Not emitted (no counterpart here): speculative
-`tgi_request_skipped_tokens`, and the shard-side `tgi_batch_decode/filter/concat_duration`.
+of KV blocks and adapter slots in use; `multilora_adapter_slots_active` counts the adapter slots that
+queued or running requests refer to, and `multilora_kv_blocks_used` the blocks they hold, so both are 0
+whenever no request is in flight. The adapter registry's metrics are in router/adapter_metrics.py. Not
+emitted (no counterpart here): speculative `tgi_request_skipped_tokens`, and the shard-side
+`tgi_batch_decode/filter/concat_duration`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from router.errors import ApiError
 from router.limits import Limits
 
 if TYPE_CHECKING:
-    from router.adapters import AdapterInfo, AdapterRegistry
+    from router.adapters import AdapterLease
     from router.sequence import GenerationResult
     from router.validation import ValidRequest
 
@@ -126,31 +126,20 @@ class Metrics:
         )
         self.forward_duration = duration("tgi_batch_forward_duration", "Step time in rank 0 (s)", by_method)
 
-        self.adapters_loaded = Gauge("multilora_adapters_loaded", "LoRA adapters loaded", registry=r)
-        self.slots_used = Gauge(
-            "multilora_adapter_slots_used", "Adapter slots holding an adapter", registry=r
-        )
         self.slots_active = Gauge(
             "multilora_adapter_slots_active",
             "Adapter slots that queued or running requests refer to",
             registry=r,
         )
-        self.slots_total = Gauge("multilora_adapter_slots_total", "Adapter slots of the workers", registry=r)
         self.blocks_used = Gauge("multilora_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.blocks_total = Gauge("multilora_kv_blocks_total", "KV cache blocks of the workers", registry=r)
 
-    def watch(
-        self, load: Callable[[], Load], adapters: AdapterRegistry, num_adapter_slots: int, num_blocks: int
-    ) -> None:
-        """Gauges read at scrape time: the scheduler's `load()` and the adapters loaded, against the
-        workers' `num_adapter_slots` and `num_blocks`."""
+    def watch(self, load: Callable[[], Load], num_blocks: int) -> None:
+        """Gauges read at scrape time: the scheduler's `load()`, against the workers' `num_blocks`."""
         self.queue_size.set_function(lambda: load().queued)
         self.batch_size.set_function(lambda: load().running)
         self.batch_max_tokens.set_function(lambda: load().reserved_tokens)
-        self.adapters_loaded.set_function(lambda: len(adapters.infos()))
-        self.slots_used.set_function(lambda: len({a.slot for a in adapters.infos()}))
         self.slots_active.set_function(lambda: load().active_slots)
-        self.slots_total.set(num_adapter_slots)
         self.blocks_used.set_function(lambda: load().blocks_used)
         self.blocks_total.set(num_blocks)
 
@@ -200,10 +189,17 @@ class RequestRecord:
         self._counted = False
         self._done = False
         self._label = ""
+        self.lease: AdapterLease | None = None
 
-    def resolved(self, adapter: AdapterInfo | None) -> None:
-        """The request's adapter is known (None: the base model); it labels the request's metrics."""
-        self._label = self._m.base_model_id if adapter is None else adapter.id
+    def resolved(self, lease: AdapterLease | None) -> None:
+        """The request's adapter is known (None: the base model); it labels the request's metrics. The
+        record keeps the request's lease until the request ends (router/lifecycle.py releases it)."""
+        self.lease = lease
+        self.label(None if lease is None else lease.id)
+
+    def label(self, adapter_id: str | None) -> None:
+        """Label the request's metrics with `adapter_id` (None: the base model)."""
+        self._label = self._m.base_model_id if adapter_id is None else adapter_id
 
     def _count(self) -> None:
         if not self._counted:

@@ -2,10 +2,11 @@
 
 `model` picks the adapter: the base model's id, "tgi" (what text-generation's chat client always sends),
 "dummy" (what huggingface_hub's chat_completion sends without `model=`), "" or no model mean the base
-model; an adapter id means that adapter; any other name is a 404 in OpenAI's error envelope (code
-`model_not_found`). TGI instead serves the base model for unknown names. A top-level `adapter_id` (what
-openai's and huggingface_hub's `extra_body` carry) picks the adapter as well; with a `model` that names
-another adapter it is a 422. Responses echo the adapter id, or the base model's id.
+model; an adapter id means that adapter, loaded on first use as for `adapter_id` on the TGI routes; a name
+that resolves nowhere is a 404 in OpenAI's error envelope (code `model_not_found`), other adapter errors
+keep their status (router/errors.py). TGI instead serves the base model for unknown names. A top-level
+`adapter_id` (what openai's and huggingface_hub's `extra_body` carry) picks the adapter as well; with a
+`model` that names another adapter it is a 422. Responses echo the adapter id, or the base model's id.
 
 The request becomes a TGI GenerateRequest and goes through the same validation: the chat route renders
 the model's chat template (router/chat_template.py) and tokenizes it without adding special tokens; the
@@ -30,8 +31,9 @@ import uuid
 from aiohttp import web
 
 from router import chat_template, lifecycle, openai_params, openai_stream
-from router.adapters import AdapterInfo, UnknownAdapterError
-from router.errors import ApiError
+from router.adapter_resolver import AdapterNotFoundError
+from router.adapters import AdapterLease
+from router.errors import ADAPTER_ERRORS, ApiError, adapter_error
 from router.http_common import read_json, server_version, timing_headers
 from router.metrics import RequestRecord
 from router.openai_schemas import (
@@ -73,13 +75,13 @@ def openai_errors(handler: Handler) -> Handler:
 
 @openai_errors
 async def models(request: web.Request) -> web.Response:
-    """`GET /v1/models`: the base model, then every adapter (`parent` = the base model)."""
+    """`GET /v1/models`: the base model, then every adapter loaded (`parent` = the base model)."""
     state = request.app[STATE]
     base = state.config.model_id
     data = [{"id": base, "object": "model", "created": 0, "owned_by": base, "parent": None}]
     data += [
-        {"id": a.id, "object": "model", "created": 0, "owned_by": base, "parent": base}
-        for a in state.adapters.infos()
+        {"id": a.name, "object": "model", "created": 0, "owned_by": base, "parent": base}
+        for a in state.adapters.loaded()
     ]
     return web.json_response({"object": "list", "data": data}, dumps=dumps)
 
@@ -166,9 +168,9 @@ async def completions(request: web.Request) -> web.StreamResponse:
 
 async def resolve_model(
     state: State, record: RequestRecord, model: str | None, adapter_id: str | None = None
-) -> tuple[str, AdapterInfo | None]:
+) -> tuple[str, AdapterLease | None]:
     """(the model name responses echo, the adapter to run: None for the base model); ModelNotFoundError
-    for unknown names."""
+    for names that resolve nowhere, the adapter's other errors in OpenAI's envelope."""
     base = state.config.model_id
     param = "model"
     if adapter_id is not None:
@@ -181,8 +183,13 @@ async def resolve_model(
         model = None
     try:
         adapter = await lifecycle.resolve_adapter(state, record, model)
-    except UnknownAdapterError:
-        raise ModelNotFoundError(str(model), param) from None
+    except AdapterNotFoundError as e:
+        raise ModelNotFoundError(str(model), param, detail=str(e)) from None
+    except ADAPTER_ERRORS as e:
+        error = adapter_error(e, "request")
+        openai = OpenAIError(error.message, param, status=error.status, code=error.error_type)
+        openai.error_type = error.error_type
+        raise openai from None
     return (base, None) if adapter is None else (adapter.id, adapter)
 
 

@@ -100,9 +100,10 @@ class OpenAIError(ApiError):
 class ModelNotFoundError(OpenAIError):
     error_type = "model_not_found"
 
-    def __init__(self, model: str, param: str = "model"):
+    def __init__(self, model: str, param: str = "model", detail: str | None = None):
+        why = f" ({detail})" if detail else ""
         super().__init__(
-            f"The model `{model}` does not exist; GET /v1/models lists the base model and its adapters",
+            f"The model `{model}` does not exist{why}; GET /v1/models lists the base model and its adapters",
             param,
             status=404,
             code="model_not_found",

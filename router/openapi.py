@@ -18,6 +18,7 @@ from typing import Any
 from aiohttp import web
 from pydantic import TypeAdapter
 
+from router.auth import PRIVATE_GET_ROUTES
 from router.responses import ErrorResponse
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -27,8 +28,9 @@ DONE = "[DONE]"
 # Errors answered before a route's handler runs (router/auth.py, aiohttp's body limit), so always in TGI's
 # ErrorResponse shape, also on routes whose own errors have another shape (the OpenAI routes).
 EDGE_ERRORS = (401, 413)
-# The errors a generation route can answer, besides 200.
-GENERATION_ERRORS = (400, 401, 413, 415, 422, 424, 429)
+# The errors a generation route can answer, besides 200 (502 and 503: its adapter's download failed, or no
+# slot can be freed for it).
+GENERATION_ERRORS = (400, 401, 413, 415, 422, 424, 429, 502, 503)
 
 
 @dataclass(frozen=True)
@@ -53,20 +55,21 @@ class Route:
 
     @property
     def needs_key(self) -> bool:
-        """With API_KEY set, every POST route needs it (router/auth.py)."""
-        return self.method == "POST"
+        """With API_KEY set, every POST route and the private GET routes need it (router/auth.py)."""
+        return self.method == "POST" or self.path in PRIVATE_GET_ROUTES
 
 
 _ERROR_TEXT = {
-    400: "The body is not JSON",
+    400: "The body is not JSON, or (load route) the adapter is already registered or its path is refused",
     401: "API_KEY is set and the request lacks `Authorization: Bearer <key>`",
-    404: "The model is neither the base model nor a loaded adapter",
+    404: "The model, adapter or lora_path resolves to no adapter",
     413: "The body exceeds PAYLOAD_LIMIT",
     415: "The content type is not JSON",
-    422: "Input validation error",
-    424: "Generation failed in a worker",
+    422: "Input validation error, or an adapter the workers refused",
+    424: "Generation (or an adapter load) failed in a worker",
     429: "Model is overloaded (max_concurrent_requests)",
-    503: "A worker rank is unhealthy",
+    502: "The adapter's download from the Hugging Face Hub failed",
+    503: "A worker rank is unhealthy, or every adapter slot holds a pinned adapter",
 }
 
 

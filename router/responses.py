@@ -95,10 +95,53 @@ class ErrorResponse(_Response):
 class AdapterInfo(_Response):
     id: str
     source: str
+    """What LORA_ADAPTERS or the load route's lora_path said, or the id a first request used."""
     rank: int
     alpha: float
     use_rslora: bool
     target_modules: list[str]
+    state: Literal["loading", "resident", "not_resident", "unloading"]
+    """`resident` while in a worker slot; a `not_resident` adapter is loaded again on its next request."""
+    pinned: bool
+
+
+class AdapterBytes(_Response):
+    device: int
+    """Its weights on rank 0 while resident (each rank holds its shard), else 0."""
+    host: int
+    """0: there is no host tier yet."""
+    disk: int
+    """Its adapter files' size."""
+
+
+class AdapterStatus(_Response):
+    name: str
+    source: Literal["startup", "route", "root", "hf-cache", "hub-download"]
+    origin: str
+    """What was written: the LORA_ADAPTERS source, the lora_path, or the requested id."""
+    path: str | None
+    revision: str | None
+    """The commit sha of an adapter from the HF cache or the Hub."""
+    rank: int | None
+    """LoRA rank (the largest over its modules), from its last load; null before one."""
+    alpha: float | None
+    target_modules: list[str]
+    bytes: AdapterBytes
+    state: Literal["loading", "resident", "not_resident", "unloading", "failed"]
+    error: str | None
+    """Why its last load failed, while that is remembered (`state` failed)."""
+    pinned: bool
+    requests_in_flight: int
+    """Requests and sequences holding it (a best_of request counts each sequence)."""
+    last_used: float | None
+    """Unix time."""
+    slot: int | None
+    generation: int | None
+    """The load generation in `slot`, while resident."""
+
+
+class AdapterList(_Response):
+    adapters: list[AdapterStatus]
 
 
 class Info(_Response):

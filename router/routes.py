@@ -12,7 +12,7 @@ import time
 
 from aiohttp import hdrs, web
 
-from router import lifecycle, openai_routes, stream
+from router import adapter_api, lifecycle, openai_routes, stream
 from router.client import WorkerError
 from router.errors import ValidationError
 from router.http_common import read_json, server_version, timing_headers
@@ -22,6 +22,7 @@ from router.openai_params import MAX_CLIENT_BATCH_SIZE
 from router.openai_schemas import ChatCompletionRequest, CompletionRequest
 from router.openapi import DONE, GENERATION_ERRORS, HTML, TEXT, Route, build, render_html
 from router.responses import (
+    AdapterList,
     ChatCompletion,
     ChatCompletionChunk,
     Completion,
@@ -32,7 +33,13 @@ from router.responses import (
     SimpleToken,
     StreamResponse,
 )
-from router.schemas import CompatGenerateRequest, GenerateRequest, generate_response_json
+from router.schemas import (
+    CompatGenerateRequest,
+    GenerateRequest,
+    LoadLoraAdapterRequest,
+    UnloadLoraAdapterRequest,
+    generate_response_json,
+)
 from router.state import CONFIG, STATE, State
 
 HEALTH_TIMEOUT_S = 5.0
@@ -143,7 +150,7 @@ async def info(request: web.Request) -> web.Response:
             "version": server_version(),
             "sha": None,
             "docker_label": None,
-            "adapters": [a.to_json() for a in state.adapters.infos()],
+            "adapters": [adapter_api.info_json(a) for a in state.adapters.loaded()],
         }
     )
 
@@ -183,8 +190,9 @@ def _document(auth: bool) -> dict:
 
 
 _HEALTH = "200 with an empty body when every worker rank answers, else 503"
-_GEN, _SERVICE, _OPENAI = "Text Generation", "Service", "OpenAI"
+_GEN, _SERVICE, _OPENAI, _ADAPTERS = "Text Generation", "Service", "OpenAI", "Adapters"
 _OPENAI_ERRORS = (*GENERATION_ERRORS, 404)
+_LOAD_ERRORS = (400, 401, 404, 413, 415, 422, 424, 502, 503)
 
 ROUTES = (
     Route("POST", "/generate", generate, "Generate text (TGI); /generate_stream's events if `stream`", _GEN,
@@ -215,4 +223,13 @@ ROUTES = (
           error=OpenAIErrorResponse),
     Route("GET", "/v1/models", openai_routes.models, "The base model and its adapters (OpenAI's model list)",
           _OPENAI, response=ModelList),
+    Route("POST", "/v1/load_lora_adapter", adapter_api.load_lora_adapter,
+          "Register an adapter and load it now (vLLM's route)", _ADAPTERS, LoadLoraAdapterRequest, str,
+          content_type=TEXT, errors=_LOAD_ERRORS),
+    Route("POST", "/v1/unload_lora_adapter", adapter_api.unload_lora_adapter,
+          "Unload an adapter: unroutable now, freed after its requests (vLLM's route)", _ADAPTERS,
+          UnloadLoraAdapterRequest, str, content_type=TEXT, errors=(400, 401, 404, 413, 415, 422)),
+    Route("GET", "/v1/adapters", adapter_api.list_adapters,
+          "The registered adapters: source, rank, bytes per tier, state, use", _ADAPTERS,
+          response=AdapterList, errors=(401,)),
 )  # fmt: skip

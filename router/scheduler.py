@@ -17,8 +17,9 @@ Policy (TGI v3's loop without prefill chunking, and without preemption):
   last prefill (TGI's policy; our default ratio is 0, not TGI's 0.3: a join step is cheap, see config).
 - Requests for different adapters share prefills and decode steps; each carries its adapter slot.
 - After every step, finished sequences (eos, stop sequence, length) leave at once: one Release call, then
-  their blocks are freed. Sequences whose client went away are released at the next step boundary (or
-  simply dropped from the queue if they had not started).
+  their blocks are freed and their adapter leases released (`_free`: the workers no longer run them, so
+  the registry may now evict or unload their adapter). Sequences whose client went away are released at
+  the next step boundary (or simply dropped from the queue if they had not started).
 - A worker error fails exactly the sequences of that step with a 424 generation error; the loop goes on.
 
 Each sequence reports its tokens as events on its own queue (see `router.sequence`).
@@ -32,6 +33,7 @@ import time
 from collections.abc import Sequence as Seq
 
 from proto import generate_pb2 as pb
+from router.adapters import AdapterLease
 from router.block_manager import BlockManager
 from router.client import ShardedClient, WorkerError
 from router.errors import GenerationError
@@ -69,8 +71,10 @@ class Scheduler:
 
     # ---- called by request handlers -------------------------------------------------------------
 
-    def submit(self, params: SequenceParams) -> Sequence:
-        seq = Sequence(self._next_id, params, self.tokenizer)
+    def submit(self, params: SequenceParams, lease: AdapterLease | None = None) -> Sequence:
+        """Queue a sequence; `lease` (its adapter's, matching params.lora_slot) is released when it is
+        freed."""
+        seq = Sequence(self._next_id, params, self.tokenizer, lease=lease)
         self._next_id += 1
         self.queue.append(seq)
         self._wake.set()
@@ -82,7 +86,7 @@ class Scheduler:
             return
         seq.cancelled = True
         if seq.status is Status.WAITING and self.queue.remove(seq):
-            seq.status = Status.FINISHED
+            self._free(seq)
         self._wake.set()
 
     def load(self) -> Load:
@@ -133,6 +137,7 @@ class Scheduler:
         for seq in list(self.queue):
             self.queue.remove(seq)
             seq.fail(error)
+            self._free(seq)
         for seq in self.running:
             seq.fail(error)
         # asyncio.timeout, not wait_for: on 3.11 wait_for can swallow a cancellation that races its result.
@@ -164,6 +169,7 @@ class Scheduler:
         self.queue.remove(seq)
         log.error("request %d (%d tokens) does not fit an empty batch; failing it", seq.id, seq.num_tokens)
         seq.fail(GenerationError(f"the request needs {seq.num_tokens} tokens of KV cache, which cannot fit"))
+        self._free(seq)
 
     async def _prefill(self, new: list[Sequence]) -> None:
         self._start(new)
@@ -242,6 +248,12 @@ class Scheduler:
         except WorkerError as e:
             log.warning("Release of %s failed: %s", sorted(ids), e)
         for seq in seqs:
-            self.blocks.free(seq.blocks)
-            seq.blocks = []
-            seq.status = Status.FINISHED
+            self._free(seq)
+
+    def _free(self, seq: Sequence) -> None:
+        """`seq` is done and no worker holds it: its blocks and its adapter lease go back."""
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
+        seq.status = Status.FINISHED
+        if seq.lease is not None:
+            seq.lease.release()

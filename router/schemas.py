@@ -1,7 +1,9 @@
 """TGI's request bodies as pydantic models, and the JSON shapes of its responses.
 
-Requests accept what real clients send: unknown keys are ignored (lorax's `adapter_source` and
-`api_token`: adapters are picked by their loaded id) and an explicit `null` means "use the default".
+Requests accept what real clients send: unknown keys are ignored (lorax's `api_token`) and an explicit
+`null` means "use the default". lorax's `adapter_source` ("local": the adapter roots, "hub": the HF
+cache and the Hub) narrows where an adapter that is not registered yet is looked for; a registered name
+is used whatever it says.
 lorax-client's features this server lacks (`merged_adapters`, `response_format`, `ignore_eos_token`,
 `return_k_alternatives`) are parsed so that validation can refuse them when set, not silently ignore
 them. Types are strict (no "20" for 20), as in TGI's serde types, and numbers are finite: Python's json
@@ -40,6 +42,7 @@ def problems(e: PydanticValidationError) -> str:
 
 class GenerateParameters(RequestBody):
     adapter_id: str | None = None
+    adapter_source: str | None = None
     best_of: int | None = None
     decoder_input_details: bool = False
     details: bool = False
@@ -126,3 +129,21 @@ def generate_response_json(
                 {"generated_text": prefix + r.generated_text, **details_json(r, prefill)} for r in others
             ]
     return out
+
+
+# ---- adapter management (router/adapter_api.py) ----------------------------------------------------
+
+
+class LoadLoraAdapterRequest(RequestBody):
+    """vLLM's body (its other keys, such as `load_inplace`, are ignored), plus SGLang's `pinned`."""
+
+    lora_name: str
+    """The name requests will use as `adapter_id` (or OpenAI `model`)."""
+    lora_path: str
+    """A directory inside an adapter root (LORA_ADAPTER_ROOTS), or a Hugging Face repo id."""
+    pinned: bool = False
+    """Never evicted (until unloaded)."""
+
+
+class UnloadLoraAdapterRequest(RequestBody):
+    lora_name: str

@@ -22,6 +22,7 @@ import time
 from dataclasses import dataclass, field
 
 from proto import generate_pb2 as pb
+from router.adapters import AdapterLease
 from router.errors import ApiError
 from router.tokenizer import IncrementalDetokenizer, ModelTokenizer
 
@@ -49,12 +50,14 @@ class Token:
 @dataclass(frozen=True)
 class SequenceParams:
     """A sequence's request. The workers get the prompt, `sampling` (the message itself), the adapter slot
-    and `prompt_logprobs`; `max_new_tokens` and `stop` are the router's stop criteria."""
+    with the load generation it must hold, and `prompt_logprobs`; `max_new_tokens` and `stop` are the
+    router's stop criteria."""
 
     input_ids: tuple[int, ...]
     max_new_tokens: int
     sampling: pb.SamplingParameters
     lora_slot: int = 0
+    adapter_generation: int = 0  # 0 with slot 0
     stop: tuple[str, ...] = ()
     prompt_logprobs: bool = False
 
@@ -135,6 +138,7 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)
     queued_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
+    lease: AdapterLease | None = None  # the adapter's, released by the scheduler when it frees the sequence
 
     def __post_init__(self) -> None:
         self._detok = IncrementalDetokenizer(self.tokenizer, list(self.params.input_ids))
@@ -159,6 +163,7 @@ class Sequence:
             token_ids=self.params.input_ids,
             block_table=self.blocks,
             lora_slot=self.params.lora_slot,
+            adapter_generation=self.params.adapter_generation,
             parameters=self.params.sampling,
             prompt_logprobs=self.params.prompt_logprobs,
         )

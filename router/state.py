@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from aiohttp import web
 
 from proto import generate_pb2 as pb
-from router.adapters import AdapterRegistry
+from router.adapter_registry import AdapterRegistry
 from router.client import ShardedClient
 from router.config import RouterConfig
 from router.errors import OverloadedError

@@ -1,10 +1,11 @@
-"""TGI's request validation: the same checks, order and messages (router/src/validation.rs), plus adapters.
+"""TGI's request validation: the same checks, order and messages (router/src/validation.rs).
 
 Checks run in TGI's order, so the first failing one gives the message TGI gives: best_of and sampling,
 temperature, repetition_penalty, frequency_penalty, top_p, typical_p, top_k, max_new_tokens, stop, seed,
 top_n_tokens, empty inputs, truncate, then (after tokenizing) total tokens before input length. The
-adapter comes resolved (router/lifecycle.py, which reports an unknown id after these checks: a 422 here,
-where TGI silently serves the base model). The sampling fields become the proto message the workers get.
+adapter is not validation's business: router/lifecycle.py resolves it after these checks (an unknown id
+is a 422 there, where TGI silently serves the base model) and sets the sequences' slot and generation.
+The sampling fields become the proto message the workers get.
 """
 
 from __future__ import annotations
@@ -12,7 +13,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from proto import generate_pb2 as pb
-from router.adapters import AdapterInfo
 from router.errors import ValidationError
 from router.limits import Limits
 from router.schemas import GenerateParameters, GenerateRequest
@@ -25,8 +25,7 @@ _U64_MAX = 2**64 - 1
 @dataclass(frozen=True)
 class ValidRequest:
     inputs: str
-    params: SequenceParams  # seed left at 0 when the request gave none (see `seed`)
-    adapter: AdapterInfo | None  # None: the base model
+    params: SequenceParams  # seed left at 0 when the request gave none (see `seed`); slot 0
     seed: int | None
     best_of: int
     details: bool
@@ -40,14 +39,9 @@ class Validator:
         self.tokenizer = tokenizer
 
     def validate(
-        self,
-        request: GenerateRequest,
-        adapter: AdapterInfo | None,
-        *,
-        stream: bool = False,
-        add_special_tokens: bool = True,
+        self, request: GenerateRequest, *, stream: bool = False, add_special_tokens: bool = True
     ) -> ValidRequest:
-        """`request` for `adapter` (None: the base model), whatever its `adapter_id` says.
+        """`request`, whatever its `adapter_id` says (the parameters name the base model's slot 0).
 
         `add_special_tokens=False` for inputs that already hold them (a rendered chat template)."""
         p = request.parameters
@@ -145,11 +139,9 @@ class Validator:
                 input_ids=tuple(input_ids),
                 max_new_tokens=max_new,
                 sampling=sampling,
-                lora_slot=0 if adapter is None else adapter.slot,
                 stop=tuple(p.stop),
                 prompt_logprobs=p.decoder_input_details,
             ),
-            adapter=adapter,
             seed=p.seed,
             best_of=best_of,
             details=p.details or p.decoder_input_details,

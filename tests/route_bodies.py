@@ -1,4 +1,6 @@
-"""A request body each POST generation route accepts, shared by the access tests."""
+"""A request body each POST route accepts, shared by the access tests (in sorted order, the load route's
+body comes before the unload route's, which unloads what it loaded: `a_r4` lies in both test setups'
+adapter roots)."""
 
 BODIES = {
     "/generate": {"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
@@ -11,4 +13,6 @@ BODIES = {
         "messages": [{"role": "user", "content": "Hi"}],
         "max_tokens": 2,
     },
+    "/v1/load_lora_adapter": {"lora_name": "access-check", "lora_path": "a_r4"},
+    "/v1/unload_lora_adapter": {"lora_name": "access-check"},
 }

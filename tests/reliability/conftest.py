@@ -1,8 +1,9 @@
 """Reliability fixtures: the tiny e2e model and adapters, and launcher processes on loopback.
 
 `served` is one launcher shared by the tests that leave it running (load, disconnects, access): API_KEY
-set, few concurrent requests (so a load test meets 429s), the public gRPC API on a free port. Tests that
-kill or stop a server start their own with `launch`.
+set, few concurrent requests (so a load test meets 429s), the public gRPC API on a free port, and the
+e2e adapters' directory as its adapter root (so the load route has adapters to load). Tests that kill
+or stop a server start their own with `launch`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,7 @@ def served(e2e_model_dir, e2e_adapters, tmp_path_factory):  # noqa: F811
         MAX_CONCURRENT_REQUESTS=str(MAX_CONCURRENT_REQUESTS),
         PAYLOAD_LIMIT=str(PAYLOAD_LIMIT),
         GRPC_PORT="0",
+        LORA_ADAPTER_ROOTS=str(next(iter(e2e_adapters.values())).parent),
     )
     server = Server(tmp_path_factory.mktemp("served") / "launcher.log", env=env)
     try:

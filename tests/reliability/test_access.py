@@ -1,6 +1,7 @@
-"""Access to a running launcher: API_KEY on every generation route (HTTP routes taken from the app's own
-route table, RPCs from the public service's descriptor, so a new one cannot slip by), PAYLOAD_LIMIT, the
-worker sockets' permissions, and no API_KEY on a child's command line or in its environment."""
+"""Access to a running launcher: API_KEY on every POST route and private GET route (HTTP routes taken from
+the app's own route table, RPCs from the public service's descriptor, so a new one cannot slip by),
+PAYLOAD_LIMIT, the worker sockets' permissions, and no API_KEY on a child's command line or in its
+environment."""
 
 from __future__ import annotations
 
@@ -15,9 +16,11 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import message_factory
+from google.protobuf.message import Message
 
 from proto import public_pb2 as pb
 from router.app import create_app
+from router.auth import PRIVATE_GET_ROUTES
 from router.config import RouterConfig
 from tests.reliability.conftest import API_KEY, PAYLOAD_LIMIT
 from tests.reliability.scrape import grpc_port
@@ -69,7 +72,9 @@ def test_every_http_generation_route_needs_the_key(served):
     for method, path in sorted(routes - {("POST", p) for p in posts}):
         assert method == "GET", (method, path)
         status, body = request(served.url + path, "GET", None, None)
-        assert status == 200, (path, body)
+        assert status == (401 if path in PRIVATE_GET_ROUTES else 200), (path, body)
+        if path in PRIVATE_GET_ROUTES:
+            assert request(served.url + path, "GET", None, API_KEY)[0] == 200, path
 
 
 def _stub_call(channel: grpc.Channel, method):
@@ -89,24 +94,38 @@ def _invoke(call, message, token: str | None) -> grpc.StatusCode:
     metadata = () if token is None else (("authorization", f"Bearer {token}"),)
     try:
         result = call(message, metadata=metadata, timeout=60)
-        if not isinstance(result, pb.GenerateResponse):
+        if not isinstance(result, Message):
             list(result)  # a stream: read it to its end
     except grpc.RpcError as err:
         return err.code()
     return grpc.StatusCode.OK
 
 
+# Each RPC's fields for a call that succeeds, and the string field a too large message fills (None: the
+# message has no field to fill). In order, LoadAdapter loads what UnloadAdapter unloads.
+_GENERATE = {"inputs": "Hi", "parameters": pb.GenerateParameters(max_new_tokens=2)}
+RPC_MESSAGES = {
+    "Generate": (_GENERATE, "inputs"),
+    "GenerateStream": (_GENERATE, "inputs"),
+    "LoadAdapter": ({"lora_name": "grpc-access", "lora_path": "b_r8"}, "lora_path"),
+    "UnloadAdapter": ({"lora_name": "grpc-access"}, "lora_name"),
+    "ListAdapters": ({}, None),
+}
+
+
 def test_every_rpc_needs_the_key_and_obeys_the_payload_limit(served):
-    assert len(SERVICE.methods) >= 2
+    assert [m.name for m in SERVICE.methods] == list(RPC_MESSAGES)  # a new RPC gets its message here
     with grpc.insecure_channel(f"127.0.0.1:{grpc_port(served)}") as channel:
         for method in SERVICE.methods:
             request_cls, call = _stub_call(channel, method)
-            message = request_cls(inputs="Hi", parameters=pb.GenerateParameters(max_new_tokens=2))
+            fields, big_field = RPC_MESSAGES[method.name]
+            message = request_cls(**fields)
             for token in (None, "wrong"):
                 assert _invoke(call, message, token) == grpc.StatusCode.UNAUTHENTICATED, method.name
             assert _invoke(call, message, API_KEY) == grpc.StatusCode.OK, method.name
-            big = request_cls(inputs="x" * (PAYLOAD_LIMIT + 1))
-            assert _invoke(call, big, API_KEY) == grpc.StatusCode.RESOURCE_EXHAUSTED, method.name
+            if big_field is not None:
+                big = request_cls(**{big_field: "x" * (PAYLOAD_LIMIT + 1)})
+                assert _invoke(call, big, API_KEY) == grpc.StatusCode.RESOURCE_EXHAUSTED, method.name
 
 
 def post_chunked(port: int, path: str, chunks: list[bytes]) -> tuple[int, bytes]:

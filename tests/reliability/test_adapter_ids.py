@@ -1,7 +1,8 @@
-"""No request field makes the router read a file it was not configured with: adapter ids that look like
-paths (absolute, `..`, a configured adapter's own path or source) are refused with a 4xx naming the
-field, on every route and RPC that takes one, and nothing is opened or loaded meanwhile (the opens are
-watched with a Python audit hook; the fake workers record every LoadAdapter)."""
+"""No request field makes the router read a file outside its adapter roots and HF cache: adapter ids that
+look like paths (absolute, `..`, a configured adapter's own path or source) are refused with a 4xx naming
+the field, on every route and RPC that takes one (gRPC: INVALID_ARGUMENT), as are such `lora_path`s on
+the load route, and nothing is opened or loaded meanwhile (the opens are watched with a Python audit
+hook; the fake workers record every LoadAdapter)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from proto.public_pb2_grpc import TextGenerationStub
 from router.grpc_service import GRPC_PORT
 from tests.router.conftest import (  # noqa: F401 - fixtures
     ADAPTER_IDS,
+    adapter_root,
     encode,
     sock_dir,
     start_router,
@@ -98,8 +100,11 @@ async def test_path_like_adapter_ids_are_refused_without_reading_files(start_rou
                         await result.read()
                     else:
                         await result
-                assert err.value.code() == grpc.StatusCode.NOT_FOUND, bad
+                assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad
                 assert bad in err.value.details(), bad
+            resp = await h.http.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": bad})
+            text = await resp.text()
+            assert resp.status == 400 and "refused" in text and bad in text.replace("\\/", "/"), (bad, text)
     finally:
         watch.recording.clear()
         await channel.close()

@@ -22,6 +22,7 @@ from schemathesis.checks import positive_data_acceptance
 
 from router import routes
 from tests.router.conftest import (  # noqa: F401 - fixtures
+    adapter_root,
     encode,
     sock_dir,
     start_router,

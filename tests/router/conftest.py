@@ -1,4 +1,5 @@
-"""Router test fixtures: a tiny byte-level tokenizer, fake worker ranks, and the app under a test client."""
+"""Router test fixtures: a tiny byte-level tokenizer, fake worker ranks, an adapter root, and the app under
+a test client."""
 
 from __future__ import annotations
 
@@ -22,8 +23,16 @@ from tests.router.fake_worker import FakeWorker, serve_fakes
 
 BASE_MODEL_ID = "tiny-base"
 ADAPTER_IDS = ("org/adapter-one", "adapter-two")
-# What each adapter slot generates before EOS (slot 0 = base model).
+# What each adapter slot generates before EOS (slot 0 = base model; 1 and 2 hold ADAPTER_IDS at startup).
 SCRIPTS = {0: " hello world, said the base", 1: " one one one one one", 2: " two, two; two. two"}
+# Adapters in the adapter root every router gets (ROOT_ADAPTERS): what the fake makes them generate.
+ROOT_ADAPTERS = (*(f"lora-{i:02d}" for i in range(16)), "org/lora-x", "a_r4", "b_r8", "c_r16")
+
+
+def root_text(adapter_id: str) -> str:
+    return f" <{adapter_id}>"
+
+
 # The tiny tokenizer's chat template; it writes BOS itself, so the router must not add another.
 CHAT_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
@@ -71,6 +80,22 @@ def encode(tiny_tokenizer_dir):
     return lambda text: tok.encode(text, add_special_tokens=False).ids
 
 
+def write_fake_adapter(directory: Path) -> Path:
+    """A directory the resolver accepts (the fake workers never read it)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "adapter_config.json").write_text(json.dumps({"r": 8, "peft_type": "LORA"}))
+    (directory / "adapter_model.safetensors").write_bytes(b"\0" * 100)
+    return directory
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapter-root")
+    for name in ROOT_ADAPTERS:
+        write_fake_adapter(root / name)
+    return root
+
+
 @pytest.fixture
 def sock_dir():
     # Unix socket paths are limited to ~108 bytes; pytest's tmp_path can be longer.
@@ -101,15 +126,29 @@ class Harness:
 
 
 @pytest.fixture
-async def start_router(tiny_tokenizer_dir, sock_dir, encode):
-    """`await start_router(world_size=2, fake={...}, **RouterConfig overrides)` -> Harness."""
+async def start_router(tiny_tokenizer_dir, sock_dir, encode, adapter_root, tmp_path):
+    """`await start_router(world_size=2, fake={...}, **RouterConfig overrides)` -> Harness.
+
+    The router has `adapter_root` as its adapter root and an empty HF cache of its own."""
     async with contextlib.AsyncExitStack() as stack:
 
         async def start(*, world_size: int = 2, fake: dict | None = None, adapters=ADAPTER_IDS, **overrides):
-            script = {slot: encode(text) for slot, text in SCRIPTS.items()}
+            script = {
+                0: encode(SCRIPTS[0]),
+                ADAPTER_IDS[0]: encode(SCRIPTS[1]),
+                ADAPTER_IDS[1]: encode(SCRIPTS[2]),
+            }
             fakes, paths = await stack.enter_async_context(
-                serve_fakes(sock_dir, world_size, script=script, **(fake or {}))
+                serve_fakes(
+                    sock_dir,
+                    world_size,
+                    script=script,
+                    default_script=lambda adapter_id: encode(root_text(adapter_id)),
+                    **(fake or {}),
+                )
             )
+            overrides.setdefault("adapter_roots", [str(adapter_root)])
+            overrides.setdefault("hf_cache_dir", str(tmp_path / "hf-cache"))
             config = RouterConfig(
                 model_id=BASE_MODEL_ID,
                 model_dir=str(tiny_tokenizer_dir),

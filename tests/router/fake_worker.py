@@ -1,10 +1,15 @@
 """A scripted worker rank implementing proto/generate.proto, for router tests (grpc.aio, unix sockets).
 
-Each sequence generates `script[lora_slot]` (token ids) one token per step, then EOS, so the text a
-request gets is known in advance and depends on its adapter. Logprobs are -(step + 1) / 10, shifted by
-the seed when sampling so best_of has something to choose. The fake checks what a real worker would
-(unknown or duplicate ids, block tables too small for the tokens, unloaded slots, two live sequences
-sharing a block) and records every request it receives.
+Each sequence generates its adapter's script (token ids) one token per step, then EOS, so the text a
+request gets is known in advance and depends on the adapter whose weights its slot holds: `script` by
+adapter id, else by slot (0: the base model), else `default_script(adapter_id)`. Logprobs are
+-(step + 1) / 10, shifted by the seed when sampling so best_of has something to choose. The fake checks
+what a real worker would (unknown or duplicate ids, block tables too small for the tokens, two live
+sequences sharing a block) and follows the adapter rules of proto/generate.proto: LoadAdapter only into
+an empty slot, with a generation > 0; UnloadAdapter only with the slot's generation and while no running
+sequence uses the slot; a row whose `adapter_generation` is not its slot's fails the step loudly. It
+records every request it receives; `load_delay`, `load_gate` and `failing_adapters` slow, hold or fail
+loads.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ class FakeSequence:
     prompt: list[int]
     block_table: list[int]
     slot: int
+    adapter_id: str | None
     params: pb.SamplingParameters
     generated: list[int] = field(default_factory=list)
 
@@ -42,7 +48,8 @@ class FakeWorker(TextGenerationServiceServicer):
         rank: int = 0,
         world_size: int = 1,
         *,
-        script: dict[int, list[int]],
+        script: dict[int | str, list[int]],
+        default_script=None,
         num_blocks: int = 64,
         block_size: int = 4,
         num_adapter_slots: int = 4,
@@ -52,6 +59,7 @@ class FakeWorker(TextGenerationServiceServicer):
         self.rank = rank
         self.world_size = world_size
         self.script = script
+        self.default_script = default_script  # adapter id -> token ids, for adapters `script` lacks
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.num_adapter_slots = num_adapter_slots
@@ -59,7 +67,10 @@ class FakeWorker(TextGenerationServiceServicer):
         self.token_shift = token_shift  # other ranks may answer differently: the router must use rank 0
         self.calls: list[tuple[str, object]] = []
         self.sequences: dict[int, FakeSequence] = {}
-        self.adapters: dict[int, str] = {}
+        self.slots: dict[int, tuple[str, int]] = {}  # slot -> (adapter id, generation)
+        self.load_delay = 0.0
+        self.load_gate: asyncio.Event | None = None  # loads wait for it while set to an unset Event
+        self.mismatches: list[str] = []  # rows refused for naming another generation than their slot's
         self.step_delay = 0.0
         self.healthy = True
         self.fail_next: dict[str, str] = {}  # method -> error detail, for the next call only
@@ -77,9 +88,23 @@ class FakeWorker(TextGenerationServiceServicer):
     def requests(self, method: str) -> list:
         return [r for m, r in self.calls if m == method]
 
+    @property
+    def adapters(self) -> dict[int, str]:
+        """slot -> the adapter id it holds."""
+        return {slot: adapter_id for slot, (adapter_id, _) in self.slots.items()}
+
+    def _script(self, slot: int, adapter_id: str | None) -> list[int]:
+        if adapter_id is not None and adapter_id in self.script:
+            return self.script[adapter_id]
+        if slot in self.script:
+            return self.script[slot]
+        if adapter_id is not None and self.default_script is not None:
+            return self.default_script(adapter_id)
+        return []
+
     def _next(self, seq: FakeSequence) -> pb.Generation:
         step = len(seq.generated)
-        script = self.script.get(seq.slot, [])
+        script = self._script(seq.slot, seq.adapter_id)
         token = script[step] + self.token_shift if step < len(script) else EOS_ID
         logprob = -(step + 1) / 10
         if seq.params.do_sample:
@@ -121,16 +146,47 @@ class FakeWorker(TextGenerationServiceServicer):
 
     async def LoadAdapter(self, request, context):
         await self._enter("LoadAdapter", request, context)
+        if self.load_gate is not None:
+            await self.load_gate.wait()
+        await asyncio.sleep(self.load_delay)
         if request.adapter_id in self.failing_adapters:
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, f"{request.path}: adapter_config.json not found"
             )
         if not 1 <= request.slot <= self.num_adapter_slots:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"no slot {request.slot}")
-        self.adapters[request.slot] = request.adapter_id
+        if request.generation == 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "generation must be > 0")
+        if request.slot in self.slots:
+            held, generation = self.slots[request.slot]
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"slot {request.slot} holds {held!r} (generation {generation}); unload it first",
+            )
+        self.slots[request.slot] = (request.adapter_id, request.generation)
         return pb.LoadAdapterResponse(
-            lora_rank=8 * request.slot, alpha=16.0, target_modules=["q_proj", "v_proj"], load_ns=1000
+            lora_rank=8 * request.slot,
+            alpha=16.0,
+            target_modules=["q_proj", "v_proj"],
+            load_ns=1000,
+            weight_bytes=1000 * request.slot,
         )
+
+    async def UnloadAdapter(self, request, context):
+        await self._enter("UnloadAdapter", request, context)
+        held = self.slots.get(request.slot)
+        if held is None or held[1] != request.generation:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"slot {request.slot} does not hold generation {request.generation} (it holds {held})",
+            )
+        users = sorted(s.request_id for s in self.sequences.values() if s.slot == request.slot)
+        if users:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, f"slot {request.slot} is in use by requests {users}"
+            )
+        del self.slots[request.slot]
+        return pb.UnloadAdapterResponse()
 
     async def Prefill(self, request, context):
         await self._enter("Prefill", request, context)
@@ -170,8 +226,14 @@ class FakeWorker(TextGenerationServiceServicer):
                 problem = f"request {new.request_id}: blocks {sorted(new.block_table)} are in use"
             elif not all(0 <= b < self.num_blocks for b in new.block_table):
                 problem = f"request {new.request_id}: block out of range"
-            elif new.lora_slot and new.lora_slot not in self.adapters:
+            elif new.lora_slot and new.lora_slot not in self.slots:
                 problem = f"request {new.request_id}: no adapter in slot {new.lora_slot}"
+            elif new.adapter_generation != (self.slots[new.lora_slot][1] if new.lora_slot else 0):
+                problem = (
+                    f"request {new.request_id}: slot {new.lora_slot} holds generation "
+                    f"{self.slots.get(new.lora_slot, (None, 0))[1]}, the row expects {new.adapter_generation}"
+                )
+                self.mismatches.append(problem)
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             used |= set(new.block_table)
@@ -179,8 +241,14 @@ class FakeWorker(TextGenerationServiceServicer):
     def _start(self, sequences) -> list:
         out = []
         for new in sequences:
+            adapter_id = self.slots[new.lora_slot][0] if new.lora_slot else None
             seq = FakeSequence(
-                new.request_id, list(new.token_ids), list(new.block_table), new.lora_slot, new.parameters
+                new.request_id,
+                list(new.token_ids),
+                list(new.block_table),
+                new.lora_slot,
+                adapter_id,
+                new.parameters,
             )
             self.sequences[new.request_id] = seq
             gen = self._next(seq)

@@ -1,10 +1,11 @@
-"""API_KEY (401 on generation routes, info routes open), PAYLOAD_LIMIT (413), and POST /tokenize."""
+"""API_KEY (401 on every POST route and GET /v1/adapters, info routes open), PAYLOAD_LIMIT (413), and POST
+/tokenize."""
 
 from __future__ import annotations
 
 import pytest
 
-from router.auth import authorized
+from router.auth import PRIVATE_GET_ROUTES, authorized
 from tests.route_bodies import BODIES  # a POST route missing there is only checked for 401
 
 KEY = "s3cret-Key"
@@ -32,13 +33,20 @@ async def test_every_generation_route_needs_the_key(start_router):
     assert h.state.metrics.registry.get_sample_value("tgi_request_failure_total") is None
 
 
-async def test_info_routes_stay_open(start_router):
+async def test_info_routes_stay_open_and_private_ones_need_the_key(start_router):
     h = await start_router(api_key=KEY)
     gets = _routes(h, "GET")
     assert {"/health", "/info", "/metrics", "/docs", "/api-doc/openapi.json"} <= set(gets)
+    assert set(gets) >= PRIVATE_GET_ROUTES == {"/v1/adapters"}
     for path in gets:
         resp = await h.http.get(path)
-        assert resp.status == 200, (path, resp.status)
+        assert resp.status == (401 if path in PRIVATE_GET_ROUTES else 200), (path, resp.status)
+    for path in PRIVATE_GET_ROUTES:
+        for headers in ({"Authorization": "Bearer wrong"}, {"Authorization": KEY}):
+            resp = await h.http.get(path, headers=headers)
+            assert resp.status == 401 and await resp.json() == UNAUTHORIZED
+        resp = await h.http.get(path, headers={"Authorization": f"Bearer {KEY}"})
+        assert resp.status == 200, path
     # Unknown routes and wrong methods keep their own errors.
     assert (await h.http.post("/nope", json={})).status == 404
     assert (await h.http.post("/info", json={})).status == 405

@@ -149,8 +149,9 @@ async def test_unknown_model_is_404_in_openai_envelope(start_router, stream):
     h = await start_router()
     expected = {
         "error": {
-            "message": "The model `nope` does not exist; GET /v1/models lists the base model and its "
-            "adapters",
+            "message": "The model `nope` does not exist (adapter 'nope' not found; looked in: adapter roots "
+            f"'{h.config.adapter_roots[0]}'; the Hugging Face cache; the Hub (download disabled: set "
+            "ADAPTER_DOWNLOAD=true to allow it)); GET /v1/models lists the base model and its adapters",
             "type": "invalid_request_error",
             "code": "model_not_found",
             "param": "model",

@@ -56,6 +56,8 @@ async def test_info_fields_and_adapters(start_router):
             "alpha": 16.0,
             "use_rslora": False,
             "target_modules": ["q_proj", "v_proj"],
+            "state": "resident",
+            "pinned": True,
         }
         for slot, aid in enumerate(ADAPTER_IDS, start=1)
     ]

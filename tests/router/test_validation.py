@@ -38,10 +38,7 @@ CASES = [
         "`inputs` tokens + `max_new_tokens` must be <= 256. "
         "Given: 6 `inputs` tokens and 251 `max_new_tokens`",
     ),
-    (
-        {"adapter_id": "nope"},
-        "adapter `nope` is not loaded; `GET /info` lists the loaded adapters",
-    ),
+    ({"adapter_id": "../nope"}, "adapter '../nope' refused: it contains a '..' component"),
 ]
 
 
