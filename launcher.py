@@ -9,7 +9,8 @@ children receive as JSON: a worker on its command line (`--config-json`), the ro
 `ps`. API_KEY is also left out of the children's environment.
 Startup: resolve the model and the LORA_ADAPTERS entries to local directories, start NUM_SHARD workers
 (`python -m worker`), wait until each listens on its socket, then start the router (`python -m router`),
-which loads the adapters and serves HTTP.
+which loads the LORA_ADAPTERS and serves HTTP; other adapters it loads when requests name them
+(LORA_ADAPTER_ROOTS, the Hugging Face cache, the Hub with ADAPTER_DOWNLOAD).
 One tensor-parallel group can span NUM_NODES nodes, one launcher each (launch/nodes.py): node NODE_RANK
 starts its share of the ranks; only node 0 starts the router, which reaches the other nodes' ranks over
 TCP (WORKER_ADDRESSES) with WORKER_TOKEN.

@@ -19,7 +19,7 @@ from launch import nodes
 from launch.adapters import AdapterSpec, ResolvedAdapter, parse_lora_adapters, resolve_adapters
 from launch.dtype import auto_dtype
 from launch.model_source import ModelSourceError, resolve_model_dir
-from launch.settings import Settings, SettingsError
+from launch.settings import MIN_AUTO_LORA_RANK, RUNTIME_ADAPTER_SLOTS, Settings, SettingsError
 from router.config import AdapterSource, RouterConfig
 
 if TYPE_CHECKING:
@@ -27,8 +27,6 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("launcher")
 
-# LoRA rank the workers reserve when no adapter is configured (LoRA is then off: zero slots).
-FALLBACK_LORA_RANK = 8
 UDS_MAX_BYTES = 107  # sun_path is 108 bytes with the trailing NUL
 
 
@@ -42,20 +40,23 @@ def compose(
     """One WorkerConfig per rank and the RouterConfig; shared values are written into both here."""
     from worker.config import WorkerConfig
 
-    largest = max((a.lora_rank for a in adapters), default=None)
-    max_lora_rank = settings.max_lora_rank or largest or FALLBACK_LORA_RANK
-    if largest is not None and max_lora_rank < largest:
+    largest = max((a.lora_rank for a in adapters), default=0)
+    max_lora_rank = settings.max_lora_rank or max(largest, MIN_AUTO_LORA_RANK)
+    if max_lora_rank < largest:
         worst = max(adapters, key=lambda a: a.lora_rank)
         raise SettingsError(
             f"MAX_LORA_RANK ({max_lora_rank}) is below the LoRA rank {worst.lora_rank} of adapter "
             f"{worst.spec.id!r}"
         )
-    slots = len(adapters) if settings.max_lora_adapters is None else settings.max_lora_adapters
+    slots = settings.max_lora_adapters
+    if slots is None:
+        slots = len(adapters) + RUNTIME_ADAPTER_SLOTS
     if slots < len(adapters):
         raise SettingsError(
             f"MAX_LORA_ADAPTERS ({slots}) is below the number of LORA_ADAPTERS ({len(adapters)}); "
-            "every adapter is loaded at startup"
+            "each of them is loaded at startup and pinned to a slot"
         )
+    hf_cache = settings.hf_cache_dir()
     common: dict[str, Any] = dict(
         model_dir=model_dir,
         dtype=settings.resolved_dtype(device),
@@ -84,6 +85,9 @@ def compose(
             adapters=[
                 AdapterSource(id=a.spec.id, source=_source(a.spec), path=str(a.path)) for a in adapters
             ],
+            adapter_roots=settings.adapter_roots,
+            adapter_download=settings.adapter_download,
+            hf_cache_dir=None if hf_cache is None else str(hf_cache),
             max_input_tokens=settings.max_input_tokens,
             max_total_tokens=settings.max_total_tokens,
             max_batch_prefill_tokens=settings.max_batch_prefill_tokens,
@@ -148,7 +152,7 @@ def prepare(settings: Settings) -> tuple[list[WorkerConfig], RouterConfig, Path]
     if settings.dtype is None:
         choice = auto_dtype(device)
         logger.info("DTYPE auto: %s (%s)", choice.dtype, choice.reason)
-    hf_cache = settings.huggingface_hub_cache.expanduser() if settings.huggingface_hub_cache else None
+    hf_cache = settings.hf_cache_dir()
     try:
         model_dir = resolve_model_dir(
             settings.model_id,

@@ -6,12 +6,13 @@ value is a `SettingsError` naming the setting by both names. `settings_table` re
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import ByteSize, Field, ValidationError, model_validator
+from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from launch import nodes
@@ -21,6 +22,10 @@ from router.config import RouterConfig
 
 CPU_KV_CACHE_MEMORY = 1 << 30
 CUDA_KV_CACHE_MEMORY = 8 << 30
+# MAX_LORA_ADAPTERS auto: the LORA_ADAPTERS plus this many slots for adapters loaded at runtime.
+RUNTIME_ADAPTER_SLOTS = 8
+# MAX_LORA_RANK auto is at least this, so runtime loads of the common ranks (8, 16) fit.
+MIN_AUTO_LORA_RANK = 16
 
 
 def _router_default(name: str) -> Any:
@@ -64,11 +69,31 @@ class Settings(BaseSettings):
         "`name=org/repo[@revision]`. Requests pick one with parameters.adapter_id (`name`, else "
         "`org/name`). Empty: none.",
     )
+    lora_adapter_roots: str = Field(
+        "",
+        description="Comma-separated directories where an adapter_id that is not loaded is looked up "
+        "before the Hugging Face cache: `name` or `org/name` is the PEFT directory `<root>/name` or "
+        "`<root>/org/name` (the first root holding it wins). Each must be an existing directory. Empty: "
+        "none.",
+    )
+    adapter_download: bool = Field(
+        False,
+        description="Download from the Hub an adapter_id (or a load request's repo id) found neither in "
+        "a root nor in the Hugging Face cache. Off by default: any client could otherwise make the server "
+        "download any repo.",
+    )
     max_lora_rank: int | None = Field(
-        None, ge=1, description="Largest LoRA rank the workers reserve (auto: the largest configured)."
+        None,
+        ge=1,
+        description="Largest LoRA rank the workers hold; an adapter above it is refused with a message "
+        f"naming MAX_LORA_RANK (auto: the largest configured, at least {MIN_AUTO_LORA_RANK}).",
     )
     max_lora_adapters: int | None = Field(
-        None, ge=0, description="Adapter slots per worker (auto: the number of LORA_ADAPTERS)."
+        None,
+        ge=0,
+        description="Adapter slots per worker: the LORA_ADAPTERS (pinned) and those loaded at runtime, "
+        "which are evicted least recently used when the slots are full (auto: the number of "
+        f"LORA_ADAPTERS + {RUNTIME_ADAPTER_SLOTS}).",
     )
     max_input_tokens: int | None = Field(None, ge=1, description="auto: from the model and KV cache.")
     max_total_tokens: int | None = Field(None, ge=2, description="Prompt + generated tokens per request.")
@@ -155,6 +180,24 @@ class Settings(BaseSettings):
         90.0, ge=0, description="Seconds in-flight requests get to finish on SIGTERM before a kill."
     )
 
+    @field_validator("lora_adapter_roots")
+    @classmethod
+    def _absolute_roots(cls, text: str) -> str:
+        """Each root must be an existing directory; stored as absolute paths, comma-separated."""
+        if not text.strip():
+            return ""
+        roots = []
+        for position, raw in enumerate(text.split(","), start=1):
+            entry = raw.strip()
+            if not entry:
+                raise ValueError(f"entry {position} is empty")
+            root = os.path.abspath(os.path.expanduser(entry))
+            if not os.path.isdir(root):
+                what = "is not a directory" if os.path.exists(root) else "does not exist"
+                raise ValueError(f"adapter root {entry!r} ({root}) {what}")
+            roots.append(root)
+        return ",".join(roots)
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         limits = (self.max_input_tokens, self.max_total_tokens)
@@ -172,6 +215,16 @@ class Settings(BaseSettings):
     @property
     def node_layout(self) -> nodes.NodeLayout:
         return nodes.NodeLayout(self.num_shard, self.num_nodes, self.node_rank)
+
+    @property
+    def adapter_roots(self) -> list[str]:
+        """LORA_ADAPTER_ROOTS as absolute paths, in order."""
+        return self.lora_adapter_roots.split(",") if self.lora_adapter_roots else []
+
+    def hf_cache_dir(self) -> Path | None:
+        """HUGGINGFACE_HUB_CACHE, absolute, `~` expanded (None: huggingface_hub's default)."""
+        cache = self.huggingface_hub_cache
+        return cache.expanduser().absolute() if cache is not None else None
 
     def resolved_device(self) -> str:
         if self.device is not None:

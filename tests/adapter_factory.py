@@ -84,3 +84,45 @@ def save_random_adapter(
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+def place_in_hf_cache(adapter_dir: Path, cache_dir: Path, repo_id: str, revision: str = "main") -> Path:
+    """Put the files of `adapter_dir` into `cache_dir` as huggingface_hub caches a download of `repo_id`.
+
+    The layout it writes: `models--org--name/blobs/<sha256>`, `snapshots/<commit>/<file>` symlinks to those
+    blobs, `refs/<revision>` holding the commit. Returns the snapshot directory.
+    """
+    import hashlib
+
+    storage = cache_dir / ("models--" + repo_id.replace("/", "--"))
+    files = sorted(p for p in adapter_dir.iterdir() if p.is_file())
+    digests = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+    commit = hashlib.sha1("".join(sorted(digests.values())).encode()).hexdigest()
+    snapshot = storage / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (storage / "blobs").mkdir(exist_ok=True)
+    for path in files:
+        blob = storage / "blobs" / digests[path.name]
+        blob.write_bytes(path.read_bytes())
+        (snapshot / path.name).symlink_to(Path("..", "..", "blobs", blob.name))
+    (storage / "refs").mkdir(exist_ok=True)
+    (storage / "refs" / revision).write_text(commit)
+    return snapshot
+
+
+def reseed_adapter(src_dir: Path, out_dir: Path, seed: int, std: float = 0.1) -> Path:
+    """A copy of the PEFT adapter in `src_dir` (same config, same tensor names and shapes) with new seeded
+    random weights: many distinct adapters for the price of one `save_random_adapter`."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    out_dir.mkdir(parents=True)
+    shutil.copyfile(src_dir / "adapter_config.json", out_dir / "adapter_config.json")
+    gen = torch.Generator().manual_seed(seed)
+    tensors = load_file(src_dir / "adapter_model.safetensors")
+    fresh = {
+        key: (torch.randn(t.shape, generator=gen) * std).to(t.dtype) for key, t in sorted(tensors.items())
+    }
+    save_file(fresh, out_dir / "adapter_model.safetensors", metadata={"format": "pt"})
+    return out_dir

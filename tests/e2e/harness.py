@@ -13,6 +13,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,9 +92,21 @@ class Server:
         return self.wait()
 
 
+@contextlib.contextmanager
+def running(log_path: Path, env: dict[str, str]) -> Iterator[Server]:
+    """A ready Server, stopped on exit; the stop must exit 0."""
+    server = Server(log_path, env=env)
+    try:
+        server.wait_ready()
+        yield server
+    finally:
+        assert server.stop() == 0, server.log()
+
+
 # The launcher's own settings must come from the test, not from the environment pytest runs in.
 _LAUNCHER_ENV = {
     "MODEL_ID", "REVISION", "NUM_SHARD", "HOSTNAME", "PORT", "DEVICE", "DTYPE", "LORA_ADAPTERS",
+    "LORA_ADAPTER_ROOTS", "ADAPTER_DOWNLOAD",
     "MAX_LORA_RANK", "MAX_LORA_ADAPTERS", "MAX_INPUT_TOKENS", "MAX_TOTAL_TOKENS", "MAX_BATCH_PREFILL_TOKENS",
     "MAX_BATCH_TOTAL_TOKENS", "MAX_BATCH_SIZE", "MAX_CONCURRENT_REQUESTS", "KV_CACHE_MEMORY", "BLOCK_SIZE",
     "SHARD_UDS_PATH", "MASTER_ADDR", "MASTER_PORT", "GRACEFUL_TERMINATION_TIMEOUT", "NUM_NODES", "NODE_RANK",
@@ -117,15 +130,20 @@ def get(url: str, timeout: float = 30.0) -> tuple[int, bytes]:
 
 
 def post(url: str, body: dict, timeout: float = 300.0) -> tuple[int, dict]:
+    """The status and the JSON reply; a reply that is not JSON comes as {"text": ...} (an error's as
+    {"error": ...})."""
     request = urllib.request.Request(
         url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}, method="POST"
     )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as resp:
-            return resp.status, json.loads(resp.read())
+            return resp.status, _json_or(resp.read(), "text")
     except urllib.error.HTTPError as err:
-        payload = err.read()
-        try:
-            return err.code, json.loads(payload)
-        except ValueError:
-            return err.code, {"error": payload.decode(errors="replace")}
+        return err.code, _json_or(err.read(), "error")
+
+
+def _json_or(payload: bytes, key: str) -> dict:
+    try:
+        return json.loads(payload)
+    except ValueError:
+        return {key: payload.decode(errors="replace")}

@@ -32,7 +32,7 @@ def test_compose_writes_shared_values_into_both(tmp_path):
     assert [w.rank for w in workers] == [0, 1]
     for w in workers:
         assert (w.world_size, w.dtype, w.device, w.model_dir) == (2, "float32", "cpu", tmp_path)
-        assert (w.max_lora_rank, w.max_adapters, w.kv_cache_bytes, w.block_size) == (16, 2, 64 << 20, 16)
+        assert (w.max_lora_rank, w.max_adapters, w.kv_cache_bytes, w.block_size) == (16, 10, 64 << 20, 16)
         assert WorkerConfig.from_json(w.to_json()) == w
     assert router.worker_uds == ["/s/0", "/s/1"]
     assert [(a.id, a.source, a.path) for a in router.adapters] == [
@@ -41,6 +41,7 @@ def test_compose_writes_shared_values_into_both(tmp_path):
     ]
     assert (router.port, router.model_dir, router.shutdown_timeout_s) == (1234, str(tmp_path), 90.0)
     assert (router.api_key, router.payload_limit, router.grpc_port) == (None, 2_000_000, None)
+    assert (router.adapter_roots, router.adapter_download, router.hf_cache_dir) == ([], False, None)
     _, router = compose(load_settings(["--api-key", "k", "--grpc-port", "0"]), tmp_path, [], ["/s"], "cpu")
     assert (router.api_key, router.grpc_port) == ("k", 0)
     assert RouterConfig.model_validate_json(router.model_dump_json()) == router
@@ -62,8 +63,27 @@ def test_compose_lora_rank_and_slot_limits(tmp_path):
         compose(load_settings(["--max-lora-rank", "16"]), tmp_path, adapters, ["/s"], "cpu")
     with pytest.raises(SettingsError, match=r"MAX_LORA_ADAPTERS \(1\) is below the number of LORA_ADAPTERS"):
         compose(load_settings(["--max-lora-adapters", "1"]), tmp_path, adapters, ["/s"], "cpu")
+    # auto: the LORA_ADAPTERS plus 8 slots for runtime loads; the largest rank, but at least 16.
     workers, router = compose(load_settings([]), tmp_path, [], ["/s"], "cpu")
-    assert (workers[0].max_adapters, workers[0].max_lora_rank, router.adapters) == (0, 8, [])
+    assert (workers[0].max_adapters, workers[0].max_lora_rank, router.adapters) == (8, 16, [])
+    workers, _ = compose(load_settings([]), tmp_path, adapters, ["/s"], "cpu")
+    assert (workers[0].max_adapters, workers[0].max_lora_rank) == (10, 32)
+    workers, _ = compose(load_settings(["--max-lora-adapters", "0"]), tmp_path, [], ["/s"], "cpu")
+    assert workers[0].max_adapters == 0  # LoRA off
+
+
+def test_compose_passes_adapter_lookup_to_the_router(tmp_path, monkeypatch):
+    roots = [tmp_path / "r1", tmp_path / "r2"]
+    for root in roots:
+        root.mkdir()
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", str(tmp_path / "hub"))
+    settings = load_settings(
+        ["--lora-adapter-roots", ",".join(map(str, roots)), "--adapter-download", "true"]
+    )
+    _, router = compose(settings, tmp_path, [], ["/s"], "cpu")
+    assert router.adapter_roots == [str(root) for root in roots]
+    assert (router.adapter_download, router.hf_cache_dir) == (True, str(tmp_path / "hub"))
+    assert RouterConfig.model_validate_json(router.model_dump_json()) == router
 
 
 def test_uds_paths_are_private(tmp_path):

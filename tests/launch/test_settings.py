@@ -20,6 +20,8 @@ def test_defaults():
     assert (s.num_shard, s.port, s.hostname, s.block_size) == (1, 3000, "0.0.0.0", 16)
     assert s.graceful_termination_timeout == 90.0
     assert s.lora_adapters == "" and s.max_lora_rank is None and s.max_lora_adapters is None
+    assert (s.lora_adapter_roots, s.adapter_roots, s.adapter_download) == ("", [], False)
+    assert s.hf_cache_dir() is None
     assert s.multilora_cache == Path("~/.cache/multilora")
     # auto: per machine (tests/launch/test_dtype.py drives both CPU branches)
     assert s.dtype is None and s.resolved_dtype("cpu") == auto_dtype("cpu").dtype
@@ -57,6 +59,37 @@ def test_validation_errors_name_the_setting(monkeypatch, env, argv, named):
         monkeypatch.setenv(key, value)
     with pytest.raises(SettingsError, match=re.escape(named)):
         load_settings(argv)
+
+
+def test_adapter_roots_and_download(monkeypatch, tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("LORA_ADAPTER_ROOTS", "one, two")
+    monkeypatch.setenv("ADAPTER_DOWNLOAD", "true")
+    monkeypatch.setenv("HUGGINGFACE_HUB_CACHE", "hub")
+    s = load_settings([])
+    # Stored absolute, in order (the first root holding an adapter wins).
+    assert s.adapter_roots == [str(tmp_path / "one"), str(tmp_path / "two")]
+    assert s.adapter_download is True and s.hf_cache_dir() == tmp_path / "hub"
+    s = load_settings(["--lora-adapter-roots", str(tmp_path / "two"), "--adapter-download", "false"])
+    assert (s.adapter_roots, s.adapter_download) == ([str(tmp_path / "two")], False)
+
+
+@pytest.mark.parametrize(
+    "roots, named",
+    [
+        ("{tmp}/missing", "adapter root '{tmp}/missing' ({tmp}/missing) does not exist"),
+        ("{tmp}/file", "adapter root '{tmp}/file' ({tmp}/file) is not a directory"),
+        ("{tmp},", "entry 2 is empty"),
+    ],
+)
+def test_adapter_roots_must_be_directories(monkeypatch, tmp_path, roots, named):
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("LORA_ADAPTER_ROOTS", roots.format(tmp=tmp_path))
+    with pytest.raises(SettingsError, match=re.escape("LORA_ADAPTER_ROOTS (--lora-adapter-roots): ")) as err:
+        load_settings([])
+    assert named.format(tmp=tmp_path) in str(err.value)
 
 
 def test_readme_settings_table_is_current():
