@@ -139,3 +139,46 @@ def sgmv_lora_ref(
     y = torch.zeros(x.shape[0], lora_a_stack.shape[1], dtype=torch.float32)
     sgmv_shrink_ref(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
     sgmv_expand_ref(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)
+
+
+def lora_pool_ref(
+    x: torch.Tensor,
+    pool_a_view: torch.Tensor,
+    pool_b_view: torch.Tensor,
+    row_adapter: torch.Tensor,
+    a_rows: torch.Tensor,
+    b_rows: torch.Tensor,
+    lora_ranks: torch.Tensor,
+    out: torch.Tensor,
+    out_offset: int = 0,
+) -> None:
+    """Semantics: out[i, o:o+h_out] += (x[i] @ pool_a_view[a_rows[g, :r]].T) @ pool_b_view[b_rows[g, :r]]
+    with g = row_adapter[i] (g = -1: no adapter, the row is skipped), r = lora_ranks[g] (r = 0: adapter g
+    does not target this module, skipped), o = out_offset.
+
+    The LoRA ops over the adapter pool (`worker/lora/pool.py`): an adapter's rows are wherever the pool
+    put them, one row id per rank row, instead of a slot of a max-rank stack.
+
+    x: [num_tokens, h_in] model dtype. pool_a_view: [num_rows_a, h_in] (`AdapterPool.view(h_in)`) and
+    pool_b_view: [num_rows_b, h_out] (`AdapterPool.view(h_out)`, rows of B^T with the scale folded in),
+    pool dtype; every row not in use is NaN. row_adapter: [num_tokens] int32 in [-1, G).
+    a_rows, b_rows: [G, R_max] int32 row ids (`StepTables.for_key`); entries [g, j] with j >= r are
+    padding and are never read. lora_ranks: [G] int32, each <= R_max.
+    out: [num_tokens, h_total] model dtype, updated in place: columns [o, o + h_out) of the rows with an
+    adapter that targets the module; everything else untouched.
+
+    Rounding as `sgmv_lora_ref`: the x@A intermediate stays float32 (never rounded to the model dtype),
+    the delta is added to out in float32 and rounded once. Implementations may take a float32 scratch
+    y [num_tokens, R_max] for the intermediate and leave it unspecified.
+    """
+    h_out = pool_b_view.shape[1]
+    for i in range(x.shape[0]):
+        g = int(row_adapter[i])
+        r = int(lora_ranks[g]) if g >= 0 else 0
+        if r == 0:
+            continue
+        a = pool_a_view[a_rows[g, :r].long()].float()  # [r, h_in]
+        b_t = pool_b_view[b_rows[g, :r].long()].float()  # [r, h_out]
+        delta = (x[i].float() @ a.T) @ b_t  # [h_out] float32
+        dst = out[i, out_offset : out_offset + h_out]
+        dst.copy_((dst.float() + delta).to(out.dtype))
