@@ -9,7 +9,7 @@ TORCH_SPEC ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo torch || ech
 INSTALL_EXTRAS ?= $(shell command -v nvidia-smi >/dev/null 2>&1 && echo dev,gpu || echo dev)
 STAMP := .make/installed
 
-.PHONY: install model test lint serve demo-adapters bench bench-quick clean
+.PHONY: install model test lint serve demo-adapters bench bench-quick bench-adapters clean
 
 PROTOS := $(wildcard proto/*.proto)
 STUBS := $(PROTOS:.proto=_pb2_grpc.py)
@@ -59,6 +59,10 @@ bench: install
 
 bench-quick: install
 	$(PY) -m tests.bench.suite --quick $(BENCH_ARGS)
+
+# Issue 15's runtime-adapter figures: memory held vs true size, cold start, ITL beside loads, 10,000 adapters.
+bench-adapters: install
+	$(PY) -m tests.bench.bench_adapters $(BENCH_ARGS)
 
 clean:
 	rm -rf .make $(VENV)

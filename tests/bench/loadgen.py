@@ -80,18 +80,26 @@ async def _one(session: aiohttp.ClientSession, url: str, rec: Record) -> None:
         rec.error = repr(err)
 
 
-async def _concurrent(url: str, requests: list[Request], concurrency: int) -> Run:
+async def closed_loop(
+    url: str, requests: list[Request], concurrency: int, stop: asyncio.Event | None = None
+) -> Run:
+    """`run_concurrency` inside a running event loop. Once `stop` is set no new request is sent (those in
+    flight finish); the Run holds the requests sent."""
     records = [Record(r) for r in requests]
     queue = iter(records)
+    sent: list[Record] = []
 
     async def worker(session):
         for rec in queue:
+            if stop is not None and stop.is_set():
+                return
+            sent.append(rec)
             await _one(session, url, rec)
 
     async with aiohttp.ClientSession(timeout=TIMEOUT, connector=aiohttp.TCPConnector(limit=0)) as s:
         start = time.perf_counter()
         await asyncio.gather(*(worker(s) for _ in range(min(concurrency, len(records)))))
-        return Run(records, time.perf_counter() - start)
+        return Run(sorted(sent, key=lambda r: r.request.index), time.perf_counter() - start)
 
 
 async def _poisson(url: str, requests: list[Request], offsets: list[float]) -> Run:
@@ -110,7 +118,7 @@ async def _poisson(url: str, requests: list[Request], offsets: list[float]) -> R
 
 def run_concurrency(url: str, requests: list[Request], concurrency: int) -> Run:
     """Keep `concurrency` requests in flight until all are done (closed loop)."""
-    return asyncio.run(_concurrent(url, requests, concurrency))
+    return asyncio.run(closed_loop(url, requests, concurrency))
 
 
 def run_poisson(url: str, requests: list[Request], offsets: list[float]) -> Run:

@@ -164,3 +164,55 @@ def test_adapter_cache_is_per_model_shape(tmp_path):
         (d / "config.json").write_text(json.dumps({"hidden_size": hidden}))
     assert adapter_set.model_key(a) != adapter_set.model_key(b)
     assert adapter_set.model_key(a) == adapter_set.model_key(a)
+
+
+def test_adapter_bench_splits_gaps_by_window():
+    from tests.bench.bench_adapters import split_gaps
+
+    rec = Record(
+        Request(0, "p", 9), sent=0.0, token_times=[0.0, 1.0, 1.5, 3.0, 3.2, 6.0], finish_reason="length"
+    )
+    gaps = split_gaps([rec], [("cold", 1.2, 1.6), ("warm", 2.9, 3.5)], quiet=(0.5, 5.0))
+    assert gaps == {"quiet": [1.0], "cold": [0.5], "warm": [1.5, pytest.approx(0.2)]}  # 6.0: past quiet
+
+
+def test_adapter_bench_true_bytes_count_only_lora_elements(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from tests.bench.bench_adapters import true_lora_bytes
+
+    save_file(
+        {
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight": torch.zeros(4, 64),
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight": torch.zeros(32, 4),
+            "other": torch.zeros(1000),
+        },
+        tmp_path / adapter_set.WEIGHTS,
+    )
+    assert true_lora_bytes(tmp_path, 2) == 2 * (4 * 64 + 32 * 4)
+
+
+def test_adapter_bench_rows_compare_with_the_targets():
+    from tests.bench.adapter_report import rows
+
+    results = {"memory": {"memory_stack": 7.0, "memory_rss": 1.2}, "scale": {"scale": 0.95}, "cold": {}}
+    assert rows(results) == [
+        ("memory: bytes held / true size", "7.00", "<= 1.10", False),
+        ("memory: RSS growth in loads / file bytes", "1.20", "<= 1.50", True),
+        ("scale: tok/s all zipf / 8 most popular", "0.95", ">= 0.90", True),
+    ]
+    assert rows({"cold": {"cold_median": 0.25, "cold_max": None}}) == [
+        ("cold start: TTFT - warm TTFT, median", "250 ms", "<= 300 ms", True),
+        ("cold start: TTFT - warm TTFT, max", "-", "<= 300 ms", None),
+    ]
+
+
+def test_link_root_hard_links_the_files(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for name in ("adapter_config.json", adapter_set.WEIGHTS):
+        (src / name).write_text(name)
+    root = adapter_set.link_root(tmp_path / "root", {"a": src, "b": src})
+    assert (root / "b" / adapter_set.WEIGHTS).read_text() == adapter_set.WEIGHTS
+    assert (root / "a" / adapter_set.WEIGHTS).stat().st_ino == (src / adapter_set.WEIGHTS).stat().st_ino
