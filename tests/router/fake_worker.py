@@ -74,6 +74,7 @@ class FakeWorker(TextGenerationServiceServicer):
         self.step_delay = 0.0
         self.healthy = True
         self.fail_next: dict[str, str] = {}  # method -> error detail, for the next call only
+        self.fail_next_join: str | None = None  # error detail for the next Decode that carries joiners
         self.failing_adapters: set[str] = set()
         self.drop_next: set[str] = set()  # methods whose next reply leaves the generations out
         self.fail_at_token: int | None = None  # Decode fails when a sequence would make its token k (1-based)
@@ -84,6 +85,9 @@ class FakeWorker(TextGenerationServiceServicer):
         self.calls.append((method, request))
         if method in self.fail_next:
             await context.abort(grpc.StatusCode.INTERNAL, self.fail_next.pop(method))
+        if method == "Decode" and request.joining and self.fail_next_join is not None:
+            detail, self.fail_next_join = self.fail_next_join, None
+            await context.abort(grpc.StatusCode.INTERNAL, detail)
 
     def requests(self, method: str) -> list:
         return [r for m, r in self.calls if m == method]

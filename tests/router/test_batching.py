@@ -71,7 +71,9 @@ async def test_a_failed_join_step_is_redone_apart(start_router):
     first = asyncio.create_task(h.generate("Hi", max_new_tokens=20))
     await _wait_for(lambda: len(h.fakes[0].requests("Decode")) >= 3)
     for f in h.fakes:
-        f.fail_next["Decode"] = "device fell over"  # the join step fails on both ranks
+        # The join step fails on both ranks; keyed on the joiners, since the plain decode steps in flight
+        # while this is set must not be the ones that fail.
+        f.fail_next_join = "device fell over"
     second = await h.generate("Hi", max_new_tokens=3, adapter_id="adapter-two")
     # The join step was redone apart (Prefill, then Decode), so both requests still complete in full.
     assert (await second.json())["generated_text"] == SCRIPTS[2][:3]
