@@ -19,7 +19,7 @@ from launch import nodes
 from launch.adapters import AdapterSpec, ResolvedAdapter, parse_lora_adapters, resolve_adapters
 from launch.dtype import auto_dtype
 from launch.model_source import ModelSourceError, resolve_model_dir
-from launch.settings import MIN_AUTO_LORA_RANK, RUNTIME_ADAPTER_SLOTS, Settings, SettingsError
+from launch.settings import AUTO_MAX_LORA_RANK, RUNTIME_ADAPTER_SLOTS, Settings, SettingsError
 from router.config import AdapterSource, RouterConfig
 
 if TYPE_CHECKING:
@@ -41,7 +41,7 @@ def compose(
     from worker.config import WorkerConfig
 
     largest = max((a.lora_rank for a in adapters), default=0)
-    max_lora_rank = settings.max_lora_rank or max(largest, MIN_AUTO_LORA_RANK)
+    max_lora_rank = settings.max_lora_rank or max(largest, AUTO_MAX_LORA_RANK)
     if max_lora_rank < largest:
         worst = max(adapters, key=lambda a: a.lora_rank)
         raise SettingsError(
@@ -57,6 +57,7 @@ def compose(
             "each of them is loaded at startup and pinned to a slot"
         )
     hf_cache = settings.hf_cache_dir()
+    adapter_memory, adapter_host_memory = settings.resolved_adapter_memory(device)
     common: dict[str, Any] = dict(
         model_dir=model_dir,
         dtype=settings.resolved_dtype(device),
@@ -65,6 +66,8 @@ def compose(
         kv_cache_bytes=settings.resolved_kv_cache_bytes(device),
         max_lora_rank=max_lora_rank,
         max_adapters=slots,
+        adapter_memory_bytes=adapter_memory,
+        adapter_host_memory_bytes=adapter_host_memory,
         world_size=settings.num_shard,
         master_addr=settings.master_addr,
         master_port=settings.master_port,

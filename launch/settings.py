@@ -22,10 +22,15 @@ from router.config import RouterConfig
 
 CPU_KV_CACHE_MEMORY = 1 << 30
 CUDA_KV_CACHE_MEMORY = 8 << 30
-# MAX_LORA_ADAPTERS auto: the LORA_ADAPTERS plus this many slots for adapters loaded at runtime.
-RUNTIME_ADAPTER_SLOTS = 8
-# MAX_LORA_RANK auto is at least this, so runtime loads of the common ranks (8, 16) fit.
-MIN_AUTO_LORA_RANK = 16
+# MAX_LORA_ADAPTERS auto: the LORA_ADAPTERS plus this many slots for adapters loaded at runtime (a slot
+# is a number, not memory: ADAPTER_MEMORY bounds what is resident).
+RUNTIME_ADAPTER_SLOTS = 1024
+# MAX_LORA_RANK auto: a cap on what loads (adapters take their true size), at least the largest configured.
+AUTO_MAX_LORA_RANK = 256
+CPU_ADAPTER_MEMORY = 1 << 30
+CUDA_ADAPTER_MEMORY = 4 << 30
+CPU_ADAPTER_HOST_MEMORY = 1 << 30
+CUDA_ADAPTER_HOST_MEMORY = 4 << 30
 
 
 def _router_default(name: str) -> Any:
@@ -85,15 +90,30 @@ class Settings(BaseSettings):
     max_lora_rank: int | None = Field(
         None,
         ge=1,
-        description="Largest LoRA rank the workers hold; an adapter above it is refused with a message "
-        f"naming MAX_LORA_RANK (auto: the largest configured, at least {MIN_AUTO_LORA_RANK}).",
+        description="Largest LoRA rank an adapter may have, a cap and not a reservation (each adapter "
+        "takes its true size in ADAPTER_MEMORY); one above it is refused with a message naming MAX_LORA_RANK "
+        f"(auto: {AUTO_MAX_LORA_RANK}, or the largest configured if above).",
     )
     max_lora_adapters: int | None = Field(
         None,
         ge=0,
-        description="Adapter slots per worker: the LORA_ADAPTERS (pinned) and those loaded at runtime, "
-        "which are evicted least recently used when the slots are full (auto: the number of "
-        f"LORA_ADAPTERS + {RUNTIME_ADAPTER_SLOTS}).",
+        description="Adapters resident at once: the LORA_ADAPTERS (pinned) and those loaded at runtime, "
+        "evicted least recently used when this many are resident or ADAPTER_MEMORY is full (auto: the "
+        f"number of LORA_ADAPTERS + {RUNTIME_ADAPTER_SLOTS}).",
+    )
+    adapter_memory: ByteSize | None = Field(
+        None,
+        gt=0,
+        description="Adapter pool per rank that the LoRA ops read, bytes or e.g. `2GiB`; adapters take "
+        "their true size (rank rows of the modules they target). On CUDA it is GPU memory, allocated before "
+        "the KV cache (auto: 1GiB on CPU, 4GiB on CUDA).",
+    )
+    adapter_host_memory: ByteSize | None = Field(
+        None,
+        ge=0,
+        description="Host copies per rank of evicted adapters, converted and sharded (pinned on CUDA), so "
+        "loading one again is a copy, not a file read; 0 turns the tier off (auto: 1GiB on CPU, 4GiB on "
+        "CUDA).",
     )
     max_input_tokens: int | None = Field(None, ge=1, description="auto: from the model and KV cache.")
     max_total_tokens: int | None = Field(None, ge=2, description="Prompt + generated tokens per request.")
@@ -235,6 +255,16 @@ class Settings(BaseSettings):
 
     def resolved_dtype(self, device: str) -> str:
         return self.dtype if self.dtype is not None else auto_dtype(device).dtype
+
+    def resolved_adapter_memory(self, device: str) -> tuple[int, int]:
+        """(ADAPTER_MEMORY, ADAPTER_HOST_MEMORY) in bytes."""
+        pool = CUDA_ADAPTER_MEMORY if device == "cuda" else CPU_ADAPTER_MEMORY
+        host = CUDA_ADAPTER_HOST_MEMORY if device == "cuda" else CPU_ADAPTER_HOST_MEMORY
+        if self.adapter_memory is not None:
+            pool = int(self.adapter_memory)
+        if self.adapter_host_memory is not None:
+            host = int(self.adapter_host_memory)
+        return pool, host
 
     def resolved_kv_cache_bytes(self, device: str) -> int:
         if self.kv_cache_memory is not None:

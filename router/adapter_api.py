@@ -74,8 +74,9 @@ def adapter_json(registry: AdapterRegistry, e: AdapterEntry) -> dict[str, Any]:
         "alpha": None if info is None else info.alpha,
         "target_modules": [] if info is None else list(info.target_modules),
         "bytes": {
+            # Rank 0's share (each rank holds its shard); host: as the ranks last reported.
             "device": info.weight_bytes if info is not None and residency is not None else 0,
-            "host": 0,
+            "host": info.weight_bytes if info is not None and residency is None and e.in_host else 0,
             "disk": e.disk_bytes,
         },
         "state": "failed" if error is not None and e.state == "not_resident" else e.state,

@@ -5,14 +5,16 @@
   and result (ok, failed); a failed Hub download counts as a failed hub-download load;
 - `multilora_adapter_load_duration`: LoadAdapter on every rank (s);
 - `multilora_adapter_evictions`: adapters evicted from a slot for another;
-- `multilora_adapter_hits{tier}`: requests by where their adapter was: device (resident) or disk (the
-  request waited for a load);
+- `multilora_adapter_hits{tier}`: requests by where their adapter was: device (resident), host (out of
+  the pool, its weights kept in the ranks' host tier: the request waited for a copy) or disk (it waited
+  for a load from the files);
 - `multilora_adapter_load_waiting`: requests waiting on a load now;
 - `multilora_adapters_loaded`: adapters resident in a slot; `multilora_adapter_slots_used`/`_total`: slots
   taken (holding an adapter, being loaded or emptied, or kept out after a failed unload) and all slots;
-- `multilora_adapter_bytes_used{tier}`: device (rank 0's weight bytes of the resident adapters), host (0:
-  there is no host tier yet), disk (the registered adapters' files). `multilora_adapter_bytes_total{tier}`
-  has no sample while no tier has a byte budget: with slots, capacity is `multilora_adapter_slots_total`.
+- `multilora_adapter_bytes_used{tier}` and `multilora_adapter_bytes_total{tier}`: device (the adapter
+  pools the LoRA ops read, ADAPTER_MEMORY per rank) and host (the host tiers, ADAPTER_HOST_MEMORY per
+  rank), summed over the ranks as the last load or unload reported them; used for disk is the
+  registered adapters' files (disk has no budget).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ class AdapterMetrics:
         self.hits = Counter(
             "multilora_adapter_hits", "Adapter requests by where the adapter was found", ("tier",), registry=r
         )
-        for tier in ("device", "disk"):
+        for tier in ("device", "host", "disk"):
             self.hits.labels(tier)
         self.load_waiting = Gauge(
             "multilora_adapter_load_waiting", "Requests waiting on an adapter load", registry=r
@@ -60,7 +62,9 @@ class AdapterMetrics:
         self.slots_total = Gauge("multilora_adapter_slots_total", "Adapter slots of the workers", registry=r)
         by_tier = ("tier",)
         self.bytes_used = Gauge("multilora_adapter_bytes_used", "Adapter bytes per tier", by_tier, registry=r)
-        Gauge("multilora_adapter_bytes_total", "Adapter byte budget per tier (none yet)", by_tier, registry=r)
+        self.bytes_total = Gauge(
+            "multilora_adapter_bytes_total", "Adapter byte budget per tier", by_tier, registry=r
+        )
 
     def watch(self, adapters: AdapterRegistry) -> None:
         """Gauges read from the registry at scrape time."""
@@ -72,10 +76,10 @@ class AdapterMetrics:
         self.slots_used.set_function(lambda: adapters.slots.used)
         self.slots_total.set(adapters.slots.total)
         self.load_waiting.set_function(lambda: adapters.waiting)
-        self.bytes_used.labels("device").set_function(
-            lambda: sum(e.info.weight_bytes for e in resident() if e.info is not None)
-        )
-        self.bytes_used.labels("host").set(0)
+        self.bytes_used.labels("device").set_function(lambda: adapters.memory.pool_used)
+        self.bytes_total.labels("device").set_function(lambda: adapters.memory.pool_total)
+        self.bytes_used.labels("host").set_function(lambda: adapters.memory.host_used)
+        self.bytes_total.labels("host").set_function(lambda: adapters.memory.host_total)
         self.bytes_used.labels("disk").set_function(lambda: sum(e.disk_bytes for e in adapters.entries()))
 
     def load(self, source: SourceKind, *, ok: bool, seconds: float | None = None) -> None:

@@ -7,11 +7,15 @@ roots, the HF cache, a Hub download if allowed, narrowed by lorax's `adapter_sou
 for an adapter registers it at once, so that concurrent first requests share its one load (a task that
 nobody's cancellation stops).
 
-Slots: a load takes a free slot, else evicts the least recently used resident adapter that is not pinned
-and has no refs (UnloadAdapter on every rank first; the slot is then loaded with a new generation), else
-waits until a slot can be freed (a request waits, it does not fail). If every slot holds a pinned
-adapter, or there are none, it fails at once. A failed load answers all its waiters with the worker's
-reason and is remembered for FAILURE_MEMORY_S.
+Room: a load needs a slot (a number, MAX_LORA_ADAPTERS of them) and room in every rank's adapter pool
+(ADAPTER_MEMORY, where the adapter takes its true size). It takes a free slot, else evicts the least
+recently used resident adapter that is not pinned and has no refs (UnloadAdapter on every rank first;
+the slot is then loaded with a new generation), else waits until one can be freed (a request waits, it
+does not fail). A pool without room refuses the load and changes nothing: the registry evicts the same
+way and loads again, so big adapters push out as many small ones as they need. If only pinned adapters
+hold what is needed, it fails at once. A failed load answers all its waiters with the worker's reason
+and is remembered for FAILURE_MEMORY_S. An evicted adapter's weights go to the ranks' host tier
+(ADAPTER_HOST_MEMORY) when it has room, so loading it again is a copy.
 
 Refs: a lease is one ref (router/adapters.py); the request takes one in `acquire`, each of its sequences
 one more (lifecycle), and the scheduler drops a sequence's when it frees the sequence. Unload removes the
@@ -47,6 +51,8 @@ from router.adapters import (
     AdapterLease,
     AdapterLoadError,
     AdapterLoadFailedError,
+    AdapterMemory,
+    AdapterMemoryFullError,
     Residency,
     UnknownAdapterError,
 )
@@ -77,7 +83,8 @@ class AdapterRegistry:
         self.resolver = resolver
         self.slots = SlotPool(num_slots)
         self.waiting = 0  # requests waiting on a load
-        self._loader = SlotLoader(client, self._slot_emptied)
+        self._loader = SlotLoader(client, self._slot_emptied, self._unloaded)
+        self._emptying: dict[int, AdapterEntry] = {}  # slot -> the adapter an unload is taking out
         self._metrics = metrics
         self._entries: dict[str, AdapterEntry] = {}
         self._draining: list[AdapterEntry] = []  # unloaded, their slots not yet emptied
@@ -140,7 +147,7 @@ class AdapterRegistry:
             if entry.residency is not None:
                 self._metrics.hit("device")
             else:
-                self._metrics.hit("disk")
+                self._metrics.hit("host" if entry.in_host else "disk")
                 if entry.load_task is None:
                     self._start_load(entry, None)
                 assert entry.load_task is not None
@@ -179,6 +186,9 @@ class AdapterRegistry:
             raise UnknownAdapterError(name)
         entry.removed = True
         self._failures.pop((name, None), None)
+        if entry.in_host:  # out of the pool, its weights still in the host tiers: free them too
+            entry.in_host = False
+            await self._loader.drop_host_copy(name)
         if entry.residency is None and entry.load_task is None:
             return
         self._draining.append(entry)
@@ -246,23 +256,36 @@ class AdapterRegistry:
         entry.path, entry.revision = resolved.path, resolved.revision
         entry.disk_bytes = await asyncio.to_thread(_disk_bytes, resolved.path)
 
+    @property
+    def memory(self) -> AdapterMemory:
+        """The tiers' bytes, summed over the ranks, as the last load or unload reported."""
+        return self._loader.memory
+
+    def set_memory(self, memory: AdapterMemory) -> None:
+        self._loader.memory = memory
+
     async def _load(self, entry: AdapterEntry) -> None:
         assert entry.path is not None
-        slot = await self._take_slot(entry)
-        generation = next(self._generations)
-        try:
-            loaded = await self._loader.load(slot, generation, entry.name, entry.path)
-        except AdapterLoadFailedError:
-            self._metrics.load(entry.kind, ok=False)
-            raise
-        entry.info, entry.residency = loaded.info, Residency(slot, generation)
+        while True:
+            slot = await self._take_slot(entry)
+            generation = next(self._generations)
+            try:
+                loaded = await self._loader.load(slot, generation, entry.name, entry.path)
+                break
+            except AdapterMemoryFullError as e:
+                await self._make_room(entry, e.reason)
+            except AdapterLoadFailedError:
+                self._metrics.load(entry.kind, ok=False)
+                raise
+        entry.info, entry.residency, entry.in_host = loaded.info, Residency(slot, generation), False
         self._metrics.load(entry.kind, ok=True, seconds=loaded.seconds)
         log.info(
-            "Loaded adapter %s (%s) into slot %d as generation %d in %.3f s",
+            "Loaded adapter %s (%s) into slot %d as generation %d from %s in %.3f s",
             entry.name,
             entry.kind,
             slot,
             generation,
+            loaded.tier,
             loaded.seconds,
         )
 
@@ -306,6 +329,23 @@ class AdapterRegistry:
             changed = self._changed
             await changed.wait()
 
+    async def _make_room(self, entry: AdapterEntry, reason: str) -> None:
+        """The pools had no room for `entry`: evict an idle adapter, else wait for one to become idle
+        (or for another load or unload to settle); raise AdapterCapacityError if none ever can."""
+        victim = self._victim()
+        if victim is not None:
+            await self._evict(victim)
+            return
+        could_free = [
+            e
+            for e in [*self._entries.values(), *self._draining]
+            if e is not entry and (e.load_task is not None or (e.residency is not None and not e.pinned))
+        ]
+        if not could_free and not self._emptying:
+            raise AdapterCapacityError(entry.name, self.slots.total, reason)
+        changed = self._changed
+        await changed.wait()
+
     def _victim(self) -> AdapterEntry | None:
         """The least recently used resident adapter that is not pinned and has no refs."""
         candidates = [
@@ -320,7 +360,8 @@ class AdapterRegistry:
         residency, entry.residency = entry.residency, None
         self._metrics.evicted()
         log.info("evicting adapter %r from slot %d", entry.name, residency.slot)
-        await self._loader.empty(residency.slot, residency.generation)
+        self._emptying[residency.slot] = entry
+        await self._loader.empty(residency.slot, residency.generation, keep=True)
 
     async def _empty_removed(self, entry: AdapterEntry) -> None:
         assert entry.residency is not None
@@ -351,8 +392,23 @@ class AdapterRegistry:
             self._draining = [e for e in self._draining if e is not entry]
 
     def _slot_emptied(self, slot: int) -> None:
+        self._emptying.pop(slot, None)
         self.slots.give_back(slot)
         self._notify()
+
+    def _unloaded(self, slot: int, kept: bool, dropped: list[str]) -> None:
+        """Every rank emptied `slot`; `kept`: its adapter is in their host tiers now, which dropped the
+        adapters named `dropped` to make room."""
+        for name in dropped:
+            other = self._entries.get(name)
+            if other is not None and other.residency is None:
+                other.in_host = False
+        entry = self._emptying.get(slot)
+        if entry is not None:
+            entry.in_host = kept
+            if kept and entry.removed:  # unloaded while its eviction ran: free the copy too
+                entry.in_host = False
+                self._spawn(self._loader.drop_host_copy(entry.name))
 
     def _notify(self) -> None:
         """Wake whoever waits for a slot to be freed (they look again)."""

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from proto import generate_pb2 as pb
+
 # Where an adapter came from: LORA_ADAPTERS, POST /v1/load_lora_adapter, or a first request resolved in
 # the adapter roots, the HF cache or by a Hub download (router/adapter_resolver.py).
 SourceKind = Literal["startup", "route", "root", "hf-cache", "hub-download"]
@@ -56,19 +58,55 @@ class AdapterLoadFailedError(Exception):
 
 
 class AdapterCapacityError(Exception):
-    """No slot can ever be freed for the adapter: every slot holds a pinned adapter, or there is none."""
+    """No room can ever be made for the adapter: every slot, or the adapter memory, holds pinned adapters
+    only (or there are no slots). `memory_reason`: the pools' refusal, when memory is what is short."""
 
-    def __init__(self, adapter_id: str, num_slots: int):
-        held = (
-            f"all {num_slots} adapter slots hold pinned adapters"
-            if num_slots
-            else "there are no adapter slots"
-        )
+    def __init__(self, adapter_id: str, num_slots: int, memory_reason: str | None = None):
+        if memory_reason is not None:
+            held = f"{memory_reason}, and every adapter resident is pinned"
+            raise_it = "raise ADAPTER_MEMORY"
+        else:
+            held = (
+                f"all {num_slots} adapter slots hold pinned adapters"
+                if num_slots
+                else "there are no adapter slots"
+            )
+            raise_it = "raise MAX_LORA_ADAPTERS"
         super().__init__(
-            f"adapter {adapter_id!r} cannot be loaded: {held}; raise MAX_LORA_ADAPTERS "
-            "(or unload a pinned adapter)"
+            f"adapter {adapter_id!r} cannot be loaded: {held}; {raise_it} (or unload a pinned adapter)"
         )
         self.adapter_id = adapter_id
+
+
+class AdapterMemoryFullError(Exception):
+    """The ranks' adapter pools have no room for the adapter now (they changed nothing): the registry
+    makes room and loads it again."""
+
+    def __init__(self, adapter_id: str, reason: str):
+        super().__init__(reason)
+        self.adapter_id = adapter_id
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class AdapterMemory:
+    """The adapter tiers' bytes, summed over the ranks (each holds its shard), as last reported."""
+
+    pool_used: int = 0
+    pool_total: int = 0
+    host_used: int = 0
+    host_total: int = 0
+
+    @classmethod
+    def of(cls, replies) -> AdapterMemory:
+        """From the `memory` field of each rank's reply (LoadAdapter, UnloadAdapter or Info)."""
+        ms = [r.adapter_memory if isinstance(r, pb.InfoResponse) else r.memory for r in replies]
+        return cls(
+            sum(m.pool_bytes_used for m in ms),
+            sum(m.pool_bytes_total for m in ms),
+            sum(m.host_bytes_used for m in ms),
+            sum(m.host_bytes_total for m in ms),
+        )
 
 
 @dataclass(frozen=True)
@@ -104,6 +142,7 @@ class AdapterEntry:
     info: AdapterInfo | None = None
     """From the last load; kept while not resident."""
     residency: Residency | None = None
+    in_host: bool = False  # the ranks' host tier kept its weights when it left the pool (as last reported)
     load_task: asyncio.Task | None = None
     refs: int = 0
     lru: int = 0  # the registry's use counter when last acquired or released: eviction order

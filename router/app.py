@@ -19,6 +19,7 @@ from aiohttp import web
 from router.adapter_metrics import AdapterMetrics
 from router.adapter_registry import AdapterRegistry
 from router.adapter_resolver import AdapterResolver
+from router.adapters import AdapterMemory
 from router.auth import auth_middleware
 from router.block_manager import BlockManager
 from router.client import ShardedClient
@@ -112,6 +113,8 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
     )
     adapter_metrics = AdapterMetrics(metrics.registry)
     adapters = AdapterRegistry(client, config.model_id, resolver, info.num_adapter_slots, adapter_metrics)
+    # Until the first load reports every rank's, rank 0's tiers stand for each rank's (equal budgets).
+    adapters.set_memory(AdapterMemory.of([info] * client.world_size))
     adapter_metrics.watch(adapters)
     await adapters.start(config.adapters)
     blocks = BlockManager(info.num_blocks, info.block_size)

@@ -140,13 +140,22 @@ class ShardedClient:
         return await self._call_each("LoadAdapter", request, range(self.world_size), timeout)
 
     async def unload_adapter(
-        self, slot: int, generation: int, ranks: Sequence[int] | None = None, timeout: float | None = None
-    ) -> list[WorkerError | None]:
-        """Empty `slot` (if it holds load `generation`) on `ranks` (default all); each one's error or None."""
+        self,
+        slot: int,
+        generation: int,
+        ranks: Sequence[int] | None = None,
+        timeout: float | None = None,
+        keep: bool = False,
+        drop_host_copy: str = "",
+    ) -> list[pb.UnloadAdapterResponse | WorkerError]:
+        """Empty `slot` (if it holds load `generation`) on `ranks` (default all), keeping its weights in
+        the host tier with `keep`; or, with slot 0, drop `drop_host_copy`'s host copy. Each rank's reply
+        or error."""
         ranks = range(self.world_size) if ranks is None else ranks
-        request = pb.UnloadAdapterRequest(slot=slot, generation=generation)
-        replies = await self._call_each("UnloadAdapter", request, ranks, timeout)
-        return [r if isinstance(r, WorkerError) else None for r in replies]
+        request = pb.UnloadAdapterRequest(
+            slot=slot, generation=generation, keep=keep, drop_host_copy=drop_host_copy
+        )
+        return await self._call_each("UnloadAdapter", request, ranks, timeout)
 
     async def prefill(self, sequences: Sequence[pb.NewSequence]) -> pb.StepResponse:
         return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))

@@ -25,8 +25,10 @@ class WorkerConfig:
     # KV cache size: an explicit block count wins; otherwise as many blocks as fit kv_cache_bytes.
     num_blocks: int | None = None
     kv_cache_bytes: int = 1 << 30
-    max_lora_rank: int = 64
+    max_lora_rank: int = 256  # the largest LoRA rank an adapter may have (a cap, not a reservation)
     max_adapters: int = 0  # resident adapter slots besides slot 0 ("no adapter"); 0 disables LoRA
+    adapter_memory_bytes: int = 1 << 30  # the adapter pool the LoRA ops read (device memory)
+    adapter_host_memory_bytes: int = 1 << 30  # prepared adapters kept on the host, so a reload is a copy
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
@@ -37,6 +39,8 @@ class WorkerConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.block_size < 1 or self.max_lora_rank < 1 or self.max_adapters < 0:
             raise ValueError("block_size and max_lora_rank must be >= 1, max_adapters >= 0")
+        if self.adapter_memory_bytes < 0 or self.adapter_host_memory_bytes < 0:
+            raise ValueError("adapter_memory_bytes and adapter_host_memory_bytes must be >= 0")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
 

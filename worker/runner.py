@@ -18,11 +18,14 @@ from worker.config import WorkerConfig
 from worker.errors import RequestError
 from worker.forward_batch import ForwardBatch
 from worker.kernels import select_lora_ops
+from worker.kernels.pool_args import StepRows
 from worker.kv_cache import KVCache
 from worker.lora.adapter import LoraAdapter, ModuleShape
-from worker.lora.batch import LoraBatch, SplitLoraBatch
+from worker.lora.batch import LoraBatch, SplitLoraBatch, StepLora
+from worker.lora.pages import page_elems_for
+from worker.lora.pool import AdapterPool
+from worker.lora.sites import LoraSite
 from worker.lora.slots import AdapterSlots, PreparedAdapter, ResidentAdapter, prepare_adapter
-from worker.lora.stacks import LoraLayout
 from worker.models.llama import LlamaForCausalLM, head_dim_of
 from worker.parallel import ParallelContext
 from worker.sampler import Sampler, SamplingParams, SequenceSamplingState, prompt_logprobs
@@ -81,18 +84,14 @@ class ModelRunner:
         hf_config = AutoConfig.from_pretrained(config.model_dir)
         self.hf_config = hf_config
         self.lora_ops = select_lora_ops(self.device)
-        self.lora_layout = None
-        if config.max_adapters > 0:
-            self.lora_layout = LoraLayout(
-                num_slots=config.max_adapters + 1,
-                max_lora_rank=config.max_lora_rank,
-                dtype=self.lora_ops.stack_dtype(self.dtype),
-                device=self.device,
-                fuse_sub_modules=self.lora_ops.fuse_sub_modules,
-            )
-        self.model = LlamaForCausalLM(hf_config, self.ctx, self.dtype, self.device, self.lora_layout)
+        self.lora_dtype = self.lora_ops.pool_dtype(self.dtype)
+        lora = config.max_adapters > 0
+        self.model = LlamaForCausalLM(hf_config, self.ctx, self.dtype, self.device, lora)
         with torch.no_grad():
             self.model.load(CheckpointWeights(config.model_dir, self.dtype, self.device))
+        self.lora_sites: list[LoraSite] = [site for layer in self.model.layers for site in layer.lora_sites()]
+        self.lora_keys = [key for site in self.lora_sites for key in site.keys]  # the StepTables' K order
+        self.slots = AdapterSlots(config.max_adapters, self._adapter_pool() if lora else None)
         num_kv_heads = hf_config.num_key_value_heads // self.ctx.world_size
         head_dim = head_dim_of(hf_config)
         num_layers = hf_config.num_hidden_layers
@@ -104,7 +103,14 @@ class ModelRunner:
         )
         self.sampler = Sampler()
         self.sequences: dict[int, _Sequence] = {}
-        self.slots = AdapterSlots(config.max_adapters, [layer.lora_stacks() for layer in self.model.layers])
+
+    def _adapter_pool(self) -> AdapterPool:
+        """The pool of `adapter_memory_bytes`, in pages of rows of every width the sites read."""
+        widths = sorted({w for site in self.lora_sites for w in site.widths})
+        page_elems = page_elems_for(widths)
+        element_size = torch.empty((), dtype=self.lora_dtype).element_size()
+        num_pages = self.config.adapter_memory_bytes // (page_elems * element_size)
+        return AdapterPool(num_pages, page_elems, widths, self.lora_dtype, self.device)
 
     # ---- adapters -------------------------------------------------------------------------------
 
@@ -134,9 +140,10 @@ class ModelRunner:
         return self.slots.resident
 
     def prepare_adapter(self, adapter: LoraAdapter) -> PreparedAdapter:
-        """`adapter` sharded, scaled and cast for this rank's stacks. Changes no state: the servicer
+        """`adapter` sharded, scaled and cast for this rank's pool. Changes no state: the servicer
         runs it on its loader thread while steps go on."""
-        return prepare_adapter(adapter, self.slots.layer_stacks, self.config.max_lora_rank)
+        pin = self.device.type == "cuda"  # so that placing it is an asynchronous copy on the step's stream
+        return prepare_adapter(adapter, self.lora_sites, self.lora_dtype, self.config.max_lora_rank, pin)
 
     def place_adapter(self, slot: int, generation: int, prepared: PreparedAdapter) -> ResidentAdapter:
         """Copy a prepared adapter into the empty `slot` (1..max_adapters) as load `generation` (> 0)."""
@@ -146,11 +153,14 @@ class ModelRunner:
         """`prepare_adapter` then `place_adapter`, in one call."""
         return self.place_adapter(slot, generation, self.prepare_adapter(adapter))
 
-    def unload_adapter(self, slot: int, generation: int) -> ResidentAdapter:
+    def unload_adapter(
+        self, slot: int, generation: int, keep: bool = False
+    ) -> tuple[ResidentAdapter, PreparedAdapter | None]:
         """Empty `slot`, which must hold load `generation` and no running sequence may use; returns
-        what it held. Its stacks are zeroed, so nothing can read the weights any more."""
+        what it held (and, with `keep`, its weights read back for the host tier). Its pool rows are
+        NaN-filled and freed, so nothing can read the weights any more."""
         users = [rid for rid, s in self.sequences.items() if s.lora_slot == slot]
-        return self.slots.unload(slot, generation, users)
+        return self.slots.unload(slot, generation, users, keep)
 
     # ---- steps ----------------------------------------------------------------------------------
 
@@ -317,13 +327,21 @@ class ModelRunner:
         return results
 
     def _lora_batch(self, row_slots: list[int], num_prefill: int) -> LoraBatch | SplitLoraBatch | None:
-        """Prompt rows always take the segment ops (sgmv); decode rows the ops' choice. A join step's two
-        kinds of rows are applied as two batches, so each keeps the path that suits it."""
-        if self.lora_layout is None or not any(row_slots):
+        """The step's adapters' tables, built once, and its rows' view of them. Prompt rows always take
+        segments (sgmv); decode rows the ops' choice. A join step's two kinds of rows are applied as two
+        batches, so each keeps the path that suits it."""
+        if self.slots.pool is None or not any(row_slots):
             return None
+        active = sorted({s for s in row_slots if s != 0})
+        g_of = {slot: g for g, slot in enumerate(active)}
+        g_of[0] = -1
+        step = StepLora.build(
+            self.lora_ops, self.slots.pool, [self.slots.rows[s] for s in active], self.lora_keys, self.device
+        )
 
         def build(slots: list[int], use_segments: bool) -> LoraBatch:
-            return LoraBatch.build(self.lora_ops, slots, use_segments, self.device)
+            rows = StepRows.build([g_of[s] for s in slots], step.adapters, use_segments, self.device)
+            return LoraBatch(step, rows)
 
         decode_segments = self.lora_ops.decode_uses_segments
         if num_prefill == 0:

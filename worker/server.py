@@ -5,13 +5,17 @@ inside the model pair up). So that the steps on all ranks happen in the same ord
 touches the runner runs on one dedicated thread, one at a time, in arrival order. The event loop stays
 free, so `Health` answers during a long step.
 
-`LoadAdapter` puts only the copy into the stacks on the step thread. Reading the files, validating,
-converting and sharding run first on a loader thread of their own (`loader_thread`), so steps keep
-running while an adapter loads: they change no state the steps read, and their time (a file read, a
-conversion of every tensor) would otherwise stall every running request. The copy itself must be on
-the step thread: the steps read the stacks, and a copy between two steps can never be seen half done.
+`LoadAdapter` puts only the copy into the adapter pool on the step thread. Reading the files,
+validating, converting and sharding run first on a loader thread of their own (`loader_thread`), so
+steps keep running while an adapter loads: they change no state the steps read, and their time (a file
+read, a conversion of every tensor) would otherwise stall every running request. The copy itself must be
+on the step thread: the steps read the pool, and a copy between two steps can never be seen half done.
+The prepared adapter is kept in the host tier (`worker/lora/host_cache.py`), so loading it again (after
+an eviction, or a retry once the router made room in the pool) skips the file.
 
 Errors are mapped at the edge by `_rpc`:
+- no room in the adapter pool (`AdapterMemoryError`) -> RESOURCE_EXHAUSTED: nothing changed, the router
+  makes room and loads again;
 - a bad request (`RequestError`, which validation of the proto fields also raises, or `AdapterError`)
   -> INVALID_ARGUMENT with the message, which names the request or the adapter. These are raised before
   the runner changes any state, identically on every rank, so the ranks stay in lockstep (the slot and
@@ -43,7 +47,8 @@ from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
 from worker.auth import TokenInterceptor
 from worker.lora.adapter import AdapterError, load_peft_adapter
-from worker.lora.slots import PreparedAdapter
+from worker.lora.host_cache import HostAdapterCache, cache_key
+from worker.lora.slots import AdapterMemoryError, PreparedAdapter
 from worker.runner import ModelRunner, PrefillRequest, RequestError, TokenOutput
 from worker.sampler import SamplingParams
 
@@ -67,6 +72,8 @@ def _rpc(handler: Callable[[WorkerServicer, T, grpc.aio.ServicerContext], Awaita
             return await handler(self, request, context)
         except grpc.aio.AbortError:
             raise
+        except AdapterMemoryError as err:
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
         except (RequestError, AdapterError) as err:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
         except Unhealthy as err:
@@ -115,6 +122,9 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         self.failure: str | None = None  # why this rank is unhealthy; None while healthy
         self._steps = steps or step_thread(self.rank)
         self._loader = loader_thread(self.rank)
+        # Exclusive tiers: an adapter is in the pool or in the host tier, so the CPU holds it once.
+        self.host_cache = HostAdapterCache(runner.config.adapter_host_memory_bytes)
+        self._keys: dict[int, tuple] = {}  # slot -> the host tier key of its adapter
 
     async def close(self) -> None:
         """Finish the step and the adapter read in progress, drop the queued ones, stop both threads."""
@@ -157,6 +167,7 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             num_blocks=runner.kv.num_blocks,
             num_adapter_slots=runner.config.max_adapters,
             max_lora_rank=runner.config.max_lora_rank,
+            adapter_memory=self._memory(),
             world_size=runner.ctx.world_size,
             rank=self.rank,
         )
@@ -180,9 +191,13 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         self.runner.slots.check_load(request.slot, request.generation, request.adapter_id)
         log.info("Loading adapter weights into model: %s", request.adapter_id)
         start = time.perf_counter_ns()
-        loop = asyncio.get_running_loop()
+        key = cache_key(request.adapter_id, Path(request.path))
+        prepared = self.host_cache.pop(key)
+        tier = "host" if prepared is not None else "disk"
         try:
-            prepared = await loop.run_in_executor(self._loader, self._read_adapter, request)
+            if prepared is None:
+                loop = asyncio.get_running_loop()
+                prepared = await loop.run_in_executor(self._loader, self._read_adapter, request)
         except (RequestError, AdapterError):
             raise
         except Exception as err:
@@ -190,15 +205,23 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             message = f"rank {self.rank}: adapter {request.adapter_id!r}: {type(err).__name__}: {err}"
             log.error("LoadAdapter failed (%s): %s", _involved(request), message, exc_info=err)
             await context.abort(grpc.StatusCode.INTERNAL, message)
-        resident = await self._run(self.runner.place_adapter, request.slot, request.generation, prepared)
+        try:
+            resident = await self._run(self.runner.place_adapter, request.slot, request.generation, prepared)
+        except AdapterMemoryError as err:
+            # The router makes room, then loads again: a copy then. The reply is only the status.
+            kept, dropped = self.host_cache.put(key, prepared)
+            log.info("%s; kept in the host tier: %s, dropped from it: %s", err, kept, dropped)
+            raise
+        self._keys[request.slot] = key
         load_ns = time.perf_counter_ns() - start
         log.info(
-            "adapter %r in slot %d as generation %d (r=%d, %.1f MB, %.1f ms)",
+            "adapter %r in slot %d as generation %d (r=%d, %.1f MB, from %s, %.1f ms)",
             resident.name,
             request.slot,
             resident.generation,
             resident.lora_rank,
             resident.weight_bytes / 1e6,
+            tier,
             load_ns / 1e6,
         )
         return pb.LoadAdapterResponse(
@@ -208,15 +231,38 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             target_modules=list(resident.target_modules),
             load_ns=load_ns,
             weight_bytes=resident.weight_bytes,
+            tier=tier,
+            memory=self._memory(),
         )
 
     @_rpc
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
         """Empty `slot` if it holds load `generation` and no running sequence uses it (queued like a
-        step); its stacks are zeroed, so nothing can read the weights any more."""
-        held = await self._run(self.runner.unload_adapter, request.slot, request.generation)
+        step); its pool rows are NaN-filled and freed, so nothing can read the weights any more. With
+        `keep` (an eviction) its weights go to the host tier; slot 0 with `drop_host_copy` instead
+        frees the host tier's copy of an adapter whose name was unloaded."""
+        if request.slot == 0 and request.drop_host_copy:
+            dropped = self.host_cache.drop(request.drop_host_copy)
+            log.info("adapter %r dropped from the host tier: %s", request.drop_host_copy, dropped)
+            return pb.UnloadAdapterResponse(memory=self._memory())
+        keep = request.keep and self.host_cache.budget_bytes > 0
+        held, kept = await self._run(self.runner.unload_adapter, request.slot, request.generation, keep)
+        key = self._keys.pop(request.slot, None)
+        in_host, dropped = False, []
+        if kept is not None and key is not None:
+            in_host, dropped = self.host_cache.put(key, kept)  # the host tier holds what left the pool
         log.info("adapter %r unloaded from slot %d (generation %d)", held.name, request.slot, held.generation)
-        return pb.UnloadAdapterResponse()
+        return pb.UnloadAdapterResponse(memory=self._memory(), host_kept=in_host, host_dropped=dropped)
+
+    def _memory(self) -> pb.AdapterMemory:
+        """The tiers' bytes on this rank, now."""
+        pool = self.runner.slots.pool
+        return pb.AdapterMemory(
+            pool_bytes_used=pool.bytes_used if pool is not None else 0,
+            pool_bytes_total=pool.bytes_total if pool is not None else 0,
+            host_bytes_used=self.host_cache.bytes_used,
+            host_bytes_total=self.host_cache.budget_bytes,
+        )
 
     @_rpc
     async def Prefill(self, request: pb.PrefillRequest, context) -> pb.StepResponse:

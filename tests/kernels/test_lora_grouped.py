@@ -1,216 +1,269 @@
-"""The fused sgmv (shrink + expand in one call) of the CPU path against `sgmv_lora_ref`.
+"""The CPU ops' paths and caches over the pool: which path a batch takes, and that cached copies are
+never served for other content (a released adapter, a new adapter in its rows, another pool).
 
-Decode-like batches (many short segments) take the grouped path: padded segments, two bmm, weight
-copies cached across calls; the rest falls back to one matmul per segment. Both must equal the spec,
-and the cache must never serve weights that changed or belong to another batch.
+Each case also checks the result against `reference.lora_site_ref` (`check_site`), and a released
+adapter's rows and the tables' padding are made NaN wherever the spec does not read, so a stale or
+over-long read shows as NaN, a wrong result or an IndexError.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import pytest
 import torch
 
 from tests.kernels.test_lora_ops import (
-    DTYPES,
-    H_IN,
-    H_OUT,
-    MAX_LORA_RANK,
-    OFFSET,
-    OUT_PAD,
-    OUT_TOL,
-    RANKS,
-    SEGMENT_PATTERNS,
-    _out,
-    _row_ranks_sgmv,
-    _seed,
-    _segments,
-    _stack,
-    _x,
+    ADAPTERS,
+    ALL,
+    SITES,
+    check_site,
+    factors,
+    fragmented_pool,
+    h_in,
+    place,
+    row_pattern,
+    seed,
+    site_parts,
+    step_rows,
 )
-from worker.kernels.reference import sgmv_lora_ref
-from worker.kernels.torch_grouped import lora_rank_bucket
+from worker.kernels.torch_copies import CopyCache
 from worker.kernels.torch_ops import TorchLoraOps
+from worker.kernels.torch_plan import lora_rank_bucket
+from worker.lora.pool import PAD_ROW
+
+# pattern -> (grouped path?, in place?) for the q/k/v site over ADAPTERS.
+PATHS = {
+    "decode_sorted": (True, False),  # rows without adapter and uneven lengths: gathered
+    "decode_one_each": (True, True),
+    "decode_equal": (True, True),
+    "decode_ragged": (True, False),
+    "repeated": (True, False),
+    "prefill": (False, None),
+    "prefill_short": (True, False),
+    "bgmv_random": (True, False),
+    "bgmv_runs": (True, False),
+    "bgmv_long": (False, None),
+}
 
 
-def _decode_segments(pattern: str, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Slot-sorted short segments, one per slot, as the runner builds for decode."""
-    if pattern == "equal":  # every adapter slot the same number of rows
-        lengths, slots = [n // 4] * 4, [1, 2, 3, 4]
-    elif pattern == "ragged":  # unequal lengths (padding) after a long no-adapter segment
-        lengths, slots = [n - 8, 1, 3, 2, 2], [0, 1, 2, 3, 4]
-    elif pattern == "repeated_slot":  # the same slot in two segments
-        third = n // 3
-        lengths, slots = [third, third, n - 2 * third], [1, 3, 1]
-    else:
-        raise AssertionError(pattern)
-    indptr = torch.tensor([0, *lengths]).cumsum(0).to(torch.int32)
-    return indptr, torch.tensor(slots, dtype=torch.int32)
+def _setup(name: str, *args):
+    g = seed(name, *args)
+    pool = fragmented_pool(g)
+    return g, pool, place(pool, g)
 
 
-def _run(ops, dtype, n, indptr, seg_slots, g, a=None, b=None, ranks=RANKS):
-    lora_ranks = torch.tensor(ranks, dtype=torch.int32)
-    a = _stack(g, H_IN, H_IN**-0.5) if a is None else a
-    b = _stack(g, H_OUT, 1.0) if b is None else b
-    x = _x(g, n, H_IN, dtype)
-    out = _out(g, n, H_OUT + OUT_PAD, dtype)
-    out_before, out_ref = out.clone(), out.clone()
-    y = torch.empty(n, MAX_LORA_RANK)
-    ops.sgmv_lora(x, a, b, indptr, seg_slots, lora_ranks, y, out, OFFSET)
-    sgmv_lora_ref(x, a, b, indptr, seg_slots, lora_ranks, out_ref, OFFSET)
-    row_ranks = _row_ranks_sgmv(indptr, seg_slots)
-    touched = torch.zeros_like(out, dtype=torch.bool)
-    touched[row_ranks > 0, OFFSET : OFFSET + H_OUT] = True
-    assert torch.equal(out[~touched], out_before[~touched]), "out changed where untouched"
-    rtol, atol = OUT_TOL[dtype]
-    torch.testing.assert_close(out.float(), out_ref.float(), rtol=rtol, atol=atol)
-    return a, b
-
-
-@pytest.mark.parametrize("pattern", ["equal", "ragged", "repeated_slot"])
-@pytest.mark.parametrize("n", [12, 32])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_grouped_path_matches_ref(dtype, n, pattern):
+@pytest.mark.parametrize("pattern", PATHS)
+def test_path_taken(pattern):
+    g, pool, placed = _setup("path", pattern)
     ops = TorchLoraOps()
-    indptr, seg_slots = _decode_segments(pattern, n)
-    plan = ops.grouped.plan(indptr, seg_slots, n)
-    buckets = ops.grouped.buckets(plan, RANKS)
-    assert buckets is not None, "this case must exercise the grouped path"
-    in_place = plan.layout(buckets, torch.device("cpu")).start is not None
-    assert in_place == (pattern == "equal" or (pattern == "repeated_slot" and n % 3 == 0))
-    g = _seed("grouped", dtype, n, pattern)
-    a, b = _run(ops, dtype, n, indptr, seg_slots, g)
-    _run(ops, dtype, n, indptr, seg_slots, g, a, b)  # second call: plan and weight copies from the cache
+    parts = site_parts(pool, placed, "qkv")
+    row_adapter, use_segments = row_pattern(pattern, g)
+    rows = step_rows(row_adapter, placed, use_segments)
+    check_site(ops, pool, parts, rows, row_adapter, "qkv", torch.bfloat16, g)
+    plan = ops._plan(rows)
+    shape = plan.site(parts)
+    grouped, in_place = PATHS[pattern]
+    assert (shape.buckets is not None) == grouped
+    assert (plan.order is not None) == (pattern in ("bgmv_random", "bgmv_long"))
+    if grouped:
+        assert (shape.layout.start is not None) == in_place
+        assert len(ops.cache) == len(shape.buckets)  # one entry per bucket
+    if pattern == "decode_ragged":  # adapter 5's single rows and its 16 rows: split by length
+        assert len(shape.buckets) > len({b.part_ranks for b in shape.buckets})
 
 
-@pytest.mark.parametrize("pattern", SEGMENT_PATTERNS)
-@pytest.mark.parametrize("n", [1, 3, 7, 133])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_any_segments_match_ref(dtype, n, pattern):
-    """Whichever path the plan picks (grouped or per segment), the result is the spec's."""
-    g = _seed("sgmv_lora", dtype, n, pattern)
-    indptr, seg_slots = _segments(pattern, n, g)
-    _run(TorchLoraOps(), dtype, n, indptr, seg_slots, g)
-
-
-def test_long_or_few_segments_fall_back_to_per_segment_matmuls():
+def test_buckets_hold_equal_part_ranks():
+    g, pool, placed = _setup("buckets")
     ops = TorchLoraOps()
-    few = ops.grouped.plan(torch.tensor([0, 4, 8], dtype=torch.int32), torch.tensor([1, 2]), 8)
-    long = ops.grouped.plan(torch.tensor([0, 100, 200, 300]), torch.tensor([1, 2, 3]), 300)
-    ragged = ops.grouped.plan(torch.tensor([0, 1, 2, 40]), torch.tensor([1, 2, 3]), 40)
-    for plan in (few, long):
-        assert ops.grouped.buckets(plan, RANKS) is None
-    # Padding is to the longest segment of each rank bucket: ragged segments of one rank fall back ...
-    assert ops.grouped.buckets(ragged, [0, 8, 8, 8, 8]) is None
-    # ... while the same segments at three ranks (three buckets of one segment each) pad nothing.
-    buckets = ops.grouped.buckets(ragged, RANKS)
-    assert [len(members) for members, _ in buckets] == [1, 1, 1]
-    assert ragged.layout(buckets, torch.device("cpu")).shapes == ((1, 1), (1, 1), (1, 38))
+    parts = site_parts(pool, placed, "qkv")
+    row_adapter, _ = row_pattern("decode_one_each", g)
+    shape = ops._plan(step_rows(row_adapter, placed, True)).site(parts)
+    # q/k/v ranks of ADAPTERS: bucket per part (0 = untargeted); adapters 1 (q/v) and 5 (all) of rank 8
+    # differ in k, so they do not share a bucket.
+    got = {b.part_ranks: sorted(shape.groups[i][2] for i in b.members) for b in shape.buckets}
+    assert got == {
+        (1, 1, 1): [0],
+        (8, 0, 8): [1],
+        (24, 24, 24): [2],
+        (0, 4, 0): [3],
+        (48, 48, 48): [4],
+        (8, 8, 8): [5],
+    }
 
 
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_buckets_pad_to_their_own_longest_segment(dtype):
-    """Two rank buckets with segments of different lengths: each pads to its own longest, gathered."""
-    ops, n = TorchLoraOps(), 20
-    indptr = torch.tensor([0, 2, 5, 9, 15, 20], dtype=torch.int32)  # lengths 2, 3, 4, 6, 5
-    seg_slots = torch.tensor([1, 1, 1, 3, 3], dtype=torch.int32)  # ranks 4, 4, 4, then 16, 16
-    plan = ops.grouped.plan(indptr, seg_slots, n)
-    buckets = ops.grouped.buckets(plan, RANKS)
-    layout = plan.layout(buckets, torch.device("cpu"))
-    assert layout.shapes == ((3, 4), (2, 6)) and layout.start is None and layout.total == 24
-    g = _seed("own-longest", dtype)
-    a, b = _run(ops, dtype, n, indptr, seg_slots, g)
-    _run(ops, dtype, n, indptr, seg_slots, g, a, b)
-
-
-def test_cache_follows_changed_weights_and_batches():
-    """A stack written in place (an adapter loaded) and a batch with other slots are never served stale."""
-    ops, n, dtype = TorchLoraOps(), 12, torch.float32
-    indptr, seg_slots = _decode_segments("equal", n)
-    g = _seed("cache")
-    a, b = _run(ops, dtype, n, indptr, seg_slots, g)
-    a[2, :8].mul_(-3.0)  # slot 2 (rank 8) gets other weights, as a load would write them
-    b[3, :16].add_(1.0)
-    _run(ops, dtype, n, indptr, seg_slots, g, a, b)
-    other = torch.tensor([4, 3, 2, 1], dtype=torch.int32)  # same segments, other slots
-    _run(ops, dtype, n, indptr, other, g, a, b)
-    a2, b2 = a.clone(), b.clone()  # same contents, other tensors: a miss, not a wrong hit
-    a2[1, :4] = 0.5
-    _run(ops, dtype, n, indptr, other, g, a2, b2)
-
-
-def test_memo_follows_changed_ranks():
-    """The host-side choices kept per plan (buckets, slot lists, delta views) follow a slot whose rank
-    changed under the same segments, as when an adapter of another rank is loaded into it."""
-    ops, n = TorchLoraOps(), 12
-    indptr, seg_slots = _decode_segments("equal", n)
-    g = _seed("ranks")
-    a, b = _run(ops, torch.float32, n, indptr, seg_slots, g)
-    # Only lower ranks: the stacks hold NaN past each slot's rank in RANKS (nothing there may be read).
-    for ranks in ([0, 4, 2, 16, 64], [0, 4, 8, 0, 64], [0, 3, 6, 12, 48]):
-        _run(ops, torch.float32, n, indptr, seg_slots, g, a, b, ranks=ranks)
-    plans = list(ops.grouped._plans.values())
-    assert len(plans) == 1 and len(plans[0].memo) > 3  # one plan served them all
-
-
-def test_plans_of_a_join_step_are_both_kept():
-    """A join step applies its prompt rows and its decode rows in turn in every layer: both plans are
-    kept (the same objects come back), and the oldest goes once more segmentations than kept arrive."""
+def test_copies_are_cached_across_steps():
+    g, pool, placed = _setup("steps")
     ops = TorchLoraOps()
-    prompt = (torch.tensor([0, 40], dtype=torch.int32), torch.tensor([2], dtype=torch.int32), 40)
-    decode = (torch.tensor([0, 2, 4, 6], dtype=torch.int32), torch.tensor([1, 2, 3], dtype=torch.int32), 6)
-    first = ops.grouped.plan(*prompt), ops.grouped.plan(*decode)
-    assert first[0] is not first[1]
-    again = ops.grouped.plan(*prompt), ops.grouped.plan(*decode)
-    assert again[0] is first[0] and again[1] is first[1]
-    for n in range(7, 7 + 4):  # four other segmentations push the first two out
-        ops.grouped.plan(torch.tensor([0, n], dtype=torch.int32), torch.tensor([1], dtype=torch.int32), n)
-    assert ops.grouped.plan(*prompt) is not first[0]
+    parts = {s: site_parts(pool, placed, s) for s in SITES}
+    row_adapter, _ = row_pattern("decode_sorted", g)
+    entries = 0
+    for step in range(3):  # a new StepRows each step, as the runner builds them
+        rows = step_rows(row_adapter, placed, True)
+        for s in SITES:
+            check_site(ops, pool, parts[s], rows, row_adapter, s, torch.float32, g)
+        entries = entries or len(ops.cache)
+        assert ops.cache.misses == entries, f"step {step} rebuilt copies"
+    # Other row counts of the same adapters, in the same order, reuse the copies.
+    row_adapter, _ = row_pattern("decode_one_each", g)
+    rows = step_rows(row_adapter, placed, True)
+    check_site(ops, pool, parts["qkv"], rows, row_adapter, "qkv", torch.float32, g)
+    assert ops.cache.misses == entries
 
 
-def test_cache_is_bounded():
-    ops, n = TorchLoraOps(), 12
-    ops.grouped.cache_bytes = 0  # nothing fits: every call gathers afresh, results still exact
-    indptr, seg_slots = _decode_segments("equal", n)
-    g = _seed("bounded")
-    a, b = _run(ops, torch.float32, n, indptr, seg_slots, g)
-    a[1, :4].mul_(2.0)
-    _run(ops, torch.float32, n, indptr, seg_slots, g, a, b)
-    assert ops.grouped._cached_bytes == 0
+def test_a_joining_adapter_rebuilds_only_its_bucket():
+    g, pool, placed = _setup("join")
+    ops = TorchLoraOps()
+    row_adapter, _ = row_pattern("decode_one_each", g)
+    check_site(
+        ops,
+        pool,
+        site_parts(pool, placed, "qkv"),
+        step_rows(row_adapter, placed, True),
+        row_adapter,
+        "qkv",
+        torch.float32,
+        g,
+    )
+    misses = ops.cache.misses
+    placed.append(pool.place(factors(g, ADAPTERS[2][0], ADAPTERS[2][1])))  # g = 6, adapter 2's bucket
+    row_adapter = [*row_adapter[:3], 6, *row_adapter[3:]]
+    rows = step_rows(row_adapter, placed, True)
+    check_site(ops, pool, site_parts(pool, placed, "qkv"), rows, row_adapter, "qkv", torch.float32, g)
+    assert ops.cache.misses == misses + 1
 
 
-def test_rejects_bad_segments_and_ranks():
-    ops, n = TorchLoraOps(), 12
-    g = _seed("reject")
-    a, b = _stack(g, H_IN, 1.0), _stack(g, H_OUT, 1.0)
-    x, out, y = torch.zeros(n, H_IN), torch.zeros(n, H_OUT), torch.zeros(n, MAX_LORA_RANK)
-    ranks = torch.tensor(RANKS, dtype=torch.int32)
-    indptr, seg_slots = _decode_segments("equal", n)
-    with pytest.raises(ValueError, match="segment_indptr"):
-        ops.sgmv_lora(x, a, b, torch.tensor([0, 5, 3, 9, 12]), seg_slots, ranks, y, out)
-    with pytest.raises(ValueError, match="slot ids range"):
-        ops.sgmv_lora(x, a, b, indptr, seg_slots + 4, ranks, y, out)
-    with pytest.raises(ValueError, match="lora_ranks"):
-        ops.sgmv_lora(x, a, b, indptr, seg_slots, ranks[:-1], y, out)
-    with pytest.raises(ValueError, match="lora_ranks"):
-        ops.sgmv_lora(x, a, b, indptr, seg_slots, torch.tensor([0, 4, 8, 16, 65]), y, out)
+@pytest.mark.parametrize("pattern", ["decode_equal", "prefill"])
+def test_new_adapter_in_released_rows_is_not_served_stale_copies(pattern):
+    """Adapter 2 is released and another of the same rank and modules placed, partly in its rows: a step
+    with the same rows and ranks must read the new adapter (its handle differs), not the cached copies."""
+    g, pool, placed = _setup("stale", pattern)
+    ops = TorchLoraOps()
+    row_adapter, use_segments = row_pattern(pattern, g)
+    check_site(
+        ops,
+        pool,
+        site_parts(pool, placed, "qkv"),
+        step_rows(row_adapter, placed, use_segments),
+        row_adapter,
+        "qkv",
+        torch.float32,
+        g,
+    )
+    old_rows = placed[2].rows_by_width()
+    pool.release(placed[2])
+    placed[2] = pool.place(factors(g, ADAPTERS[2][0], ADAPTERS[2][1]))
+    new_rows = placed[2].rows_by_width()
+    assert all(set(new_rows[w]) & set(old_rows[w]) for w in old_rows), "expected the released rows reused"
+    misses = ops.cache.misses
+    rows = step_rows(row_adapter, placed, use_segments)
+    check_site(ops, pool, site_parts(pool, placed, "qkv"), rows, row_adapter, "qkv", torch.float32, g)
+    assert ops.cache.misses > misses
 
 
-def test_rank_buckets_clamped_to_stack_rows():
-    """Ranks round up to a power of two or 1.5 times one, never past the stack's rows."""
-    expected = {1: 1, 2: 2, 3: 3, 4: 4, 5: 6, 7: 8, 8: 8, 9: 12, 13: 16, 24: 24, 25: 32, 48: 48, 97: 128}
+@pytest.mark.parametrize("pattern", ["decode_sorted", "decode_equal", "prefill", "bgmv_random"])
+def test_released_rows_and_padding_are_never_read(pattern):
+    """The step's adapters sit among released adapters' rows (NaN), and every table entry past a rank
+    names a NaN row instead of PAD_ROW: the output stays finite and equal to the spec's."""
+    g, pool, placed = _setup("nan", pattern)
+    for extra in place(pool, g, [(16, ALL), (2, ALL)]):
+        pool.release(extra)
+    assert pool.storage.isnan().any()
+    ops = TorchLoraOps()
+    row_adapter, use_segments = row_pattern(pattern, g)
+    rows = step_rows(row_adapter, placed, use_segments)
+    for site in SITES:
+        parts = []
+        for p in site_parts(pool, placed, site):
+            a_nan_row = int(pool.view(h_in(SITES[site][0])).isnan().all(1).nonzero()[0, 0])
+            b_nan_row = int(p.b_view.isnan().all(1).nonzero()[0, 0])
+            parts.append(
+                replace(
+                    p,
+                    a_rows=p.a_rows.masked_fill(p.a_rows == PAD_ROW, a_nan_row),
+                    b_rows=p.b_rows.masked_fill(p.b_rows == PAD_ROW, b_nan_row),
+                )
+            )
+        check_site(ops, pool, parts, rows, row_adapter, site, torch.bfloat16, g, calls=2)
+
+
+def test_two_pools_do_not_share_copies():
+    """Handles restart at 1 in every pool: one ops object over two pools must keep their copies apart."""
+    ops = TorchLoraOps()
+    row_adapter, _ = row_pattern("decode_equal", seed("pools"))
+    misses = []
+    for i in range(2):  # the same adapters' shapes, handles and rows, other values
+        g, pool, placed = _setup("pools", i)
+        rows = step_rows(row_adapter, placed, True)
+        check_site(ops, pool, site_parts(pool, placed, "qkv"), rows, row_adapter, "qkv", torch.float32, g)
+        misses.append(ops.cache.misses)
+    assert misses[1] == 2 * misses[0]
+
+
+@pytest.mark.parametrize("cache_bytes", [0, 30_000])
+def test_small_cache_budget(cache_bytes):
+    """No budget (or one for a few sites): copies are rebuilt as needed, results unchanged."""
+    g, pool, placed = _setup("budget", cache_bytes)
+    ops = TorchLoraOps(cache_bytes=cache_bytes)
+    row_adapter, _ = row_pattern("decode_sorted", g)
+    rows = step_rows(row_adapter, placed, True)
+    for _ in range(2):
+        for s in SITES:
+            check_site(ops, pool, site_parts(pool, placed, s), rows, row_adapter, s, torch.float32, g)
+    assert ops.cache.nbytes <= cache_bytes
+    assert (len(ops.cache) == 0) == (cache_bytes == 0)
+
+
+def _entry(n: int):
+    return [(torch.zeros(n // 4), ())], n
+
+
+def test_copy_cache_keeps_recent_entries_when_full():
+    """A sweep over more sites than fit keeps the first ones (plain LRU would keep none); entries no
+    longer used are evicted for new ones."""
+    cache = CopyCache(max_bytes=300)
+    sites = [("site", i) for i in range(4)]
+    for _ in range(3):  # three steps over 4 sites of 100 bytes: 3 fit
+        for s in sites:
+            cache.begin(s)
+            if cache.get(s, "batch1") is None:
+                cache.put(s, "batch1", *_entry(100), holds=())
+    assert cache.misses == 3 + 1 + 1 + 1 and len(cache) == 3 and cache.nbytes == 300
+    for _ in range(3):  # the batch changes: the old entries age out and the new ones take their place
+        for s in sites[:2]:
+            cache.begin(s)
+            if cache.get(s, "batch2") is None:
+                cache.put(s, "batch2", *_entry(100), holds=())
+    assert cache.get(sites[0], "batch2") is not None and cache.get(sites[1], "batch2") is not None
+    assert cache.nbytes <= 300
+    left = [key for key in cache._entries if key[1] == "batch1"]
+    assert left, "a batch1 entry should be left to age out"
+    for _ in range(8 * len(sites) // 2):  # entries unused for about 8 steps are dropped, budget or not
+        for s in sites[:2]:
+            cache.begin(s)
+            assert cache.get(s, "batch2") is not None
+    assert all(key not in cache._entries for key in left)
+    assert len(cache) == 2 and cache.nbytes == 200
+
+
+def test_lora_rank_bucket():
+    expected = {
+        1: 1,
+        2: 2,
+        3: 3,
+        4: 4,
+        5: 6,
+        6: 6,
+        7: 8,
+        8: 8,
+        9: 12,
+        12: 12,
+        13: 16,
+        17: 24,
+        20: 24,
+        33: 48,
+        64: 64,
+    }
     assert {r: lora_rank_bucket(r) for r in expected} == expected
-    ops, n, rows = TorchLoraOps(), 10, 20  # ranks 17 and 20 both bucket to 24, past the 20 rows
-    g = _seed("clamp")
-    ranks = torch.tensor([0, 3, 20, 12, 17], dtype=torch.int32)
-    a = torch.randn(5, rows, H_IN, generator=g) * H_IN**-0.5
-    b = torch.randn(5, rows, H_OUT, generator=g)
-    for s, r in enumerate(ranks.tolist()):
-        a[s, r:], b[s, r:] = float("nan"), float("nan")
-    indptr = torch.tensor([0, 2, 5, 7, 8, 10], dtype=torch.int32)
-    seg_slots = torch.tensor([1, 2, 3, 0, 4], dtype=torch.int32)
-    assert ops.grouped.buckets(ops.grouped.plan(indptr, seg_slots, n), ranks.tolist()) is not None
-    x, out = _x(g, n, H_IN, torch.float32), _out(g, n, H_OUT, torch.float32)
-    out_ref = out.clone()
-    ops.sgmv_lora(x, a, b, indptr, seg_slots, ranks, torch.empty(n, rows), out)
-    sgmv_lora_ref(x, a, b, indptr, seg_slots, ranks, out_ref)
-    torch.testing.assert_close(out, out_ref, rtol=1e-5, atol=1e-5)
+    for r in range(1, 200):
+        assert r <= lora_rank_bucket(r) < 1.5 * r or r <= 2

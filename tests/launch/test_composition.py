@@ -32,7 +32,8 @@ def test_compose_writes_shared_values_into_both(tmp_path):
     assert [w.rank for w in workers] == [0, 1]
     for w in workers:
         assert (w.world_size, w.dtype, w.device, w.model_dir) == (2, "float32", "cpu", tmp_path)
-        assert (w.max_lora_rank, w.max_adapters, w.kv_cache_bytes, w.block_size) == (16, 10, 64 << 20, 16)
+        assert (w.max_lora_rank, w.max_adapters, w.kv_cache_bytes, w.block_size) == (256, 1026, 64 << 20, 16)
+        assert (w.adapter_memory_bytes, w.adapter_host_memory_bytes) == (1 << 30, 1 << 30)
         assert WorkerConfig.from_json(w.to_json()) == w
     assert router.worker_uds == ["/s/0", "/s/1"]
     assert [(a.id, a.source, a.path) for a in router.adapters] == [
@@ -63,11 +64,17 @@ def test_compose_lora_rank_and_slot_limits(tmp_path):
         compose(load_settings(["--max-lora-rank", "16"]), tmp_path, adapters, ["/s"], "cpu")
     with pytest.raises(SettingsError, match=r"MAX_LORA_ADAPTERS \(1\) is below the number of LORA_ADAPTERS"):
         compose(load_settings(["--max-lora-adapters", "1"]), tmp_path, adapters, ["/s"], "cpu")
-    # auto: the LORA_ADAPTERS plus 8 slots for runtime loads; the largest rank, but at least 16.
+    # auto: the LORA_ADAPTERS plus 1024 slots for runtime loads; a rank cap of 256, or the largest above.
     workers, router = compose(load_settings([]), tmp_path, [], ["/s"], "cpu")
-    assert (workers[0].max_adapters, workers[0].max_lora_rank, router.adapters) == (8, 16, [])
-    workers, _ = compose(load_settings([]), tmp_path, adapters, ["/s"], "cpu")
-    assert (workers[0].max_adapters, workers[0].max_lora_rank) == (10, 32)
+    assert (workers[0].max_adapters, workers[0].max_lora_rank, router.adapters) == (1024, 256, [])
+    workers, _ = compose(load_settings([]), tmp_path, _resolved(tmp_path, [8, 320]), ["/s"], "cpu")
+    assert (workers[0].max_adapters, workers[0].max_lora_rank) == (1026, 320)
+    # The adapter tiers' budgets: auto per device, or as set (0 turns the host tier off).
+    workers, _ = compose(load_settings([]), tmp_path, [], ["/s"], "cuda")
+    assert (workers[0].adapter_memory_bytes, workers[0].adapter_host_memory_bytes) == (4 << 30, 4 << 30)
+    settings = load_settings(["--adapter-memory", "64MiB", "--adapter-host-memory", "0"])
+    workers, _ = compose(settings, tmp_path, [], ["/s"], "cpu")
+    assert (workers[0].adapter_memory_bytes, workers[0].adapter_host_memory_bytes) == (64 << 20, 0)
     workers, _ = compose(load_settings(["--max-lora-adapters", "0"]), tmp_path, [], ["/s"], "cpu")
     assert workers[0].max_adapters == 0  # LoRA off
 

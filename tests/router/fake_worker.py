@@ -68,6 +68,8 @@ class FakeWorker(TextGenerationServiceServicer):
         self.calls: list[tuple[str, object]] = []
         self.sequences: dict[int, FakeSequence] = {}
         self.slots: dict[int, tuple[str, int]] = {}  # slot -> (adapter id, generation)
+        self.pool_bytes = 10**9  # the adapter pool: a load past it is refused with RESOURCE_EXHAUSTED
+        self.host_kept: set[str] = set()  # adapters evicted into the host tier (no budget modelled)
         self.load_delay = 0.0
         self.load_gate: asyncio.Event | None = None  # loads wait for it while set to an unset Event
         self.mismatches: list[str] = []  # rows refused for naming another generation than their slot's
@@ -167,17 +169,36 @@ class FakeWorker(TextGenerationServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION,
                 f"slot {request.slot} holds {held!r} (generation {generation}); unload it first",
             )
+        weight_bytes = 1000 * request.slot
+        if self._pool_used() + weight_bytes > self.pool_bytes:
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"adapter {request.adapter_id!r}: adapter pool full ({self._pool_used()} of {self.pool_bytes})",
+            )
         self.slots[request.slot] = (request.adapter_id, request.generation)
+        tier = "host" if request.adapter_id in self.host_kept else "disk"
+        self.host_kept.discard(request.adapter_id)
         return pb.LoadAdapterResponse(
             lora_rank=8 * request.slot,
             alpha=16.0,
             target_modules=["q_proj", "v_proj"],
             load_ns=1000,
-            weight_bytes=1000 * request.slot,
+            weight_bytes=weight_bytes,
+            tier=tier,
+            memory=self._memory(),
         )
+
+    def _pool_used(self) -> int:
+        return sum(1000 * slot for slot in self.slots)
+
+    def _memory(self) -> pb.AdapterMemory:
+        return pb.AdapterMemory(pool_bytes_used=self._pool_used(), pool_bytes_total=self.pool_bytes)
 
     async def UnloadAdapter(self, request, context):
         await self._enter("UnloadAdapter", request, context)
+        if request.slot == 0 and request.drop_host_copy:
+            self.host_kept.discard(request.drop_host_copy)
+            return pb.UnloadAdapterResponse(memory=self._memory())
         held = self.slots.get(request.slot)
         if held is None or held[1] != request.generation:
             await context.abort(
@@ -190,7 +211,9 @@ class FakeWorker(TextGenerationServiceServicer):
                 grpc.StatusCode.FAILED_PRECONDITION, f"slot {request.slot} is in use by requests {users}"
             )
         del self.slots[request.slot]
-        return pb.UnloadAdapterResponse()
+        if request.keep:
+            self.host_kept.add(held[0])
+        return pb.UnloadAdapterResponse(memory=self._memory(), host_kept=request.keep)
 
     async def Prefill(self, request, context):
         await self._enter("Prefill", request, context)

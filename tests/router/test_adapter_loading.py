@@ -72,13 +72,13 @@ async def test_eviction_under_three_slots_with_sixteen_adapters(start_router):
     emptied, waited = [], []
     empty = registry._loader.empty
 
-    async def checked_empty(slot: int, generation: int) -> bool:
+    async def checked_empty(slot: int, generation: int, keep: bool = False) -> bool:
         """No queued or running sequence may name what is being unloaded."""
         in_use = {
             (s.params.lora_slot, s.params.adapter_generation) for s in (*scheduler.queue, *scheduler.running)
         }
         emptied.append((slot, generation, (slot, generation) in in_use))
-        return await empty(slot, generation)
+        return await empty(slot, generation, keep)
 
     registry._loader.empty = checked_empty
     names = [f"lora-{i:02d}" for i in range(16)]

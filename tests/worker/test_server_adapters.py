@@ -18,7 +18,7 @@ from worker import server
 
 
 def file_bytes_as_float32(adapter_dir) -> int:
-    """The adapter's A and B elements (one rank holds them all) x 4 bytes (the CPU's float32 stacks)."""
+    """The adapter's A and B elements (one rank holds them all) x 4 bytes (the CPU's float32 pool)."""
     return 4 * sum(t.numel() for t in load_file(adapter_dir / "adapter_model.safetensors").values())
 
 
@@ -47,18 +47,31 @@ async def test_load_into_an_empty_slot_and_unload_by_generation(worker, tiny_ada
     )
     assert worker.runner.adapters[1].generation == 7
 
-    await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7))
+    assert reply.tier == "disk" and reply.memory.pool_bytes_used >= reply.weight_bytes
+    assert reply.memory.pool_bytes_total == worker.runner.slots.pool.bytes_total
+    unloaded = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7))
     assert 1 not in worker.runner.adapters
-    stacks = [st for layer in worker.runner.model.layers for st in layer.lora_stacks()]
-    assert all(st.host_lora_ranks[1] == 0 and st.lora_ranks[1] == 0 for st in stacks)
-    assert all(not st.lora_a_stack[1].any() and not st.lora_b_stack[1].any() for st in stacks)
+    # Its pool rows are NaN again (nothing can read them) and free; an unload keeps no copy either.
+    assert worker.runner.slots.pool.storage.isnan().all()
+    assert unloaded.memory.pool_bytes_used == 0 and unloaded.memory.host_bytes_used == 0
     err = await rpc_error(stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7)))
     assert err.details() == "unload of slot 1 generation 7: the slot is empty"
 
     reply = await stub.LoadAdapter(load_request(1, "r64_rs", tiny_adapters, generation=8))
     assert (reply.lora_rank, reply.alpha, reply.use_rslora) == (64, 16.0, True)
     assert len(reply.target_modules) == 7
-    assert (worker.runner.adapters[1].name, worker.runner.adapters[1].generation) == ("r64_rs", 8)
+    # An eviction (keep) puts its weights in the host tier; loaded again, it comes from there (a copy,
+    # no file read), and the tier no longer holds it.
+    r64_bytes = file_bytes_as_float32(tiny_adapters["r64_rs"])
+    evicted = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=8, keep=True))
+    assert evicted.host_kept and evicted.memory.host_bytes_used == r64_bytes
+    reply = await stub.LoadAdapter(load_request(2, "r64_rs", tiny_adapters, generation=9))
+    assert reply.tier == "host" and reply.weight_bytes == r64_bytes and reply.memory.host_bytes_used == 0
+    assert (worker.runner.adapters[2].name, worker.runner.adapters[2].generation) == ("r64_rs", 9)
+    # Evicted again, then its name unloaded: the host copy is dropped.
+    await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=2, generation=9, keep=True))
+    dropped = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=0, drop_host_copy="r64_rs"))
+    assert dropped.memory.host_bytes_used == 0
     await stub.Health(pb.HealthRequest())
 
 
@@ -105,7 +118,7 @@ async def test_rows_naming_another_generation_are_refused(worker, tiny_adapters)
 
 async def test_steps_run_while_an_adapter_loads(worker, tiny_adapters, monkeypatch):
     """Reading and converting an adapter happen on the loader thread: decodes complete meanwhile; only
-    the copy into the stacks runs on the step thread."""
+    the copy into the pool runs on the step thread."""
     stub = worker.stub
     await stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(1, [3, 4, 5], [0, 1, 2])]))
     gate, reading, threads = threading.Event(), threading.Event(), {}

@@ -1,56 +1,47 @@
-"""LoRA gather-matmul ops: one implementation chosen per device, once, at construction.
+"""LoRA gather-matmul ops over the adapter pool: one implementation chosen per device, once.
 
-Every implementation has the signatures and semantics of `reference.py` (the spec). The model never
-branches on the device: it holds the `LoraOps` object returned by `select_lora_ops`.
+Every implementation has the semantics of `reference.lora_site_ref` (the spec; arguments in
+`pool_args.py`). The model never branches on the device: it holds the `LoraOps` object returned by
+`select_lora_ops`.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
 
+from worker.kernels.pool_args import PoolPart, StepRows
+
 
 class LoraOps(Protocol):
-    """The four punica ops plus what the model needs to lay out its buffers and batches."""
+    """The pool op of one LoRA site plus what the model needs to lay out its pool and batches."""
 
-    # True when decode batches should be passed as contiguous segments (sgmv) instead of per-row slots.
+    # True when decode rows should be grouped by adapter into segments (StepRows.use_segments).
     decode_uses_segments: bool
-    # True when the sub-modules of a fused layer (q/k/v, gate/up) should share one stack (fewer calls).
-    fuse_sub_modules: bool
 
-    def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """dtype of lora_a_stack / lora_b_stack for a model running in `model_dtype`."""
+    def pool_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """dtype of the adapter pool for a model running in `model_dtype`."""
         ...
 
-    def row_order(self, slots: list[int], slot_lora_ranks: dict[int, int]) -> list[int]:
-        """The order to lay out a step's sequences in, whose adapter slots are `slots` (one or more rows
-        each): a permutation of their indices. slot_lora_ranks: slot -> LoRA rank of its adapter."""
+    def row_order(self, adapters: list[int], adapter_lora_ranks: dict[int, int]) -> list[int]:
+        """The order to lay out a step's sequences in, whose adapters (slot numbers, 0 = none) are
+        `adapters` (one or more rows each): a permutation of their indices. adapter_lora_ranks: slot ->
+        the LoRA rank of its adapter."""
         ...
 
-    def bgmv_shrink(self, x, lora_a_stack, slot_ids, lora_ranks, y) -> None: ...
-
-    def bgmv_expand(self, y, lora_b_stack, slot_ids, lora_ranks, out, out_offset: int = 0) -> None: ...
-
-    def sgmv_shrink(self, x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y) -> None: ...
-
-    def sgmv_expand(
-        self, y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset: int = 0
-    ) -> None: ...
-
-    # sgmv_shrink into the scratch y, then sgmv_expand from it (one call lets an implementation fuse).
-    def sgmv_lora(
+    def lora_site(
         self,
-        x,
-        lora_a_stack,
-        lora_b_stack,
-        segment_indptr,
-        segment_slot_ids,
-        lora_ranks,
-        y,
-        out,
-        out_offset=0,
-    ) -> None: ...
+        x: torch.Tensor,
+        a_view: torch.Tensor,
+        parts: Sequence[PoolPart],
+        rows: StepRows,
+        out: torch.Tensor,
+    ) -> None:
+        """out += the LoRA delta of every part for the rows with an adapter (`reference.lora_site_ref`).
+        x: [T, h_in] model dtype; a_view: [num_rows(h_in), h_in] pool dtype; out: [T, h_out_local]."""
+        ...
 
 
 def select_lora_ops(device: torch.device) -> LoraOps:

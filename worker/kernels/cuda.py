@@ -1,24 +1,32 @@
-"""CUDA implementation of the LoRA gather-matmul ops: `csrc/lora_gather_matmul.cu`, compiled by CuPy.
+"""CUDA implementation of the LoRA ops over the adapter pool: `csrc/lora_gather_matmul.cu`, compiled by CuPy.
 
-Semantics, layouts and argument names are those of `reference.py` (the spec); the `.cu` header states
-the launch shapes. What this wrapper adds:
+Semantics are `reference.lora_site_ref` (the spec; arguments in `pool_args.py`); the `.cu` header states
+the kernels' layouts and launch shapes, `cuda_source.py` their compile-time sizes and instances. One
+`lora_site` call is, for each part (q, k, v of a fused qkv; gate, up; or a single o or down), a shrink
+y[i, :r] = x[i] @ a_view[a_rows[g, :r]].T into a float32 scratch and an expand
+out[i, o:o+h_out] += y[i, :r] @ b_view[b_rows[g, :r]]. Parts are never fused into one launch: a fused
+expand would read the other parts' block-diagonal zeros. What this wrapper adds:
 
-- Compilation once per process: one `cupy.RawModule` (NVRTC) holds every template instance, named by
-  `NAME_EXPRESSIONS`; CuPy compiles it for the architecture of the device current at first use (we
-  make that the ops' device), keeps the loaded module per device, and caches the binary on disk. The
-  source includes no CUDA header, so NVRTC needs no include path.
+- Compilation once per process (`cuda_source.raw_module`), for the architecture of the ops' device.
 - Zero copy: kernels get the tensors' device pointers (`data_ptr()`, the address DLPack and
   `__cuda_array_interface__` would hand over too, without creating an array object per call) and run
   on torch's current stream, so they order with torch's work and are captured by `torch.cuda.graph`.
-- No allocation per call, and launch grids that depend on shapes only (never on slot or rank values),
-  so a captured graph replays correctly with new slot ids and ranks in the same buffers.
-- dtypes: x and the stacks share the model dtype, bfloat16 or float16 (float32 works too, at twice the
-  bytes; the tiny test models run in it). y is always float32.
-- Index values are not checked on the host (that would synchronise): a slot id outside the stack or a
-  row past the last segment is skipped on the device, and a rank is clamped to max_lora_rank.
-- Kernel choice (shapes only): bgmv takes lora_bgmv_shrink / lora_bgmv_expand; sgmv takes the
-  tensor-core kernels (lora_sgmv_*_mma) for bfloat16 / float16 with 16-byte aligned rows on sm_80+ when
-  the batch averages at least `sgmv_mma_min_rows_per_segment` rows per segment, else the generic
+- No allocation per call: the float32 y scratch is cached (one growing buffer per stream for eager calls;
+  one buffer per stream and shape, kept for the ops' lifetime, for calls under graph capture, because a
+  captured graph holds its address). Launch grids depend on shapes only (never on adapter, rank or row
+  id values), so a captured graph replays correctly with new tables in the same buffers. Eager calls
+  skip the parts that no adapter of the step targets, by the host copies (no device sync); calls under
+  capture launch every part, since their replays may see other ranks.
+- dtypes: x, the pool and out share the model dtype, bfloat16 or float16 (float32 works too, at twice
+  the bytes; the tiny test models run in it). y is always float32.
+- Index values are not checked on the host (that would synchronise): an adapter index outside [0, G) or
+  a row past the last segment is skipped on the device, a rank is clamped to the tables' R_max, and a row
+  id outside its view is never read (its products are NaN: loud, never a fault).
+- Kernel choice (shapes only): `rows.use_segments` False takes lora_bgmv_shrink / lora_bgmv_expand;
+  True takes the tensor-core kernels (lora_sgmv_*_mma) for bfloat16 / float16 with 16-byte aligned rows
+  (x, out and both views: pointers, row strides, widths and out_offset; a pool row j of width w starts at
+  element j * w, so w * element size % 16 == 0 and an aligned storage make every row aligned) on sm_80+
+  when the batch averages at least `sgmv_mma_min_rows_per_segment` rows per segment, else the generic
   lora_shrink / lora_expand. The tensor-core shrink streams through a per-warp cp.async ring of about
   144 KiB of dynamic shared memory per block; the constructor raises the kernels' limit for it (once,
   before any graph capture) and falls back to the generic sgmv kernels if the device refuses.
@@ -26,121 +34,40 @@ the launch shapes. What this wrapper adds:
 
 from __future__ import annotations
 
-import ast
-import functools
-import operator
-import re
 import warnings
-from pathlib import Path
+from collections.abc import Sequence
 
 import torch
 
-SOURCE_PATH = Path(__file__).resolve().parents[2] / "csrc" / "lora_gather_matmul.cu"
-# No options of our own: CuPy adds the architecture and its C++ dialect (the source is plain C++14).
-COMPILE_OPTIONS: tuple[str, ...] = ()
+from worker.kernels.cuda_source import (
+    DEFAULT_SMEM,
+    EXPAND_ROWS_IN_FLIGHT,
+    GENERIC_ROWS,
+    KERNEL_TYPES,
+    MAX_THREADS,
+    MMA_COLS,
+    MMA_EXPAND_WARPS,
+    MMA_K,
+    MMA_SHRINK_TILES,
+    MMA_TYPES,
+    NAME_EXPRESSIONS,
+    SHRINK_CHUNKS,
+    SHRINK_RANK_ROWS,
+    bgmv_expand_smem,
+    bgmv_shrink_smem,
+    kernel_name,
+    mma_shrink_smem,
+    raw_module,
+    wide_vec,
+)
+from worker.kernels.pool_args import PoolPart, StepRows
 
-# torch dtype -> the element type of the kernel templates.
-KERNEL_TYPES = {torch.bfloat16: "Bf16", torch.float16: "Fp16", torch.float32: "Fp32"}
-# The dtypes of the tensor-core sgmv kernels (16-bit operands; mma.sync needs sm_80+).
-MMA_TYPES = (torch.bfloat16, torch.float16)
-
-# C's integer operators; `/` truncates, which is floor division on the non-negative sizes of the macros.
-_C_OPERATORS = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.floordiv,
-}
-
-
-def source_defines(text: str) -> dict[str, int]:
-    """The `#define NAME value` macros of a CUDA source whose values are integer expressions (literals,
-    + - * /, parentheses and the macros defined above them), evaluated; other macros are left out."""
-    defines: dict[str, int] = {}
-    for name, expression in re.findall(r"^#define[ \t]+(\w+)[ \t]+(.*?)[ \t]*(?://.*)?$", text, re.MULTILINE):
-        try:
-            defines[name] = _c_integer(ast.parse(expression, mode="eval").body, defines)
-        except (SyntaxError, ValueError):
-            continue
-    return defines
-
-
-def _c_integer(node: ast.AST, defines: dict[str, int]) -> int:
-    if isinstance(node, ast.Constant) and type(node.value) is int:
-        return node.value
-    if isinstance(node, ast.Name) and node.id in defines:
-        return defines[node.id]
-    if isinstance(node, ast.BinOp) and type(node.op) in _C_OPERATORS:
-        return _C_OPERATORS[type(node.op)](_c_integer(node.left, defines), _c_integer(node.right, defines))
-    raise ValueError(f"not an integer expression of literals and macros: {ast.unparse(node)}")
-
-
-# The kernels' compile-time sizes that their launches must agree with, read from the source itself.
-_DEFINES = source_defines(SOURCE_PATH.read_text())
-SHRINK_RANK_ROWS = _DEFINES["LORA_SHRINK_RANK_ROWS"]  # rank rows per lora_bgmv_shrink block
-SHRINK_CHUNKS = _DEFINES["LORA_SHRINK_CHUNKS"]  # vectors of x per lora_bgmv_shrink thread and step
-SHRINK_STAGE = _DEFINES["LORA_SHRINK_STAGE"]  # 16-byte vectors per thread of lora_bgmv_shrink's staging
-EXPAND_ROWS_IN_FLIGHT = _DEFINES["LORA_EXPAND_ROWS_IN_FLIGHT"]  # rank rows of B per lora_bgmv_expand thread
-# lora_sgmv_shrink_mma tiles (MT, NG): 16 * MT rows by 8 * NG rank rows per block, and its warps.
-MMA_SHRINK_TILES = {(2, 2): _DEFINES["LORA_MMA_TILE_WARPS"], (1, 1): _DEFINES["LORA_MMA_SMALL_TILE_WARPS"]}
-MMA_STAGES = _DEFINES["LORA_MMA_STAGES"]  # depth of each warp's cp.async ring in lora_sgmv_shrink_mma
-MMA_K = _DEFINES["LORA_MMA_K"]  # elements of h_in per warp chunk in lora_sgmv_shrink_mma
-MMA_COLS = _DEFINES["LORA_MMA_COLS"]  # columns of out per warp in lora_sgmv_expand_mma
-_MAX_THREADS = _DEFINES["LORA_MAX_THREADS"]  # the kernels size their shared memory for it
 _MAX_GRID_X, _MAX_GRID_Y = 2**31 - 1, 65535
-# The wrapper's own launch choices, which the kernels take as template arguments or block shapes.
-GENERIC_ROWS = 4  # rows of x fused per block by the generic lora_shrink / lora_expand (sgmv fallback)
-MMA_EXPAND_WARPS = 4  # warps per lora_sgmv_expand_mma block (16 rows, MMA_COLS columns per warp)
-
-
-def _wide_vec(dtype: torch.dtype) -> int:
-    """Elements per 16-byte access."""
-    return 16 // torch.empty((), dtype=dtype).element_size()
-
-
-def kernel_name(kernel: str, dtype: torch.dtype, *params: int) -> str:
-    """The name expression of one template instance, e.g. 'lora_bgmv_shrink<Bf16, 8, 2>'."""
-    return f"lora_{kernel}<{', '.join([KERNEL_TYPES[dtype], *map(str, params)])}>"
-
-
-def mma_shrink_smem(mt: int, ng: int, warps: int) -> int:
-    """Dynamic shared memory of lora_sgmv_shrink_mma<T, mt, ng> with `warps` warps: each warp's ring of
-    MMA_STAGES chunks of (4 mt + 2 ng) 16-byte vectors per lane."""
-    return warps * MMA_STAGES * (4 * mt + 2 * ng) * 32 * 16
-
-
-def _all_instances() -> tuple[str, ...]:
-    names = []
-    for dtype in KERNEL_TYPES:
-        for vec in (_wide_vec(dtype), 1):
-            names.append(kernel_name("bgmv_shrink", dtype, vec))
-            names.append(kernel_name("bgmv_expand", dtype, vec))
-            names += [kernel_name(op, dtype, vec, GENERIC_ROWS) for op in ("shrink", "expand")]
-    for dtype in MMA_TYPES:
-        names += [kernel_name("sgmv_shrink_mma", dtype, mt, ng) for mt, ng in MMA_SHRINK_TILES]
-        names.append(kernel_name("sgmv_expand_mma", dtype))
-    return tuple(names)
-
-
-# Every instance the wrapper can launch; the nvcc compile test instantiates the same list.
-NAME_EXPRESSIONS = _all_instances()
-# csrc file -> the template instances that must compile (read by tests/kernels/test_csrc_compile.py).
-KERNEL_SOURCES = {SOURCE_PATH.name: NAME_EXPRESSIONS}
-
-
-@functools.cache
-def _raw_module():
-    """The process-wide module; CuPy compiles it lazily, once per device architecture."""
-    import cupy
-
-    return cupy.RawModule(
-        code=SOURCE_PATH.read_text(), options=COMPILE_OPTIONS, name_expressions=NAME_EXPRESSIONS
-    )
 
 
 def _vec(dtype: torch.dtype, sizes: tuple[int, ...], tensors: tuple[torch.Tensor, ...]) -> int:
     """16-byte accesses when every size (in elements) and pointer allows them, else one element."""
-    vec = _wide_vec(dtype)
+    vec = wide_vec(dtype)
     if any(n % vec for n in sizes) or any(t.data_ptr() % 16 for t in tensors):
         return 1
     return vec
@@ -168,21 +95,19 @@ def _check(op: str, name: str, t, dtype, ndim: int, device: torch.device, contig
         raise ValueError(f"{op}: {name} must be {kind}, got shape {tuple(t.shape)} stride {t.stride()}")
 
 
-def _check_len(op: str, name: str, t: torch.Tensor, n: int, what: str) -> None:
-    if t.shape[0] != n:
-        raise ValueError(f"{op}: {name} has {t.shape[0]} entries, expected {n} ({what})")
+def _check_shape(op: str, name: str, t: torch.Tensor, shape: tuple[int, ...], what: str) -> None:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {shape} ({what})")
 
 
 class CudaLoraOps:
-    """The four punica ops as CUDA kernels on one device (see the module docstring)."""
+    """The pool op of a LoRA site as CUDA kernels on one device (see the module docstring)."""
 
-    # bgmv handles any slot order at full speed, so decode batches need no sorting into segments.
+    # bgmv handles any adapter order at full speed, so decode rows need no grouping into segments.
     decode_uses_segments = False
-    # Separate q/k/v (gate/up) stacks: fusing would make expand read block-diagonal zeros.
-    fuse_sub_modules = False
 
     # sgmv batches average at least this many rows per segment to take the tensor-core kernels (each
-    # (row tile, segment) pair re-reads the slot's weights; shorter segments go to the generic kernels).
+    # (row tile, segment) pair re-reads the adapter's weights; shorter segments go to the generic kernels).
     sgmv_mma_min_rows_per_segment = 8
 
     def __init__(self, device: torch.device | str):
@@ -196,19 +121,27 @@ class CudaLoraOps:
         self._cupy = cupy
         self._cupy_device = cupy.cuda.Device(index)
         self._streams: dict[int, object] = {}
+        self._init_state()
         props = torch.cuda.get_device_properties(index)
         self._num_sms = props.multi_processor_count
         # Enough resident blocks to keep every SM's loads in flight (a shape-only launch heuristic).
         self._target_blocks = 4 * self._num_sms
         self._mma = props.major >= 8  # mma.sync with bf16 / f16 / tf32 operands
-        module = _raw_module()
+        module = raw_module()
         with self._cupy_device:  # compile for, and load on, this device
             raw = {name: module.get_function(name) for name in NAME_EXPRESSIONS}
             self._kernels = {name: kernel.kernel for name, kernel in raw.items()}
             if self._mma:
                 self._mma = self._allow_mma_shrink_smem(raw)
         # One launch with no rows: creates CuPy's per-thread context state now, not under graph capture.
-        self._launch(kernel_name("shrink", torch.float32, 1, GENERIC_ROWS), (1, 1), (32, 1), (0,) * 14)
+        self._launch(kernel_name("shrink", torch.float32, 1, GENERIC_ROWS), (1, 1), (32, 1), (0,) * 16)
+
+    def _init_state(self) -> None:
+        """The caches: y scratch (eager: stream -> buffer; captured: (stream, T, R) -> buffer) and the
+        adapters the last StepRows uses."""
+        self._eager_scratch: dict[int, torch.Tensor] = {}
+        self._graph_scratch: dict[tuple[int, int, int], torch.Tensor] = {}
+        self._used_of: tuple[StepRows | None, frozenset[int]] = (None, frozenset())
 
     @staticmethod
     def _allow_mma_shrink_smem(raw: dict) -> bool:
@@ -227,230 +160,235 @@ class CudaLoraOps:
             return False
         return True
 
-    def stack_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
-        """The model dtype: the kernels read x and the stacks in one 16- or 32-bit float type."""
+    def pool_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
+        """The model dtype: the kernels read x, the pool and out in one 16- or 32-bit float type."""
         if model_dtype not in KERNEL_TYPES:
             raise ValueError(f"CudaLoraOps supports {list(KERNEL_TYPES)} models, got {model_dtype}")
         return model_dtype
 
-    def row_order(self, slots: list[int], slot_lora_ranks: dict[int, int]) -> list[int]:
-        """Sequences grouped by adapter slot (stable): each adapter's prompt rows form one sgmv segment.
+    def row_order(self, adapters: list[int], adapter_lora_ranks: dict[int, int]) -> list[int]:
+        """Sequences grouped by adapter (stable): each adapter's prompt rows form one sgmv segment.
         bgmv takes rows in any order and the kernels handle mixed ranks, so ranks play no part."""
-        return sorted(range(len(slots)), key=slots.__getitem__)
+        return sorted(range(len(adapters)), key=adapters.__getitem__)
 
-    def bgmv_shrink(self, x, lora_a_stack, slot_ids, lora_ranks, y) -> None:
-        """Semantics: y[i, :r] = x[i] @ lora_a_stack[s, :r].T  where s = slot_ids[i], r = lora_ranks[s].
-
-        x: [num_tokens, h_in] model dtype (rows may be strided). lora_a_stack: [num_slots, max_lora_rank,
-        h_in] same dtype, contiguous. slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32
-        (0 = row skipped). y: [num_tokens, max_lora_rank] float32, changed in place in columns < r only.
-        """
-        self._shrink("bgmv_shrink", x, lora_a_stack, slot_ids, None, None, lora_ranks, y)
-
-    def bgmv_expand(self, y, lora_b_stack, slot_ids, lora_ranks, out, out_offset: int = 0) -> None:
-        """Semantics: out[i, o:o+h_out] += y[i, :r] @ lora_b_stack[s, :r]  with s = slot_ids[i],
-        r = lora_ranks[s], o = out_offset.
-
-        y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out] model dtype,
-        contiguous. slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32 (0 = row untouched).
-        out: [num_tokens, h_total] model dtype (rows may be strided), changed in place in columns
-        [o, o + h_out) of rows with an adapter (float32 sum, rounded once).
-        """
-        self._expand("bgmv_expand", y, lora_b_stack, slot_ids, None, None, lora_ranks, out, out_offset)
-
-    def sgmv_shrink(self, x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y) -> None:
-        """Semantics: y[p:q, :r] = x[p:q] @ lora_a_stack[s, :r].T  for each segment g with rows
-        [p, q) = segment_indptr[g:g+2], s = segment_slot_ids[g], r = lora_ranks[s].
-
-        x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_lora_rank, h_in] same dtype.
-        segment_indptr: [num_segments + 1] int32 (non-decreasing, from 0; segments may be empty).
-        segment_slot_ids: [num_segments] int32. lora_ranks: [num_slots] int32.
-        y: [num_tokens, max_lora_rank] float32, changed in place in columns < r of each segment's rows.
-        """
-        self._shrink("sgmv_shrink", x, lora_a_stack, None, segment_indptr, segment_slot_ids, lora_ranks, y)
-
-    def sgmv_expand(
-        self, y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset: int = 0
-    ) -> None:
-        """Semantics: out[p:q, o:o+h_out] += y[p:q, :r] @ lora_b_stack[s, :r]  for each segment g with
-        rows [p, q), s = segment_slot_ids[g], r = lora_ranks[s], o = out_offset.
-
-        y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out] model dtype.
-        segment_indptr: [num_segments + 1] int32. segment_slot_ids: [num_segments] int32.
-        out: [num_tokens, h_total] model dtype, changed in place (float32 sum, rounded once).
-        """
-        self._expand(
-            "sgmv_expand",
-            y,
-            lora_b_stack,
-            None,
-            segment_indptr,
-            segment_slot_ids,
-            lora_ranks,
-            out,
-            out_offset,
-        )
-
-    def sgmv_lora(
+    def lora_site(
         self,
-        x,
-        lora_a_stack,
-        lora_b_stack,
-        segment_indptr,
-        segment_slot_ids,
-        lora_ranks,
-        y,
-        out,
-        out_offset: int = 0,
+        x: torch.Tensor,
+        a_view: torch.Tensor,
+        parts: Sequence[PoolPart],
+        rows: StepRows,
+        out: torch.Tensor,
     ) -> None:
-        """Semantics: sgmv_shrink into the scratch y, then sgmv_expand from it (two launches)."""
-        self.sgmv_shrink(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
-        self.sgmv_expand(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)
+        """Semantics (`reference.lora_site_ref`): for every part p and row i with g = rows' adapter of i
+        (g = -1: none) and r = p.lora_ranks[g] (0: adapter g does not target p),
+        out[i, o:o+h_out] += (x[i] @ a_view[p.a_rows[g, :r]].T) @ p.b_view[p.b_rows[g, :r]], o = p.out_offset,
+        with the x@A intermediate in float32 and the sum rounded once.
 
-    def _shrink(self, op, x, lora_a_stack, slot_ids, segment_indptr, segment_slot_ids, lora_ranks, y):
-        dev = self.device
-        _check(op, "x", x, None, 2, dev, False)
-        _check(op, "lora_a_stack", lora_a_stack, x.dtype, 3, dev, True)
-        _check(op, "y", y, torch.float32, 2, dev, False)
-        num_tokens, h_in = x.shape
-        num_slots, max_lora_rank, a_h_in = lora_a_stack.shape
-        if a_h_in != h_in or tuple(y.shape) != (num_tokens, max_lora_rank):
-            raise ValueError(
-                f"{op}: sizes disagree: x {tuple(x.shape)}, lora_a_stack {tuple(lora_a_stack.shape)}, "
-                f"y {tuple(y.shape)} (expected y [{num_tokens}, {max_lora_rank}])"
-            )
-        num_segments = self._check_indices(
-            op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
-        )
-        if num_tokens == 0 or max_lora_rank == 0 or (slot_ids is None and num_segments == 0):
+        x: [T, h_in] model dtype (rows may be strided). a_view: [num_rows, h_in] the pool's view of width
+        h_in, same dtype, contiguous. out: [T, h_total] same dtype (rows may be strided), changed in place
+        in each part's columns of the rows its adapters target, nowhere else. Each part: b_view
+        [num_rows, h_out] contiguous, a_rows / b_rows [G, R_max] int32 (contiguous rows), lora_ranks [G]
+        int32, with G = len(rows.adapters). rows: bgmv over row_adapter [T] when not rows.use_segments,
+        sgmv over segment_indptr / segment_adapters when it is. Raises ValueError on a bad argument before
+        any launch; never synchronises.
+        """
+        self._check_site(x, a_view, parts, rows, out)
+        num_tokens = x.shape[0]
+        if num_tokens == 0 or (rows.use_segments and not rows.host_segment_adapters):
             return
-        vec = _vec(x.dtype, (h_in, x.stride(0)), (x, lora_a_stack))
+        parts = [p for p in parts if p.a_rows.shape[1] > 0]  # R_max == 0: no adapter has rows (a shape)
+        if not self._capturing():
+            used = self._used_adapters(rows)
+            parts = [p for p in parts if any(p.host_lora_ranks[g] for g in used)]
+        if not parts:
+            return
+        y = self._scratch(num_tokens, max(p.a_rows.shape[1] for p in parts))
+        for part in parts:
+            self._shrink(x, a_view, part, rows, y)
+            self._expand(y, part, rows, out)
+
+    def _check_site(self, x, a_view, parts, rows, out) -> None:
+        """Every argument of a lora_site call: shapes, dtypes, devices, layouts (values are not read)."""
+        op, dev = "lora_site", self.device
+        _check(op, "x", x, None, 2, dev, False)
+        _check(op, "a_view", a_view, x.dtype, 2, dev, True)
+        _check(op, "out", out, x.dtype, 2, dev, False)
+        num_tokens, h_in = x.shape
+        if a_view.shape[1] != h_in or out.shape[0] != num_tokens:
+            raise ValueError(
+                f"{op}: sizes disagree: x {tuple(x.shape)}, a_view {tuple(a_view.shape)}, out "
+                f"{tuple(out.shape)} (expected a_view [num_rows, {h_in}] and out [{num_tokens}, h_total])"
+            )
+        num_segments = len(rows.host_segment_adapters)
+        for name, shape in [
+            ("row_adapter", (num_tokens,)),
+            ("segment_indptr", (num_segments + 1,)),
+            ("segment_adapters", (num_segments,)),
+        ]:
+            t = getattr(rows, name)
+            _check(op, f"rows.{name}", t, torch.int32, 1, dev, True)
+            _check_shape(op, f"rows.{name}", t, shape, f"{num_tokens} rows, {num_segments} segments")
+        if len(rows.host_indptr) != num_segments + 1 or rows.host_indptr[-1] != num_tokens:
+            raise ValueError(
+                f"{op}: rows describe {rows.host_indptr[-1]} rows in {len(rows.host_indptr) - 1} "
+                f"segments, x has {num_tokens} rows"
+            )
+        num_adapters = len(rows.adapters)
+        for part in parts:
+            pop = f"{op} {part.key}"
+            _check(pop, "b_view", part.b_view, x.dtype, 2, dev, True)
+            _check(pop, "a_rows", part.a_rows, torch.int32, 2, dev, False)
+            g_r = (num_adapters, part.a_rows.shape[1])
+            _check_shape(pop, "a_rows", part.a_rows, g_r, f"G = {num_adapters} adapters in rows")
+            _check(pop, "b_rows", part.b_rows, torch.int32, 2, dev, False)
+            _check_shape(pop, "b_rows", part.b_rows, g_r, "the shape of a_rows")
+            _check(pop, "lora_ranks", part.lora_ranks, torch.int32, 1, dev, True)
+            _check_shape(pop, "lora_ranks", part.lora_ranks, (num_adapters,), "G")
+            if len(part.host_lora_ranks) != num_adapters:
+                raise ValueError(
+                    f"{pop}: host_lora_ranks has {len(part.host_lora_ranks)} entries, expected {num_adapters}"
+                )
+            h_out, o, h_total = part.h_out, part.out_offset, out.shape[1]
+            if not 0 <= o <= h_total - h_out:
+                raise ValueError(f"{pop}: columns [{o}, {o + h_out}) are not within out's {h_total}")
+            if bgmv_expand_smem(part.b_rows.shape[1]) > DEFAULT_SMEM:
+                raise ValueError(
+                    f"{pop}: R_max {part.b_rows.shape[1]} exceeds the kernels' {DEFAULT_SMEM // 4} row ids"
+                )
+
+    def _used_adapters(self, rows: StepRows) -> frozenset[int]:
+        """The adapters g in [0, G) that rows use (host copies; cached for the last rows seen)."""
+        last, used = self._used_of
+        if last is not rows:
+            num_adapters = len(rows.adapters)
+            used = frozenset(g for g in rows.host_segment_adapters if 0 <= g < num_adapters)
+            self._used_of = (rows, used)
+        return used
+
+    def _scratch(self, num_tokens: int, r_max: int) -> torch.Tensor:
+        """The float32 y scratch [num_tokens, r_max] for the current stream (contents unspecified)."""
+        stream = self._stream_handle()
+        if self._capturing():  # a graph holds this address: a buffer of its own, never freed or moved
+            key = (stream, num_tokens, r_max)
+            if key not in self._graph_scratch:
+                self._graph_scratch[key] = torch.empty(
+                    num_tokens, r_max, dtype=torch.float32, device=self.device
+                )
+            return self._graph_scratch[key]
+        need = num_tokens * r_max
+        buf = self._eager_scratch.get(stream)
+        if buf is None or buf.numel() < need:  # grows in powers of two: few reallocations over prompts
+            buf = torch.empty(_pow2_at_least(need), dtype=torch.float32, device=self.device)
+            self._eager_scratch[stream] = buf
+        return buf[:need].view(num_tokens, r_max)
+
+    def _shrink(self, x: torch.Tensor, a_view: torch.Tensor, part: PoolPart, rows: StepRows, y: torch.Tensor):
+        """y[i, :r] = x[i] @ a_view[part.a_rows[g, :r]].T (lora_bgmv_shrink, lora_sgmv_shrink_mma or
+        lora_shrink)."""
+        num_tokens, h_in = x.shape
+        num_adapters, max_lora_rank = part.a_rows.shape
+        vec = _vec(x.dtype, (h_in, x.stride(0)), (x, a_view))
         n_vec = h_in // vec
-        head = (x.data_ptr(), x.stride(0), lora_a_stack.data_ptr())
-        tail = (lora_ranks.data_ptr(), num_slots, y.data_ptr(), y.stride(0), num_tokens, h_in, max_lora_rank)
-        sizes = f"num_tokens={num_tokens}, max_lora_rank={max_lora_rank}"
-        if slot_ids is not None:
+        head = (x.data_ptr(), x.stride(0), a_view.data_ptr(), a_view.shape[0])
+        head += (part.a_rows.data_ptr(), part.a_rows.stride(0))
+        tail = (
+            part.lora_ranks.data_ptr(),
+            num_adapters,
+            y.data_ptr(),
+            y.stride(0),
+            num_tokens,
+            h_in,
+            max_lora_rank,
+        )
+        sizes = f"num_tokens={num_tokens}, R_max={max_lora_rank}"
+        if not rows.use_segments:
             # One row per block, 4 rank rows; each thread loads 2 vectors of x and of each rank row at once.
-            threads = min(_MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // SHRINK_CHUNKS))))
+            threads = min(MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // SHRINK_CHUNKS))))
             grid = (num_tokens, min(-(-max_lora_rank // SHRINK_RANK_ROWS), _MAX_GRID_Y))
-            self._check_grid(op, grid, sizes)
-            args = (*head, slot_ids.data_ptr(), *tail)
-            smem = SHRINK_STAGE * threads * 16 if vec == _wide_vec(x.dtype) else 0  # cp.async staging
+            self._check_grid(grid, sizes)
+            args = (*head, rows.row_adapter.data_ptr(), *tail)
+            smem = bgmv_shrink_smem(threads, vec, x.dtype)  # cp.async staging
             self._launch(kernel_name("bgmv_shrink", x.dtype, vec), grid, (threads, 1), args, smem)
             return
-        segments = (segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments)
+        num_segments = len(rows.host_segment_adapters)
+        args = (*head, rows.segment_indptr.data_ptr(), rows.segment_adapters.data_ptr(), num_segments, *tail)
         if self._use_mma(x.dtype, vec, num_tokens, num_segments):
             # Tiles of 32 rows x 16 ranks when they alone give about a block per SM, else 16 x 8.
             big = -(-num_tokens // 32) * -(-max_lora_rank // 16) * 10 >= 9 * self._num_sms
             mt, ng = (2, 2) if big else (1, 1)
             warps = min(MMA_SHRINK_TILES[(mt, ng)], -(-h_in // MMA_K))  # warps split h_in's chunks
             grid = (-(-num_tokens // (16 * mt)), min(-(-max_lora_rank // (8 * ng)), _MAX_GRID_Y))
-            self._check_grid(op, grid, sizes)
+            self._check_grid(grid, sizes)
             name = kernel_name("sgmv_shrink_mma", x.dtype, mt, ng)
-            smem = mma_shrink_smem(mt, ng, warps)
-            self._launch(name, grid, (32, warps), (*head, *segments, *tail), smem)
+            self._launch(name, grid, (32, warps), args, mma_shrink_smem(mt, ng, warps))
             return
         # Generic kernel: threads of one rank row split h_in, about 4 vectors each; the rest of the block
         # takes more rank rows. Few tokens: one block per rank tile; many: blocks loop over tiles.
-        threads_per_row = min(_MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // 4))))
-        rank_rows = min(_MAX_THREADS // threads_per_row, max_lora_rank)
+        threads_per_row = min(MAX_THREADS, max(32, _pow2_at_least(-(-n_vec // 4))))
+        rank_rows = min(MAX_THREADS // threads_per_row, max_lora_rank)
         num_groups, num_tiles = -(-num_tokens // GENERIC_ROWS), -(-max_lora_rank // rank_rows)
         grid = (num_groups, min(num_tiles, max(1, -(-self._target_blocks // num_groups))))
-        self._check_grid(op, grid, sizes)
-        args = (*head, 0, *segments, *tail)
+        self._check_grid(grid, sizes)
         name = kernel_name("shrink", x.dtype, vec, GENERIC_ROWS)
         self._launch(name, grid, (threads_per_row, rank_rows), args)
 
-    def _expand(
-        self, op, y, lora_b_stack, slot_ids, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset
-    ):
-        dev = self.device
-        _check(op, "out", out, None, 2, dev, False)
-        _check(op, "lora_b_stack", lora_b_stack, out.dtype, 3, dev, True)
-        _check(op, "y", y, torch.float32, 2, dev, False)
-        num_tokens, h_total = out.shape
-        num_slots, max_lora_rank, h_out = lora_b_stack.shape
-        out_offset = int(out_offset)
-        if tuple(y.shape) != (num_tokens, max_lora_rank) or not 0 <= out_offset <= h_total - h_out:
-            raise ValueError(
-                f"{op}: sizes disagree: y {tuple(y.shape)}, lora_b_stack {tuple(lora_b_stack.shape)}, "
-                f"out {tuple(out.shape)}, out_offset {out_offset} (expected y [{num_tokens}, "
-                f"{max_lora_rank}] and columns [{out_offset}, {out_offset + h_out}) within out's {h_total})"
-            )
-        num_segments = self._check_indices(
-            op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
-        )
-        if num_tokens == 0 or max_lora_rank == 0 or h_out == 0 or (slot_ids is None and num_segments == 0):
-            return
-        vec = _vec(out.dtype, (h_out, out.stride(0), out_offset), (out, lora_b_stack))
+    def _expand(self, y: torch.Tensor, part: PoolPart, rows: StepRows, out: torch.Tensor):
+        """out[i, o:o+h_out] += y[i, :r] @ part.b_view[part.b_rows[g, :r]] (lora_bgmv_expand,
+        lora_sgmv_expand_mma or lora_expand)."""
+        num_tokens = out.shape[0]
+        num_adapters, max_lora_rank = part.b_rows.shape
+        b_view, h_out, out_offset = part.b_view, part.h_out, part.out_offset
+        vec = _vec(out.dtype, (h_out, out.stride(0), out_offset), (out, b_view))
         n_vec = h_out // vec
-        head = (y.data_ptr(), y.stride(0), lora_b_stack.data_ptr())
-        tail = (
-            lora_ranks.data_ptr(),
-            num_slots,
-            out.data_ptr(),
-            out.stride(0),
-            out_offset,
-            num_tokens,
-            h_out,
-            max_lora_rank,
-        )
+        head = (y.data_ptr(), y.stride(0), b_view.data_ptr(), b_view.shape[0])
+        head += (part.b_rows.data_ptr(), part.b_rows.stride(0))
+        tail = (part.lora_ranks.data_ptr(), num_adapters, out.data_ptr(), out.stride(0), out_offset)
+        tail += (num_tokens, h_out, max_lora_rank)
         sizes = f"num_tokens={num_tokens}, h_out={h_out}"
-        # The rank is split over threadIdx.y so that each thread has at most 8 rows of B in flight at once.
-        rank_splits = min(_MAX_THREADS // 32, max(1, -(-max_lora_rank // EXPAND_ROWS_IN_FLIGHT)))
-        if slot_ids is not None:
-            threads = 64 if n_vec > 32 and 64 * rank_splits <= _MAX_THREADS else 32
+        if not rows.use_segments:
+            # The rank is split over threadIdx.y so that each thread has at most 8 rows of B in flight.
+            rank_splits = min(MAX_THREADS // 32, max(1, -(-max_lora_rank // EXPAND_ROWS_IN_FLIGHT)))
+            threads = 64 if n_vec > 32 and 64 * rank_splits <= MAX_THREADS else 32
             grid = (num_tokens, -(-n_vec // threads))
-            self._check_grid(op, grid, sizes)
-            args = (*head, slot_ids.data_ptr(), *tail)
-            self._launch(kernel_name("bgmv_expand", out.dtype, vec), grid, (threads, rank_splits), args)
+            self._check_grid(grid, sizes)
+            args = (*head, rows.row_adapter.data_ptr(), *tail)
+            name = kernel_name("bgmv_expand", out.dtype, vec)
+            self._launch(name, grid, (threads, rank_splits), args, bgmv_expand_smem(max_lora_rank))
             return
-        segments = (segment_indptr.data_ptr(), segment_slot_ids.data_ptr(), num_segments)
+        num_segments = len(rows.host_segment_adapters)
+        args = (*head, rows.segment_indptr.data_ptr(), rows.segment_adapters.data_ptr(), num_segments, *tail)
         if self._use_mma(out.dtype, vec, num_tokens, num_segments):
             grid = (-(-num_tokens // 16), -(-h_out // (MMA_COLS * MMA_EXPAND_WARPS)))
-            self._check_grid(op, grid, sizes)
-            name = kernel_name("sgmv_expand_mma", out.dtype)
-            self._launch(name, grid, (32, MMA_EXPAND_WARPS), (*head, *segments, *tail))
+            self._check_grid(grid, sizes)
+            self._launch(kernel_name("sgmv_expand_mma", out.dtype), grid, (32, MMA_EXPAND_WARPS), args)
             return
         # Generic kernel: small blocks spread one row's columns over more SMs.
         threads = 64 if n_vec > 32 else 32
-        rank_splits = min(_MAX_THREADS // threads, max(1, max_lora_rank // 8))
+        rank_splits = min(MAX_THREADS // threads, max(1, max_lora_rank // 8))
         grid = (-(-num_tokens // GENERIC_ROWS), -(-n_vec // threads))
-        self._check_grid(op, grid, sizes)
-        args = (*head, 0, *segments, *tail)
-        name = kernel_name("expand", out.dtype, vec, GENERIC_ROWS)
-        self._launch(name, grid, (threads, rank_splits), args)
+        self._check_grid(grid, sizes)
+        self._launch(kernel_name("expand", out.dtype, vec, GENERIC_ROWS), grid, (threads, rank_splits), args)
 
     def _use_mma(self, dtype: torch.dtype, vec: int, num_tokens: int, num_segments: int) -> bool:
         """Whether an sgmv call takes the tensor-core kernels (shapes only, never index values)."""
         return (
             self._mma
             and dtype in MMA_TYPES
-            and vec == _wide_vec(dtype)
+            and vec == wide_vec(dtype)
             and num_tokens >= self.sgmv_mma_min_rows_per_segment * num_segments
         )
 
-    def _check_indices(
-        self, op, num_tokens, num_slots, slot_ids, segment_indptr, segment_slot_ids, lora_ranks
-    ) -> int:
-        """Check the index tensors; return num_segments (0 for bgmv)."""
-        dev = self.device
-        _check(op, "lora_ranks", lora_ranks, torch.int32, 1, dev, True)
-        _check_len(op, "lora_ranks", lora_ranks, num_slots, "num_slots of the stack")
-        if slot_ids is not None:
-            _check(op, "slot_ids", slot_ids, torch.int32, 1, dev, True)
-            _check_len(op, "slot_ids", slot_ids, num_tokens, "num_tokens")
-            return 0
-        _check(op, "segment_indptr", segment_indptr, torch.int32, 1, dev, True)
-        _check(op, "segment_slot_ids", segment_slot_ids, torch.int32, 1, dev, True)
-        num_segments = segment_slot_ids.shape[0]
-        _check_len(op, "segment_indptr", segment_indptr, num_segments + 1, "num_segments + 1")
-        return num_segments
-
     @staticmethod
-    def _check_grid(op: str, grid: tuple[int, int], sizes: str) -> None:
+    def _check_grid(grid: tuple[int, int], sizes: str) -> None:
         if grid[0] > _MAX_GRID_X or grid[1] > _MAX_GRID_Y:
-            raise ValueError(f"{op}: launch grid {grid} exceeds the CUDA limits for {sizes}")
+            raise ValueError(f"lora_site: launch grid {grid} exceeds the CUDA limits for {sizes}")
+
+    def _capturing(self) -> bool:
+        """Whether torch's current stream is capturing a CUDA graph (a query, no sync)."""
+        return torch.cuda.is_current_stream_capturing()
+
+    def _stream_handle(self) -> int:
+        return torch.cuda.current_stream(self.device).cuda_stream
 
     def _launch(
         self, name: str, grid: tuple[int, int], block: tuple[int, int], args: tuple, smem: int = 0
@@ -458,7 +396,7 @@ class CudaLoraOps:
         """Launch on torch's current stream of this device with `smem` bytes of dynamic shared memory;
         every argument is a 64-bit integer (the kernels take pointers and long long sizes), which CuPy
         passes as int64."""
-        handle = torch.cuda.current_stream(self.device).cuda_stream
+        handle = self._stream_handle()
         stream = self._streams.get(handle)
         if stream is None:
             with warnings.catch_warnings():  # CuPy 14 deprecates ExternalStream; it still does the job

@@ -1,144 +1,16 @@
-"""Plain reference implementations of the LoRA gather-matmul ops (punica semantics).
+"""Plain reference implementations of the LoRA gather-matmul ops over the adapter pool (punica semantics).
 
-These are the specification: per-row / per-segment Python loops in float32 that are obviously right.
-The fast CPU path (`torch_ops.py`) and the CUDA kernels (`csrc/`, `cuda.py`) must match them; tests
-compare every implementation against these functions.
-
-Layouts shared by every implementation (names are the same in Python, CUDA and the proto):
-
-- `lora_a_stack`: [num_slots, max_lora_rank, h_in]  model dtype; slot s holds adapter s's A (rank rows used)
-- `lora_b_stack`: [num_slots, max_lora_rank, h_out] model dtype; slot s holds adapter s's B^T with the
-  LoRA scale (alpha / r, or alpha / sqrt(r) for rsLoRA) already folded in
-- `lora_ranks`:   [num_slots] int32; the true rank of each slot. Rank 0 means "no adapter": rows that
-  map to such a slot are skipped entirely (no compute, their outputs untouched)
-- `slot_ids`:     [num_tokens] int32 (bgmv); the slot of each row
-- `segment_indptr`: [num_segments + 1] int32 (sgmv); rows segment_indptr[g]:segment_indptr[g+1]
-  form segment g (segments may be empty); `segment_slot_ids`: [num_segments] int32
-- the shrink output / expand input `y`: [num_tokens, max_lora_rank] float32, so the x@A intermediate is
-  never rounded to half precision (peers lost accuracy doing that)
-
-Only the first r = lora_ranks[slot] rows of a slot's A and B are read, so adapters of different ranks
-share one launch and none pays for the largest rank's compute.
+These are the specification: per-row Python loops in float32 that are obviously right. The fast CPU path
+(`torch_ops.py`) and the CUDA kernels (`csrc/`, `cuda.py`) must match them; tests compare every
+implementation against these functions. Layouts: the pool and its row tables in `worker/lora/pool.py`,
+the per-call arguments in `pool_args.py`. Only the first r = lora_ranks[g] row ids of an adapter's table
+are read, so adapters of different ranks share one call and none pays for the largest rank's compute;
+the x@A intermediate stays float32 (peers lost accuracy rounding it to half precision).
 """
 
 from __future__ import annotations
 
 import torch
-
-
-def bgmv_shrink_ref(
-    x: torch.Tensor,
-    lora_a_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    lora_ranks: torch.Tensor,
-    y: torch.Tensor,
-) -> None:
-    """Semantics: y[i, :r] = x[i] @ lora_a_stack[s, :r].T  where s = slot_ids[i], r = lora_ranks[s].
-
-    x: [num_tokens, h_in] model dtype. lora_a_stack: [num_slots, max_lora_rank, h_in].
-    slot_ids: [num_tokens] int32. lora_ranks: [num_slots] int32.
-    y: [num_tokens, max_lora_rank] float32, written in place for columns < r only.
-    """
-    for i in range(x.shape[0]):
-        s = int(slot_ids[i])
-        r = int(lora_ranks[s])
-        if r == 0:
-            continue
-        y[i, :r] = x[i].float() @ lora_a_stack[s, :r].float().T
-
-
-def bgmv_expand_ref(
-    y: torch.Tensor,
-    lora_b_stack: torch.Tensor,
-    slot_ids: torch.Tensor,
-    lora_ranks: torch.Tensor,
-    out: torch.Tensor,
-    out_offset: int = 0,
-) -> None:
-    """Semantics: out[i, o:o+h_out] += y[i, :r] @ lora_b_stack[s, :r]  (s = slot_ids[i], r = lora_ranks[s]).
-
-    y: [num_tokens, max_lora_rank] float32. lora_b_stack: [num_slots, max_lora_rank, h_out].
-    out: [num_tokens, h_total] model dtype, updated in place (the sum is formed in float32 and rounded
-    once); o = out_offset lets one call write a slice of a fused output (qkv, gate_up).
-    """
-    h_out = lora_b_stack.shape[2]
-    for i in range(y.shape[0]):
-        s = int(slot_ids[i])
-        r = int(lora_ranks[s])
-        if r == 0:
-            continue
-        delta = y[i, :r].float() @ lora_b_stack[s, :r].float()
-        dst = out[i, out_offset : out_offset + h_out]
-        dst.copy_((dst.float() + delta).to(out.dtype))
-
-
-def sgmv_shrink_ref(
-    x: torch.Tensor,
-    lora_a_stack: torch.Tensor,
-    segment_indptr: torch.Tensor,
-    segment_slot_ids: torch.Tensor,
-    lora_ranks: torch.Tensor,
-    y: torch.Tensor,
-) -> None:
-    """Semantics: for each segment g with rows [p, q) = segment_indptr[g:g+2], slot s = segment_slot_ids[g]:
-    y[p:q, :r] = x[p:q] @ lora_a_stack[s, :r].T  with r = lora_ranks[s].
-
-    x: [num_tokens, h_in]. segment_indptr: [num_segments + 1] int32 (non-decreasing, starts at 0).
-    segment_slot_ids: [num_segments] int32. y: [num_tokens, max_lora_rank] float32, columns < r written.
-    """
-    for g in range(segment_slot_ids.shape[0]):
-        p, q = int(segment_indptr[g]), int(segment_indptr[g + 1])
-        s = int(segment_slot_ids[g])
-        r = int(lora_ranks[s])
-        for i in range(p, q):
-            if r:
-                y[i, :r] = x[i].float() @ lora_a_stack[s, :r].float().T
-
-
-def sgmv_expand_ref(
-    y: torch.Tensor,
-    lora_b_stack: torch.Tensor,
-    segment_indptr: torch.Tensor,
-    segment_slot_ids: torch.Tensor,
-    lora_ranks: torch.Tensor,
-    out: torch.Tensor,
-    out_offset: int = 0,
-) -> None:
-    """Semantics: for each segment g with rows [p, q) and slot s = segment_slot_ids[g]:
-    out[p:q, o:o+h_out] += y[p:q, :r] @ lora_b_stack[s, :r]  with r = lora_ranks[s], o = out_offset.
-
-    y: [num_tokens, max_lora_rank] float32. out: [num_tokens, h_total] model dtype, updated in place
-    (float32 sum, rounded once).
-    """
-    h_out = lora_b_stack.shape[2]
-    for g in range(segment_slot_ids.shape[0]):
-        p, q = int(segment_indptr[g]), int(segment_indptr[g + 1])
-        s = int(segment_slot_ids[g])
-        r = int(lora_ranks[s])
-        for i in range(p, q):
-            if r:
-                delta = y[i, :r].float() @ lora_b_stack[s, :r].float()
-                dst = out[i, out_offset : out_offset + h_out]
-                dst.copy_((dst.float() + delta).to(out.dtype))
-
-
-def sgmv_lora_ref(
-    x: torch.Tensor,
-    lora_a_stack: torch.Tensor,
-    lora_b_stack: torch.Tensor,
-    segment_indptr: torch.Tensor,
-    segment_slot_ids: torch.Tensor,
-    lora_ranks: torch.Tensor,
-    out: torch.Tensor,
-    out_offset: int = 0,
-) -> None:
-    """Semantics: the shrink then the expand of each segment, through a float32 intermediate:
-    out[p:q, o:o+h_out] += (x[p:q] @ lora_a_stack[s, :r].T) @ lora_b_stack[s, :r]  (float32 sum, rounded
-    once). Implementations take a scratch y [num_tokens, max_lora_rank] float32 and leave it unspecified.
-    """
-    y = torch.zeros(x.shape[0], lora_a_stack.shape[1], dtype=torch.float32)
-    sgmv_shrink_ref(x, lora_a_stack, segment_indptr, segment_slot_ids, lora_ranks, y)
-    sgmv_expand_ref(y, lora_b_stack, segment_indptr, segment_slot_ids, lora_ranks, out, out_offset)
 
 
 def lora_pool_ref(
@@ -182,3 +54,14 @@ def lora_pool_ref(
         delta = (x[i].float() @ a.T) @ b_t  # [h_out] float32
         dst = out[i, out_offset : out_offset + h_out]
         dst.copy_((dst.float() + delta).to(out.dtype))
+
+
+def lora_site_ref(x: torch.Tensor, a_view: torch.Tensor, parts, rows, out: torch.Tensor) -> None:
+    """Semantics: `lora_pool_ref` for each part of a LoRA site (`worker/kernels/pool_args.py`):
+    out[i, o_p:o_p+h_out_p] += (x[i] @ a_view[a_rows_p[g, :r]].T) @ b_view_p[b_rows_p[g, :r]]
+    with g = rows.row_adapter[i], r = lora_ranks_p[g], for every part p. Parts write disjoint columns,
+    so their order does not matter. x: [num_tokens, h_in]; a_view: [num_rows_a, h_in]."""
+    for p in parts:
+        lora_pool_ref(
+            x, a_view, p.b_view, rows.row_adapter, p.a_rows, p.b_rows, p.lora_ranks, out, p.out_offset
+        )

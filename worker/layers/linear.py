@@ -14,7 +14,7 @@ from torch import nn
 
 from worker.layers.linear_weight import LinearWeight
 from worker.lora.batch import LoraBatch, SplitLoraBatch
-from worker.lora.stacks import LoraLayout, LoraPart, LoraStack, build_stacks
+from worker.lora.sites import LoraPart, LoraSite
 from worker.parallel import ParallelContext
 from worker.weights import CheckpointWeights
 
@@ -30,7 +30,7 @@ class ColumnParallelLinear(nn.Module):
         ctx: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
-        lora_layout: LoraLayout | None = None,
+        lora_layer: int | None = None,
         lora_modules: tuple[str, ...] = (),
     ):
         super().__init__()
@@ -50,7 +50,8 @@ class ColumnParallelLinear(nn.Module):
             if name in lora_modules:
                 parts.append(LoraPart(name, None, (start, length), column, length))
             column += length
-        self.lora_stacks: list[LoraStack] = build_stacks(parts, h_in, lora_layout)
+        # Where this layer applies LoRA (None: LoRA is off, or no module of it takes an adapter).
+        self.lora_site = LoraSite(lora_layer, tuple(parts), h_in) if lora_layer is not None and parts else None
 
     def load(self, weights: CheckpointWeights, prefixes: dict[str, str]) -> None:
         """`prefixes`: sub-module name -> checkpoint prefix (e.g. 'model.layers.0.self_attn.q_proj')."""
@@ -64,8 +65,8 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | SplitLoraBatch | None) -> torch.Tensor:
         out = self.matmul(x, self.bias)  # [num_tokens, h_out_local]
-        if lora is not None and self.lora_stacks:
-            lora.apply(self.lora_stacks, x, out)
+        if lora is not None and self.lora_site is not None:
+            lora.apply(self.lora_site, x, out)
         return out
 
 
@@ -73,7 +74,7 @@ class QKVParallelLinear(ColumnParallelLinear):
     """Fused q/k/v projection; whole heads per rank, so the head counts must divide by the world size."""
 
     def __init__(
-        self, hidden_size, head_dim, num_heads, num_kv_heads, bias, ctx, dtype, device, lora_layout=None
+        self, hidden_size, head_dim, num_heads, num_kv_heads, bias, ctx, dtype, device, lora_layer=None
     ):
         for what, n in (("attention heads", num_heads), ("key/value heads", num_kv_heads)):
             if n % ctx.world_size:
@@ -83,15 +84,15 @@ class QKVParallelLinear(ColumnParallelLinear):
             "k_proj": num_kv_heads * head_dim,
             "v_proj": num_kv_heads * head_dim,
         }
-        super().__init__(hidden_size, sizes, bias, ctx, dtype, device, lora_layout, tuple(sizes))
+        super().__init__(hidden_size, sizes, bias, ctx, dtype, device, lora_layer, tuple(sizes))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Fused gate/up projection of the MLP."""
 
-    def __init__(self, hidden_size, intermediate_size, ctx, dtype, device, lora_layout=None):
+    def __init__(self, hidden_size, intermediate_size, ctx, dtype, device, lora_layer=None):
         sizes = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
-        super().__init__(hidden_size, sizes, False, ctx, dtype, device, lora_layout, tuple(sizes))
+        super().__init__(hidden_size, sizes, False, ctx, dtype, device, lora_layer, tuple(sizes))
 
 
 class RowParallelLinear(nn.Module):
@@ -106,7 +107,7 @@ class RowParallelLinear(nn.Module):
         ctx: ParallelContext,
         dtype: torch.dtype,
         device: torch.device,
-        lora_layout: LoraLayout | None = None,
+        lora_layer: int | None = None,
     ):
         super().__init__()
         self.ctx = ctx
@@ -120,7 +121,7 @@ class RowParallelLinear(nn.Module):
             else None
         )
         part = LoraPart(name, self.in_shard, None, 0, h_out)
-        self.lora_stacks: list[LoraStack] = build_stacks([part], self.in_shard[1], lora_layout)
+        self.lora_site = LoraSite(lora_layer, (part,), self.in_shard[1]) if lora_layer is not None else None
 
     def load(self, weights: CheckpointWeights, prefix: str) -> None:
         self.weight.copy_(weights.get_shard(f"{prefix}.weight", 1, *self.in_shard))
@@ -131,9 +132,9 @@ class RowParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor, lora: LoraBatch | SplitLoraBatch | None) -> torch.Tensor:
         out = self.matmul(x)  # [num_tokens, h_out], this rank's partial sum
-        if lora is not None and self.lora_stacks:
+        if lora is not None and self.lora_site is not None:
             # The partial LoRA delta joins the partial base output; the all-reduce below sums both.
-            lora.apply(self.lora_stacks, x, out)
+            lora.apply(self.lora_site, x, out)
         self.ctx.all_reduce(out)
         if self.bias is not None:
             out += self.bias  # once, after the reduce

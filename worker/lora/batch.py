@@ -1,78 +1,92 @@
-"""Per-step LoRA metadata: which slot each row uses, and how to apply the stacks of one layer."""
+"""Per-step LoRA state: the step's adapters' row tables, and each site's view of them.
+
+The runner builds one `StepLora` per forward (the tables of the step's G adapters, one transfer) and
+one `LoraBatch` per run of rows (a join step's prompt rows and decode rows are two, sharing the tables);
+every LoRA-capable layer calls `apply` with its site. Each site's `PoolPart`s are made once per step, on
+first use, and reused by the other row run.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from worker.kernels import LoraOps
-from worker.lora.stacks import LoraStack
+from worker.kernels.pool_args import PoolPart, StepRows
+from worker.lora.pool import AdapterPool, AdapterRows, StepTables
+from worker.lora.sites import LoraSite
+
+
+@dataclass
+class StepLora:
+    """The step's adapters (g = index into `adapters`) and their row tables over the model's keys."""
+
+    ops: LoraOps
+    pool: AdapterPool
+    tables: StepTables
+    adapters: tuple[int, ...]  # [G] handles of the adapters' rows
+    _a_rows: tuple[torch.Tensor, ...]  # per key k: [G, R_max] views, made in one call
+    _b_rows: tuple[torch.Tensor, ...]
+    _ranks: tuple[torch.Tensor, ...]  # per key k: [G]
+    _host_ranks: list[list[int]]  # [K][G]
+    _sites: dict[int, tuple[torch.Tensor, tuple[PoolPart, ...]]] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, ops: LoraOps, pool: AdapterPool, adapters: list[AdapterRows], keys, device) -> StepLora:
+        tables = StepTables.build(adapters, keys, device)
+        return cls(
+            ops=ops,
+            pool=pool,
+            tables=tables,
+            adapters=tuple(a.handle for a in adapters),
+            _a_rows=tables.a_rows.unbind(0),
+            _b_rows=tables.b_rows.unbind(0),
+            _ranks=tables.lora_ranks.unbind(0),
+            _host_ranks=tables.host_lora_ranks.tolist(),
+        )
+
+    def site(self, site: LoraSite) -> tuple[torch.Tensor, tuple[PoolPart, ...]]:
+        """(a_view, the parts some adapter of the step targets) of `site`."""
+        cached = self._sites.get(id(site))
+        if cached is None:
+            parts = []
+            for part in site.parts:
+                k = self.tables.index[(site.layer, part.module)]
+                host = self._host_ranks[k]
+                if any(host):
+                    parts.append(
+                        PoolPart(
+                            key=(site.layer, part.module),
+                            b_view=self.pool.view(part.width),
+                            a_rows=self._a_rows[k],
+                            b_rows=self._b_rows[k],
+                            lora_ranks=self._ranks[k],
+                            host_lora_ranks=tuple(host),
+                            out_offset=part.column,
+                        )
+                    )
+            cached = self._sites[id(site)] = (self.pool.view(site.h_in), tuple(parts))
+        return cached
 
 
 @dataclass
 class LoraBatch:
-    """Built once per forward by the runner and read by every LoRA-capable layer."""
+    """One run of rows of a step: which of the step's adapters each row uses."""
 
-    ops: LoraOps
-    use_segments: bool  # sgmv (contiguous rows per slot) instead of bgmv (a slot per row)
-    slot_ids: torch.Tensor  # [num_tokens] int32
-    segment_indptr: torch.Tensor  # [num_segments + 1] int32
-    segment_slot_ids: torch.Tensor  # [num_segments] int32
-    active_slots: tuple[int, ...]  # distinct slots with an adapter in this batch (host side)
-    scratch: dict[int, torch.Tensor]  # stack rows -> [num_tokens, rows] float32 for the x@A intermediate
+    step: StepLora
+    rows: StepRows
 
-    @classmethod
-    def build(cls, ops: LoraOps, row_slots: list[int], use_segments: bool, device: torch.device) -> LoraBatch:
-        """`row_slots`: the slot of each token row, in row order."""
-        indptr, seg_slots = [0], []
-        for i, s in enumerate(row_slots):
-            if seg_slots and seg_slots[-1] == s:
-                indptr[-1] = i + 1
-            else:
-                seg_slots.append(s)
-                indptr.append(i + 1)
-
-        def as_tensor(v):
-            return torch.tensor(v, dtype=torch.int32, device=device)
-
-        return cls(
-            ops=ops,
-            use_segments=use_segments,
-            slot_ids=as_tensor(row_slots),
-            segment_indptr=as_tensor(indptr),
-            segment_slot_ids=as_tensor(seg_slots),
-            active_slots=tuple(sorted({s for s in row_slots if s != 0})),
-            scratch={},
-        )
-
-    def apply(self, stacks: list[LoraStack], x: torch.Tensor, out: torch.Tensor) -> None:
-        """out[:, stack slice] += x @ A[slot] @ B[slot] for every stack some row's adapter uses.
+    def apply(self, site: LoraSite | None, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out[:, part columns] += x @ A @ B for every part of `site` some row's adapter targets.
 
         x: [num_tokens, h_in_local]; out: [num_tokens, h_out_local_total], updated in place.
         """
-        for st in stacks:
-            if not any(st.host_lora_ranks[s] for s in self.active_slots):
-                continue
-            rows = st.lora_a_stack.shape[1]
-            if rows not in self.scratch:  # one per stack height, reused by every layer of the step
-                self.scratch[rows] = torch.empty(x.shape[0], rows, dtype=torch.float32, device=x.device)
-            y = self.scratch[rows]
-            if self.use_segments:
-                self.ops.sgmv_lora(
-                    x,
-                    st.lora_a_stack,
-                    st.lora_b_stack,
-                    self.segment_indptr,
-                    self.segment_slot_ids,
-                    st.lora_ranks,
-                    y,
-                    out,
-                    st.out_offset,
-                )
-            else:
-                self.ops.bgmv_shrink(x, st.lora_a_stack, self.slot_ids, st.lora_ranks, y)
-                self.ops.bgmv_expand(y, st.lora_b_stack, self.slot_ids, st.lora_ranks, out, st.out_offset)
+        if site is None:
+            return
+        a_view, parts = self.step.site(site)
+        if parts:
+            self.step.ops.lora_site(x, a_view, parts, self.rows, out)
 
 
 @dataclass
@@ -81,7 +95,7 @@ class SplitLoraBatch:
 
     parts: list[tuple[int, int, LoraBatch]]  # (first row, end row, the batch of those rows)
 
-    def apply(self, stacks: list[LoraStack], x: torch.Tensor, out: torch.Tensor) -> None:
+    def apply(self, site: LoraSite | None, x: torch.Tensor, out: torch.Tensor) -> None:
         """As LoraBatch.apply, each part on its rows (views: out is updated in place)."""
         for start, end, part in self.parts:
-            part.apply(stacks, x[start:end], out[start:end])
+            part.apply(site, x[start:end], out[start:end])

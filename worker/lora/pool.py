@@ -221,6 +221,18 @@ class AdapterPool:
                 demand[w] = demand.get(w, 0) + a.shape[0]
         return demand
 
+    def read(self, rows: AdapterRows, pin: bool = False) -> dict[Key, ModuleFactors]:
+        """The factors `rows` hold, copied to the host (page-locked with `pin`): what `place` was given,
+        in the pool dtype."""
+        out = {}
+        for key, m in rows.modules.items():
+            a = self._views[m.a_width].index_select(0, m.a_rows).cpu()  # [r, h_in_local]
+            b_t = self._views[m.b_width].index_select(0, m.b_rows).cpu()  # [r, h_out_local]
+            if pin:
+                a, b_t = a.pin_memory(), b_t.pin_memory()
+            out[key] = ModuleFactors(a, b_t)
+        return out
+
     def release(self, rows: AdapterRows) -> list[int]:
         """NaN-fill the adapter's rows, then free them; returns the pages that became free. Raises
         ValueError for rows already released or placed in another pool (nothing is touched)."""

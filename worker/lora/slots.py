@@ -1,7 +1,12 @@
 """What each adapter slot of one rank holds, and the rules that keep a row from reading the wrong weights.
 
-The router decides which adapter goes into which slot and numbers every load with a `generation` (> 0,
-never reused). The worker records the generation of the load that filled each slot and refuses:
+A slot is a number the router gives a loaded adapter (1..num_slots; 0 is "no adapter"); it reserves no
+memory: the adapter's rows live in the adapter pool at their true size (`worker/lora/pool.py`), and a
+load that does not fit fails with AdapterMemoryError and changes nothing, so the router can evict
+another adapter and try again.
+
+The router numbers every load with a `generation` (> 0, never reused). The worker records the
+generation of the load that filled each slot and refuses:
 - a load into an occupied slot (the router unloads first: replacing in place is how a previous
   adapter's weights leak into requests meant for the next one);
 - an unload whose generation is not the slot's (a stale unload must not empty a reload), or of a slot
@@ -11,18 +16,24 @@ never reused). The worker records the generation of the load that filled each sl
 
 Loading is split in two so that reading a file never holds up the steps: `prepare_adapter` (sharding,
 scaling, casting; changes nothing, so it runs on a loader thread) and `AdapterSlots.place` (copying
-into the stacks, on the step thread between steps).
+into the pool, on the step thread between steps).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import torch
 
 from worker.errors import RequestError
 from worker.lora.adapter import LoraAdapter
-from worker.lora.stacks import LoraStack, SlotWeights
+from worker.lora.pages import PoolFullError
+from worker.lora.pool import AdapterPool, AdapterRows, Key, ModuleFactors
+from worker.lora.sites import LoraSite
+
+
+class AdapterMemoryError(RequestError):
+    """The adapter pool has no room for an adapter now (RESOURCE_EXHAUSTED): nothing was changed."""
 
 
 @dataclass(frozen=True)
@@ -34,7 +45,7 @@ class AdapterFacts:
     alpha: float
     use_rslora: bool
     target_modules: tuple[str, ...]
-    weight_bytes: int  # its A and B elements on this rank x the stacks' element size
+    weight_bytes: int  # its A and B elements on this rank x the pool's element size (its true size)
 
 
 @dataclass(frozen=True)
@@ -46,51 +57,52 @@ class ResidentAdapter(AdapterFacts):
 
 @dataclass(frozen=True)
 class PreparedAdapter:
-    """An adapter converted and sharded for this rank's stacks, ready for `AdapterSlots.place`."""
+    """An adapter converted and sharded for this rank's pool, ready for `AdapterSlots.place`."""
 
     facts: AdapterFacts
-    stacks: tuple[tuple[SlotWeights, ...], ...]  # per layer, per stack of that layer (lora_stacks())
+    factors: dict[Key, ModuleFactors]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(f.a.nbytes + f.b_t.nbytes for f in self.factors.values())
 
 
 def prepare_adapter(
-    adapter: LoraAdapter, layer_stacks: list[list[LoraStack]], max_lora_rank: int
+    adapter: LoraAdapter, sites: list[LoraSite], dtype: torch.dtype, max_lora_rank: int, pin: bool
 ) -> PreparedAdapter:
-    """Shard, scale and cast `adapter` for `layer_stacks` (each layer's `lora_stacks()`), on the host.
-    Reads only the stacks' fixed layout (parts, shapes, dtype), so it may run on any thread."""
+    """Shard, scale and cast `adapter` for the model's LoRA `sites`, on the host, in the pool `dtype`.
+    Reads only the sites' fixed layout, so it may run on any thread. `pin`: page-locked (for a GPU)."""
     if adapter.lora_rank > max_lora_rank:
         raise RequestError(
             f"adapter {adapter.name!r}: LoRA rank {adapter.lora_rank} exceeds the maximum LoRA rank "
             f"{max_lora_rank} (raise MAX_LORA_RANK)"
         )
-    prepared, num_elements, element_size = [], 0, 0
-    for i, stacks in enumerate(layer_stacks):
-        layer = []
-        for stack in stacks:
-            weights = {m: adapter.weights[(i, m)] for m in stack.modules if (i, m) in adapter.weights}
-            # Pinned on a GPU, so that placing it is an asynchronous copy on the step's stream.
-            slot_weights = stack.prepare(weights, pin=stack.lora_a_stack.is_cuda)
-            layer.append(slot_weights)
-            num_elements += slot_weights.num_elements
-            element_size = stack.lora_a_stack.element_size()
-        prepared.append(tuple(layer))
+    factors: dict[Key, ModuleFactors] = {}
+    for site in sites:
+        weights = {p.module: adapter.weights.get((site.layer, p.module)) for p in site.parts}
+        weights = {m: w for m, w in weights.items() if w is not None}
+        factors.update(site.factors(weights, dtype, pin))
+    element_size = torch.empty((), dtype=dtype).element_size()
+    elements = sum(f.a.numel() + f.b_t.numel() for f in factors.values())
     facts = AdapterFacts(
         name=adapter.name,
         lora_rank=adapter.lora_rank,
         alpha=adapter.alpha,
         use_rslora=adapter.use_rslora,
         target_modules=adapter.target_modules,
-        weight_bytes=num_elements * element_size,
+        weight_bytes=elements * element_size,
     )
-    return PreparedAdapter(facts, tuple(prepared))
+    return PreparedAdapter(facts, factors)
 
 
 class AdapterSlots:
-    """Slots 1..num_slots of every layer's stacks, and the load generation each one holds."""
+    """Slots 1..num_slots, the adapter pool their adapters' rows are in, and each slot's generation."""
 
-    def __init__(self, num_slots: int, layer_stacks: list[list[LoraStack]]):
+    def __init__(self, num_slots: int, pool: AdapterPool | None):
         self.num_slots = num_slots  # adapter slots; slot 0 is "no adapter"
-        self.layer_stacks = layer_stacks
+        self.pool = pool  # None without LoRA (num_slots 0)
         self.resident: dict[int, ResidentAdapter] = {}  # slot -> the adapter in it
+        self.rows: dict[int, AdapterRows] = {}  # slot -> its adapter's rows in the pool
 
     def check_slot(self, slot: int, what: str) -> None:
         """Refuse a slot number outside 1..num_slots; `what` names the caller's subject."""
@@ -107,8 +119,8 @@ class AdapterSlots:
             )
 
     def place(self, slot: int, generation: int, prepared: PreparedAdapter) -> ResidentAdapter:
-        """Copy `prepared` into the empty `slot` as load `generation` (on the step thread: the stacks
-        are what the steps read)."""
+        """Copy `prepared` into the pool for the empty `slot` as load `generation` (on the step thread:
+        the pool is what the steps read). AdapterMemoryError, and nothing changed, when it does not fit."""
         name = prepared.facts.name
         self.check_load(slot, generation, name)
         held = self.resident.get(slot)
@@ -117,16 +129,20 @@ class AdapterSlots:
                 f"adapter {name!r}: slot {slot} already holds adapter {held.name!r} (generation "
                 f"{held.generation}); unload it first"
             )
-        assert len(prepared.stacks) == len(self.layer_stacks), "prepared for another model"
-        with torch.no_grad():
-            for stacks, weights in zip(self.layer_stacks, prepared.stacks, strict=True):
-                for stack, slot_weights in zip(stacks, weights, strict=True):
-                    stack.place(slot, slot_weights)
+        assert self.pool is not None
+        try:
+            with torch.no_grad():
+                self.rows[slot] = self.pool.place(prepared.factors)
+        except PoolFullError as e:
+            raise AdapterMemoryError(f"adapter {name!r}: {e} (ADAPTER_MEMORY bounds the pool)") from e
         self.resident[slot] = ResidentAdapter(**asdict(prepared.facts), generation=generation)
         return self.resident[slot]
 
-    def unload(self, slot: int, generation: int, users: list[int]) -> ResidentAdapter:
-        """Empty `slot`, which must hold load `generation` and have no `users` (running request ids)."""
+    def unload(
+        self, slot: int, generation: int, users: list[int], keep: bool = False
+    ) -> tuple[ResidentAdapter, PreparedAdapter | None]:
+        """Empty `slot`, which must hold load `generation` and have no `users` (running request ids).
+        With `keep`, also return its adapter read back from the pool, for the host tier."""
         what = f"unload of slot {slot} generation {generation}"
         self.check_slot(slot, what)
         held = self.resident.get(slot)
@@ -141,11 +157,16 @@ class AdapterSlots:
                 f"{what}: adapter {held.name!r} is still used by running requests {sorted(users)}; release "
                 "them first"
             )
+        assert self.pool is not None
+        kept = None
         with torch.no_grad():
-            for stacks in self.layer_stacks:
-                for stack in stacks:
-                    stack.clear_slot(slot)
-        return self.resident.pop(slot)
+            rows = self.rows.pop(slot)
+            if keep:
+                facts = {f.name: getattr(held, f.name) for f in fields(AdapterFacts)}
+                pin = self.pool.device.type == "cuda"
+                kept = PreparedAdapter(AdapterFacts(**facts), self.pool.read(rows, pin=pin))
+            self.pool.release(rows)  # NaN-filled, then free: nothing can read them now
+        return self.resident.pop(slot), kept
 
     def check_row(self, request_id: int, slot: int, generation: int, running: bool = False) -> None:
         """Refuse a row of `request_id` unless `slot` holds load `generation` (slot 0: generation 0).

@@ -17,7 +17,7 @@ from worker.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from worker.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from worker.layers.norm import RMSNorm
 from worker.layers.rotary import RotaryEmbedding, apply_rotary
-from worker.lora.stacks import LoraLayout, LoraStack
+from worker.lora.sites import LoraSite
 from worker.parallel import ParallelContext
 from worker.weights import CheckpointWeights
 
@@ -47,7 +47,7 @@ def sliding_window_of(config) -> int | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, ctx: ParallelContext, dtype, device, lora_layout, qkv_bias: bool):
+    def __init__(self, config, ctx: ParallelContext, dtype, device, lora_layer, qkv_bias: bool):
         super().__init__()
         head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads // ctx.world_size
@@ -62,7 +62,7 @@ class Attention(nn.Module):
             ctx,
             dtype,
             device,
-            lora_layout,
+            lora_layer,
         )
         self.o_proj = RowParallelLinear(
             "o_proj",
@@ -72,7 +72,7 @@ class Attention(nn.Module):
             ctx,
             dtype,
             device,
-            lora_layout,
+            lora_layer,
         )
         self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, sliding_window_of(config))
 
@@ -87,13 +87,13 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, ctx, dtype, device, lora_layout):
+    def __init__(self, config, ctx, dtype, device, lora_layer):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
-            config.hidden_size, config.intermediate_size, ctx, dtype, device, lora_layout
+            config.hidden_size, config.intermediate_size, ctx, dtype, device, lora_layer
         )
         self.down_proj = RowParallelLinear(
-            "down_proj", config.intermediate_size, config.hidden_size, False, ctx, dtype, device, lora_layout
+            "down_proj", config.intermediate_size, config.hidden_size, False, ctx, dtype, device, lora_layer
         )
 
     def forward(self, x, lora):
@@ -102,36 +102,32 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, ctx, dtype, device, lora_layout, qkv_bias):
+    def __init__(self, config, ctx, dtype, device, lora_layer, qkv_bias):
         super().__init__()
         eps = config.rms_norm_eps
         self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.self_attn = Attention(config, ctx, dtype, device, lora_layout, qkv_bias)
+        self.self_attn = Attention(config, ctx, dtype, device, lora_layer, qkv_bias)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.mlp = MLP(config, ctx, dtype, device, lora_layout)
+        self.mlp = MLP(config, ctx, dtype, device, lora_layer)
 
     def forward(self, x, cos, sin, key_cache, value_cache, batch):
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_cache, value_cache, batch)
         return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
 
-    def lora_stacks(self) -> list[LoraStack]:
-        return [
-            *self.self_attn.qkv_proj.lora_stacks,
-            *self.self_attn.o_proj.lora_stacks,
-            *self.mlp.gate_up_proj.lora_stacks,
-            *self.mlp.down_proj.lora_stacks,
-        ]
+    def lora_sites(self) -> list[LoraSite]:
+        linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
+        return [lin.lora_site for lin in linears if lin.lora_site is not None]
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, ctx: ParallelContext, dtype, device, lora_layout: LoraLayout | None):
+    def __init__(self, config, ctx: ParallelContext, dtype, device, lora: bool):
         super().__init__()
         qkv_bias = ARCHITECTURES[check_architecture(config)]
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx, dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, dtype, device, lora_layout, qkv_bias)
-            for _ in range(config.num_hidden_layers)
+            DecoderLayer(config, ctx, dtype, device, i if lora else None, qkv_bias)
+            for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype, device)
