@@ -113,17 +113,7 @@ def test_runner_load_refusals(tiny_model_dir, tiny_adapters):
 def test_weight_bytes_are_this_ranks_share(rank, tiny_model_dir, tiny_adapters):
     """Column-parallel modules (q/k/v/gate/up) keep A whole and half of B's rows; row-parallel ones
     (o/down) half of A's columns and B whole; a float32 pool on the CPU (4 bytes)."""
-    config = WorkerConfig(
-        model_dir=tiny_model_dir,
-        dtype="float32",
-        block_size=BLOCK_SIZE,
-        num_blocks=8,
-        max_adapters=1,
-        max_lora_rank=64,
-        rank=rank,
-        world_size=2,
-    )
-    runner = ModelRunner(config, ParallelContext(rank=rank, world_size=2))
+    runner = _runner(tiny_model_dir, max_adapters=1, rank=rank, world_size=2)
     adapter = load_peft_adapter("r8_all", tiny_adapters["r8_all"], 3, runner.module_shapes())
     elements = 0
     for module, shape in runner.module_shapes().items():
@@ -149,16 +139,14 @@ def test_the_runner_keeps_no_copy_of_the_weights_outside_its_pool(tiny_model_dir
     assert runner.adapters[1].name == "r8_all"
 
 
+def _runner(tiny_model_dir, **config) -> ModelRunner:
+    """A float32 runner with 8 KV blocks and `config`'s other WorkerConfig fields."""
+    c = WorkerConfig(model_dir=tiny_model_dir, dtype="float32", block_size=BLOCK_SIZE, num_blocks=8, **config)
+    return ModelRunner(c, ParallelContext(rank=c.rank, world_size=c.world_size))
+
+
 def _pool_runner(tiny_model_dir, adapter_memory_bytes: int) -> ModelRunner:
-    config = WorkerConfig(
-        model_dir=tiny_model_dir,
-        dtype="float32",
-        block_size=BLOCK_SIZE,
-        num_blocks=8,
-        max_adapters=4,
-        adapter_memory_bytes=adapter_memory_bytes,
-    )
-    return ModelRunner(config)
+    return _runner(tiny_model_dir, max_adapters=4, adapter_memory_bytes=adapter_memory_bytes)
 
 
 def test_a_load_the_pool_cannot_hold_changes_nothing(tiny_model_dir, tiny_adapters):

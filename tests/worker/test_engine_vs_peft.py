@@ -19,7 +19,14 @@ from tests.worker.engine_scenario import (
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
 
 
-def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters):
+def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch):
+    from worker.kernels.torch_grouped import GroupedLora
+
+    grouped_calls = []
+    grouped_apply = GroupedLora.apply
+    monkeypatch.setattr(
+        GroupedLora, "apply", lambda self, *a, **k: grouped_calls.append(1) or grouped_apply(self, *a, **k)
+    )
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
     assert [p.module for p in runner.model.layers[0].self_attn.qkv_proj.lora_site.parts] == [
         "q_proj",
@@ -29,6 +36,7 @@ def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters):
     prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     records = run_scenario(runner, slots, prompts)
     assert all(len(r.tokens) >= 3 for r in records.values())
+    assert grouped_calls, "decode steps of this mix must take the CPU's grouped (batched-matmul) LoRA path"
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
 
 
