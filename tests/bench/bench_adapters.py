@@ -5,23 +5,27 @@
 Each part runs against a fresh `launcher.py` (harness.running) that finds its adapters at runtime, under
 LORA_ADAPTER_ROOTS or in a temporary Hugging Face cache, and prints one table: figure, target, met.
 1. Memory: N adapters of mixed ranks (4-64) and module sets (adapter_set `ranks`) loaded by first
-   requests, MAX_LORA_ADAPTERS=N, MAX_LORA_RANK=64. (a) The bytes the workers hold for them, N slots x
-   one slot's bytes (machine.lora_slot_bytes: the engine's own layout, built on the meta device), over
-   their true size: the A and B elements of their files x the element size of the workers' LoRA dtype
-   (cross-checked against the bytes the server reports). (b) The server's RSS growth (its whole process
-   tree, rss_monitor) from before their loads to after, over their files' bytes; and, since slot stacks
-   are allocated and zeroed at startup, its RSS after the loads over that of the same server with
-   MAX_LORA_ADAPTERS=0.
+   requests, into a server whose ADAPTER_MEMORY holds MEMORY_SLACK x their rows in whole pages
+   (machine.adapter_memory_for: the pool's own page size and allocator) and ADAPTER_HOST_MEMORY=0.
+   (a) The pool bytes they take (`multilora_adapter_bytes_used{tier="device"}`: the pages holding rows,
+   as the LoadAdapter replies report them) over their true size: the A and B elements of their files x
+   the pool's element size (cross-checked against each adapter's bytes in GET /v1/adapters). (b) The
+   server's RSS (its whole process tree, rss_monitor) after the loads minus that of the same server with
+   LoRA off (MAX_LORA_ADAPTERS=0: no pool), over their files' bytes: the target's figure, since the pool
+   is NaN-filled, so resident, from startup. The RSS growth over the loads alone is printed beside it: it
+   shows what a load adds besides its rows (the CPU ops' cached copies, buffers), not the rows.
 2. Cold start: for each of several ~10 MB adapters (`cold`: r8 on all seven) in the HF cache, the TTFT of
    its first request minus that of a second one, with the worker's load time (its log) and the router's
-   LoadAdapter round trip (its log; multilora_adapter_load_duration sums them).
+   LoadAdapter round trip (its log; multilora_adapter_load_duration sums them). ADAPTER_MEMORY holds
+   every adapter of parts 2 and 3, so no load waits for an eviction.
 3. Loads beside others: long generations stream (base and a pinned adapter) throughout while, in turn,
    bursts of `burst` first requests for new adapters (cold: each waits for a load) and the same requests
    again (warm) run. Each streamed gap counts in the window its later token fell in (a warm window lasts
    as long as the cold one before it): ITL p50 in the cold windows over ITL p50 in the warm ones (the
    same extra requests and prefills, no loads); quiet is neither.
-4. Scale: `scale_adapters` small adapters (r8 on q, v) under a root, MAX_LORA_ADAPTERS a few hundred at
-   MAX_LORA_RANK=8; the same seeded requests at concurrency 64 with zipf popularity over the 8 most
+4. Scale: `scale_adapters` small adapters (r8 on q, v) under a root, ADAPTER_MEMORY holding a few hundred
+   of them (`scale_resident`; MAX_LORA_ADAPTERS auto, a count above that, so the pool is what evicts,
+   into the host tier); the same seeded requests at concurrency 64 with zipf popularity over the 8 most
    popular, over all of them, the 8 again, all again (most now resident), the 8 again: each pass over
    all is compared with the runs over the 8 on either side of it (hosts drift within minutes). The
    adapters that any request names get their own weights; the others are hard links to one adapter's
@@ -36,18 +40,17 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import math
 import re
 import shlex
 import statistics
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from tests.adapter_factory import place_in_hf_cache
 from tests.bench import adapter_set, loadgen, machine
@@ -59,6 +62,7 @@ from tests.bench.workload import Request, build_requests, load_prompts, render_c
 from tests.e2e.harness import get, running
 
 MEMORY_RESERVE = 4 * 2**30  # of MemAvailable, left for the model, KV cache, router and clients
+MEMORY_SLACK = 1.05  # part 1's ADAPTER_MEMORY: this x its adapters' rows, in whole pages
 
 
 @dataclass(frozen=True)
@@ -71,7 +75,7 @@ class Plan:
     background: int  # long generations streaming throughout
     background_tokens: int
     scale_adapters: int
-    scale_slots: int  # MAX_LORA_ADAPTERS of the scale server
+    scale_resident: int  # small adapters the scale server's ADAPTER_MEMORY holds
     scale_requests: int
     scale_concurrency: int
     scale_lengths: tuple[int, int]
@@ -137,59 +141,52 @@ def memory(plan: Plan, model_dir: Path, env: dict, work: Path) -> dict:
         for i, (r, t) in enumerate(specs)
     }
     root = adapter_set.link_root(work / "memory-root", made)
-    max_rank = max(r for r, _ in specs)
-    env = {
-        **env,
-        "LORA_ADAPTER_ROOTS": str(root),
-        "MAX_LORA_ADAPTERS": str(n),
-        "MAX_LORA_RANK": str(max_rank),
-    }
-    # The stacks are allocated (and zeroed, so resident) at startup: a server without slots shows them.
-    with running(work / "memory-no-slots.log", {**env, "MAX_LORA_ADAPTERS": "0"}) as server:
+    pool = _pool_dtype(env)
+    element_size = torch.empty((), dtype=pool).element_size()
+    true = {name: machine.true_lora_bytes(d, element_size) for name, d in made.items()}
+    rows = sum((machine.lora_rows(d) for d in made.values()), Counter())
+    adapter_memory = machine.adapter_memory_for(model_dir, rows, pool, MEMORY_SLACK)
+    env = {**env, "LORA_ADAPTER_ROOTS": str(root)}
+    # LoRA off: no adapter pool, which the other server allocates and NaN-fills (so touches) at startup.
+    with running(work / "memory-lora-off.log", {**env, "MAX_LORA_ADAPTERS": "0"}) as server:
         _requests(server.url, [Request(0, "Hello", 1)])
-        no_slots = _settled_rss(server.proc.pid)
-    with running(work / "memory.log", env) as server:
-        info = _info(server.url)
+        lora_off = _settled_rss(server.proc.pid)
+    sized = {**env, "ADAPTER_MEMORY": str(adapter_memory), "ADAPTER_HOST_MEMORY": "0"}
+    with running(work / "memory.log", sized) as server:
+        _check_pool_dtype(_info(server.url), pool)
         _requests(server.url, [Request(0, "Hello", 1)])  # the base path warm
         before = _settled_rss(server.proc.pid)
         with RssMonitor(server.proc.pid) as peak:
             run = _requests(server.url, [Request(i, "Hello", 1, name) for i, name in enumerate(made)])
         after = _settled_rss(server.proc.pid)
         listed = {a["name"]: a for a in json.loads(get(server.url + "/v1/adapters")[1])["adapters"]}
-        slots = _metric(_metrics(server.url), "multilora_adapter_slots_total")
-    element_size = _lora_dtype(info).itemsize
-    true = {name: true_lora_bytes(d, element_size) for name, d in made.items()}
+        samples = _metrics(server.url)
+    reported = {name: listed.get(name, {}).get("bytes", {}).get("device", 0) for name in made}
+    resident = [name for name in made if reported[name]]
+    held = _metric(samples, "multilora_adapter_bytes_used", tier="device")
     files = sum(_file_bytes(d) for d in made.values())
-    per_slot = machine.lora_slot_bytes(model_dir, max_rank, info["model_device_type"], _dtype(info))
-    held = int(slots) * per_slot
-    reported = {name: listed.get(name, {}).get("bytes", {}).get("device") for name in made}
     return {
         "adapters": n,
-        "failed": run["failed"],
+        "resident": len(resident),
+        "evictions": round(_metric(samples, "multilora_adapter_evictions_total")),
+        # Every adapter must stay resident: the pool is sized for them all, and (b) assumes it.
+        "failed": run["failed"] + n - len(resident),
         "first_error": run.get("first_error"),
-        "max_lora_rank": max_rank,
-        "slots": int(slots),
-        "slot_bytes": per_slot,
-        "held_bytes": held,
+        "lora_dtype": str(pool).removeprefix("torch."),
+        "adapter_memory": adapter_memory,
+        "pool_bytes_total": round(_metric(samples, "multilora_adapter_bytes_total", tier="device")),
+        "pool_bytes_used": round(held),
         "true_bytes": sum(true.values()),
         "true_bytes_match_server": all(reported[k] == true[k] for k in made),
         "file_bytes": files,
-        "rss_no_slots": no_slots,
+        "rss_lora_off": lora_off,
         "rss_before": before,
         "rss_after": after,
         "rss_peak": peak.peak_bytes,
-        "lora_dtype": str(_lora_dtype(info)).removeprefix("torch."),
-        "memory_stack": held / sum(true.values()),
-        "memory_rss": (after - before) / files,
-        "memory_rss_total": (after - no_slots) / files,
+        "memory_held": held / max(1, sum(true[k] for k in resident)),
+        "memory_rss": (after - lora_off) / files,  # the target's figure
+        "memory_rss_growth": (after - before) / files,
     }
-
-
-def true_lora_bytes(adapter_dir: Path, element_size: int) -> int:
-    """The adapter's LoRA A and B elements (from its safetensors header) x `element_size`."""
-    with safe_open(adapter_dir / adapter_set.WEIGHTS, "pt") as f:
-        keys = [k for k in f.keys() if ".lora_A." in k or ".lora_B." in k]  # noqa: SIM118 - not a mapping
-        return element_size * sum(math.prod(f.get_slice(k).get_shape()) for k in keys)
 
 
 def _file_bytes(adapter_dir: Path) -> int:
@@ -215,14 +212,17 @@ def cold_and_stall(plan: Plan, model_dir: Path, env: dict, work: Path, texts: li
     for i, repo in enumerate(ids):
         place_in_hf_cache(adapter_set.make_adapter(model_dir, "cold", i), cache, repo)
     pinned = adapter_set.make_adapter(model_dir, "small", 0)
+    pool = _pool_dtype(env)
+    one = machine.lora_rows(adapter_set.make_adapter(model_dir, "cold", 0))
+    rows = Counter({w: k * count for w, k in one.items()}) + machine.lora_rows(pinned)
     env = {
         **env,
         "HUGGINGFACE_HUB_CACHE": str(cache),
         "LORA_ADAPTERS": f"resident={pinned}",
-        "MAX_LORA_ADAPTERS": str(1 + count),
-        "MAX_LORA_RANK": "8",
+        "ADAPTER_MEMORY": str(machine.adapter_memory_for(model_dir, rows, pool)),  # all at once
     }
     with running(work / "cold.log", env) as server:
+        _check_pool_dtype(_info(server.url), pool)
         _requests(server.url, [Request(0, texts[0], 2), Request(1, texts[0], 2, "resident")])
         starts = []
         for i, repo in enumerate(ids[: plan.cold_adapters]):
@@ -242,7 +242,7 @@ def _cold_figures(starts: list[dict], log: str) -> dict:
         s["delta_s"] = (
             None if None in (s["cold_ttft_s"], s["warm_ttft_s"]) else s["cold_ttft_s"] - s["warm_ttft_s"]
         )
-        s["worker_load_ms"] = worker_ms.get(s["adapter"])
+        s["tier"], s["worker_load_ms"] = worker_ms.get(s["adapter"], (None, None))
         s["rpc_s"] = router_s.get(s["adapter"])
     deltas = [s["delta_s"] for s in starts if s["delta_s"] is not None]
     return {
@@ -253,15 +253,23 @@ def _cold_figures(starts: list[dict], log: str) -> dict:
     }
 
 
-WORKER_LOAD = re.compile(r"adapter '([^']+)' in slot \d+ as generation \d+ \(r=\d+, [\d.]+ MB, ([\d.]+) ms\)")
-ROUTER_LOAD = re.compile(r"Loaded adapter (\S+) \(\S+\) into slot \d+ as generation \d+ in ([\d.]+) s")
+WORKER_LOAD = re.compile(
+    r"adapter '([^']+)' in slot \d+ as generation \d+ \(r=\d+, [\d.]+ MB, from (\w+), ([\d.]+) ms\)"
+)
+ROUTER_LOAD = re.compile(
+    r"Loaded adapter (\S+) \(\S+\) into slot \d+ as generation \d+ from \w+ in ([\d.]+) s"
+)
 
 
-def _load_times(log: str) -> tuple[dict[str, float], dict[str, float]]:
-    """From the server's log: each adapter's load as the worker timed it (ms: read, convert, place) and
-    as the router did (s: the LoadAdapter round trip on every rank)."""
-    worker = {m[1]: float(m[2]) for m in WORKER_LOAD.finditer(log)}
-    router = {m[1]: float(m[2]) for m in ROUTER_LOAD.finditer(log)}
+def _load_times(log: str) -> tuple[dict[str, tuple[str, float]], dict[str, float]]:
+    """From the server's log: each adapter's first load as the worker timed it (where from: host or
+    disk; ms: read, convert, place) and as the router did (s: the LoadAdapter round trip on every rank)."""
+    worker: dict[str, tuple[str, float]] = {}
+    for m in WORKER_LOAD.finditer(log):
+        worker.setdefault(m[1], (m[2], float(m[3])))
+    router: dict[str, float] = {}
+    for m in ROUTER_LOAD.finditer(log):
+        router.setdefault(m[1], float(m[2]))
     return worker, router
 
 
@@ -333,10 +341,12 @@ def scale(plan: Plan, model_dir: Path, env: dict, work: Path, texts: list[str]) 
         for i, n in enumerate(names)
     }
     root = adapter_set.link_root(work / "scale-root", dirs)
-    slots, why = _scale_slots(plan, model_dir)
-    env = {**env, "LORA_ADAPTER_ROOTS": str(root), "MAX_LORA_ADAPTERS": str(slots), "MAX_LORA_RANK": "8"}
+    pool = _pool_dtype(env)
+    adapter_memory, resident, why = _scale_memory(plan, model_dir, shared, pool)
+    env = {**env, "LORA_ADAPTER_ROOTS": str(root), "ADAPTER_MEMORY": str(adapter_memory)}
     runs = {}
     with running(work / "scale.log", env) as server:
+        _check_pool_dtype(_info(server.url), pool)
         _requests(server.url, [Request(i, "Hello", 1, n) for i, n in enumerate(names[:8])])
         # Each pass over all is bracketed by runs over the 8: the host drifts within minutes.
         for name, reqs in (
@@ -354,8 +364,9 @@ def scale(plan: Plan, model_dir: Path, env: dict, work: Path, texts: list[str]) 
     return {
         "adapters": plan.scale_adapters,
         "own_weights": len(used),
-        "slots": slots,
-        "slots_why": why,
+        "resident": resident,
+        "adapter_memory": adapter_memory,
+        "memory_why": why,
         "runs": runs,
         "failed": sum(r["failed"] for r in runs.values()),
         "scale": tok_s["all"] / statistics.mean([tok_s["top8"], tok_s["top8_2"]]),
@@ -363,17 +374,25 @@ def scale(plan: Plan, model_dir: Path, env: dict, work: Path, texts: list[str]) 
     }
 
 
-def _scale_slots(plan: Plan, model_dir: Path) -> tuple[int, str]:
-    per_slot = machine.lora_slot_bytes(model_dir, 8, machine.serving_device())
+def _scale_memory(plan: Plan, model_dir: Path, small: Path, pool: torch.dtype) -> tuple[int, int, str]:
+    """(ADAPTER_MEMORY, the small adapters it holds, why): `scale_resident` of them, fewer if that does not
+    fit in memory now."""
+    one = machine.lora_rows(small)
+    per_adapter = machine.true_lora_bytes(small, torch.empty((), dtype=pool).element_size())
     budget = machine.available_memory() - MEMORY_RESERVE
-    slots = max(8, min(plan.scale_slots, int(budget // per_slot)))
+    resident = max(8, min(plan.scale_resident, int(budget // per_adapter)))
+    held = Counter({w: k * resident for w, k in one.items()})
+    adapter_memory = machine.adapter_memory_for(model_dir, held, pool)
     cut = (
-        "" if slots == plan.scale_slots else f" (cut from {plan.scale_slots} to fit {budget / 2**30:.1f} GiB)"
+        ""
+        if resident == plan.scale_resident
+        else f" (cut from {plan.scale_resident} to fit {budget / 2**30:.1f} GiB)"
     )
-    return (
-        slots,
-        f"{slots} slots x {per_slot / 2**20:.1f} MiB = {slots * per_slot / 2**30:.2f} GiB of stacks{cut}",
+    why = (
+        f"ADAPTER_MEMORY {adapter_memory / 2**20:.1f} MiB holds {resident} of them at "
+        f"{per_adapter / 2**20:.2f} MiB{cut}"
     )
+    return adapter_memory, resident, why
 
 
 def _load_counts(before: dict, after: dict) -> dict:
@@ -384,6 +403,7 @@ def _load_counts(before: dict, after: dict) -> dict:
         "loads": diff("multilora_adapter_loads_total", result="ok"),
         "failed_loads": diff("multilora_adapter_loads_total", result="failed"),
         "evictions": diff("multilora_adapter_evictions_total"),
+        "hits_host": diff("multilora_adapter_hits_total", tier="host"),
         "hits_disk": diff("multilora_adapter_hits_total", tier="disk"),
     }
 
@@ -401,14 +421,20 @@ def _info(url: str) -> dict:
     return json.loads(get(url + "/info")[1])
 
 
-def _dtype(info: dict) -> torch.dtype:
-    return getattr(torch, info["model_dtype"])
+def _pool_dtype(env: dict) -> torch.dtype:
+    """The adapter pool's dtype the servers get (DEVICE auto; DTYPE as given, else auto), as the launcher
+    resolves them: ADAPTER_MEMORY is sized in it before a server starts (`_check_pool_dtype` after)."""
+    from launch.dtype import auto_dtype
+
+    device = machine.serving_device()
+    return machine.pool_dtype(device, getattr(torch, env.get("DTYPE") or auto_dtype(device).dtype))
 
 
-def _lora_dtype(info: dict) -> torch.dtype:
-    from worker.kernels import select_lora_ops
-
-    return select_lora_ops(torch.device(info["model_device_type"])).stack_dtype(_dtype(info))
+def _check_pool_dtype(info: dict, expected: torch.dtype) -> None:
+    """Refuse a server whose pool dtype (from its /info) is not the one its ADAPTER_MEMORY was sized in."""
+    got = machine.pool_dtype(info["model_device_type"], getattr(torch, info["model_dtype"]))
+    if got != expected:
+        raise RuntimeError(f"the server's adapter pool is {got}, its ADAPTER_MEMORY was sized for {expected}")
 
 
 def _metrics(url: str) -> list:

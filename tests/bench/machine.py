@@ -1,13 +1,16 @@
 """The machine's ceilings (memory copy bandwidth, GEMM FLOP/s in the served dtype), the model sizes for P3,
-P4, P6, and how fast the model's own linear layers run here (the floor under any step: ratios.py's machine
-bounds)."""
+P4, P6, how fast the model's own linear layers run here (the floor under any step: ratios.py's machine
+bounds), and what adapters take in the workers' adapter pool (ADAPTER_MEMORY)."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import time
+from collections import Counter
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -111,31 +114,62 @@ def _dtype_size(name: str) -> int:
     return {"BF16": 2, "F16": 2, "F32": 4, "F64": 8, "I8": 1, "U8": 1}[name]
 
 
-def lora_slot_bytes(model_dir: Path, max_rank: int, device: str = "cpu", dtype=torch.bfloat16) -> int:
-    """Bytes one adapter slot takes in the worker's LoRA stacks at `max_rank`, read from the engine's
-    own layout (the model is built on the meta device, so nothing is allocated)."""
+def lora_widths(model_dir: Path) -> tuple[int, ...]:
+    """The row widths of one rank's adapter pool at NUM_SHARD=1: every width the model's LoRA sites
+    read, from the engine's own sites (the model is built on the meta device, so nothing is allocated)."""
     from transformers import AutoConfig
 
-    from worker.kernels import select_lora_ops
-    from worker.lora.stacks import LoraLayout
     from worker.models.llama import LlamaForCausalLM
     from worker.parallel import ParallelContext
 
     config = AutoConfig.from_pretrained(model_dir)
-    ops = select_lora_ops(torch.device(device))
-    meta = torch.device("meta")
+    model = LlamaForCausalLM(config, ParallelContext(), torch.float32, torch.device("meta"), True)
+    return tuple(sorted({w for layer in model.layers for site in layer.lora_sites() for w in site.widths}))
 
-    def stacks(num_slots: int) -> int:
-        layout = LoraLayout(num_slots, max_rank, ops.stack_dtype(dtype), meta, ops.fuse_sub_modules)
-        model = LlamaForCausalLM(config, ParallelContext(), dtype, meta, layout)
-        total = 0
-        for module in model.modules():
-            found = getattr(module, "lora_stacks", None)
-            for s in found if isinstance(found, list) else []:
-                total += s.lora_a_stack.nbytes + s.lora_b_stack.nbytes
-        return total
 
-    return stacks(3) - stacks(2)
+def pool_dtype(device: str, model_dtype: torch.dtype) -> torch.dtype:
+    """The adapter pool's dtype for a model served in `model_dtype` on `device`, by the LoRA ops' own
+    rule (called on the class: building the CUDA ops here would compile their kernels in this process)."""
+    if device == "cuda":
+        from worker.kernels.cuda import CudaLoraOps as Ops
+    else:
+        from worker.kernels.torch_ops import TorchLoraOps as Ops
+    return Ops.pool_dtype(None, model_dtype)  # type: ignore[arg-type]  # self is unused
+
+
+def lora_rows(adapter_dir: Path) -> Counter[int]:
+    """width -> the rank rows a PEFT adapter takes in the pool of one rank at NUM_SHARD=1 (from its
+    safetensors header): r rows of h_in for each lora_A [r, h_in], r rows of h_out for each lora_B
+    [h_out, r]."""
+    rows: Counter[int] = Counter()
+    with safe_open(adapter_dir / "adapter_model.safetensors", "pt") as f:
+        for key in f.keys():  # noqa: SIM118 - safe_open is not a mapping
+            shape = f.get_slice(key).get_shape()
+            if ".lora_A." in key:
+                rows[shape[1]] += shape[0]
+            elif ".lora_B." in key:
+                rows[shape[0]] += shape[1]
+    return rows
+
+
+def true_lora_bytes(adapter_dir: Path, element_size: int) -> int:
+    """An adapter's true size: its LoRA A and B elements x `element_size` (the pool's)."""
+    return element_size * sum(w * n for w, n in lora_rows(adapter_dir).items())
+
+
+def adapter_memory_for(
+    model_dir: Path, rows: Mapping[int, int], dtype: torch.dtype, slack: float = 1.0
+) -> int:
+    """ADAPTER_MEMORY (one rank, NUM_SHARD=1) that holds adapters of `rows` (width -> rows, summed over
+    them: lora_rows) at once, with `slack` x their rows: the pages the pool's own allocator takes for
+    them, plus one page per width class (a class's last page may be partly used), in whole pages."""
+    from worker.lora.pages import RowAllocator, page_elems_for
+
+    widths = lora_widths(model_dir)
+    page_elems = page_elems_for(widths)
+    demand = {w: math.ceil(n * slack) for w, n in rows.items() if n}
+    pages = RowAllocator(0, page_elems, widths).pages_needed(demand) + len(widths)
+    return pages * page_elems * torch.empty((), dtype=dtype).element_size()
 
 
 def serving_device() -> str:
@@ -144,7 +178,7 @@ def serving_device() -> str:
 
 
 def available_memory() -> int:
-    """Free bytes where the LoRA stacks live: the GPU's on CUDA, else the host's MemAvailable."""
+    """Free bytes where the adapter pool lives: the GPU's on CUDA, else the host's MemAvailable."""
     if serving_device() == "cuda":
         return torch.cuda.mem_get_info()[0]
     with open("/proc/meminfo") as f:

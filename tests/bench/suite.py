@@ -13,6 +13,8 @@ One run measures, on this machine and the same seeded requests:
    request rate (the most requests/s any concurrency of the sweep sustained);
 4. our server with `small` adapters (r8 on q, v) registered in growing numbers up to 1000 (or what fits
    in memory), zipf popularity, saturated, then 8 registered once more (P3's reference brackets them);
+   each of these servers gets an ADAPTER_MEMORY that holds its adapters at their true size (all pinned;
+   the pool is allocated whole at startup), MAX_LORA_ADAPTERS staying a count (auto);
 5. transformers+peft with the same 8 adapters on the saturated run's requests, in the server's dtype
    (hf_baseline.py).
 Then it prints every run side by side and the ratios P1-P6 against their targets (ratios.py), and
@@ -36,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -204,7 +207,7 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
         # percent within minutes; see ratios.py).
         with _served("base_again", {}, work, env, servers) as url:
             runs["base_saturated_after"] = _closed(url, base, sat, prompt_tokens)
-        scaling, why = _scaling(plan, model_dir, dtype)
+        scaling, why, rows, pool = _scaling(plan, model_dir, dtype)
         small = adapter_set.make_adapters(model_dir, "small", scaling[-1], plan.seed)
         points = []
         # 8 registered again at the end, so that P3's reference brackets the larger counts.
@@ -212,7 +215,8 @@ def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> 
             names = list(small)[:n]
             reqs = with_adapters(base, names, "zipf", plan.seed + 4)
             name = f"small{n}" if i < len(scaling) else f"small{n}_again"
-            with _served(name, {k: small[k] for k in names}, work, env, servers) as url:
+            sized = _adapter_memory(model_dir, rows, n, pool)
+            with _served(name, {k: small[k] for k in names}, work, env, servers, sized) as url:
                 points.append({"registered": n, **_closed(url, reqs, sat, prompt_tokens)})
             points[-1]["server_peak_rss_bytes"] = servers[name]["peak_rss_bytes"]
         runs["small8_zipf"], runs["small8_zipf_after"] = points[0], points.pop()
@@ -285,31 +289,52 @@ def count_tokens(model_dir: Path, texts: list[str]) -> dict[str, int]:
     return {t: len(tok(t).input_ids) for t in texts}
 
 
-def _scaling(plan: Plan, model_dir: Path, dtype: str) -> tuple[list[int], str]:
-    """The registered counts that fit in memory now, and why the last one is what it is."""
-    rank = adapter_set.max_rank("small", 1)
-    per_slot = machine.lora_slot_bytes(model_dir, rank, machine.serving_device(), getattr(torch, dtype))
+def _scaling(plan: Plan, model_dir: Path, dtype: str) -> tuple[list[int], str, Counter[int], torch.dtype]:
+    """The registered counts whose small adapters fit in memory now, why the last one is what it is, one
+    small adapter's rows (machine.lora_rows) and the pool dtype: each server's ADAPTER_MEMORY holds its
+    adapters (all pinned) at their true size, and the pool is allocated whole at startup."""
+    pool = machine.pool_dtype(machine.serving_device(), getattr(torch, dtype))
+    one = adapter_set.make_adapter(model_dir, "small", 0, plan.seed)
+    rows = machine.lora_rows(one)
+    per_adapter = machine.true_lora_bytes(one, torch.empty((), dtype=pool).element_size())
     budget = machine.available_memory() - MEMORY_RESERVE
-    fit = max(8, int(budget // per_slot))
+    fit = max(8, int(budget // per_adapter))
     want = plan.scaling[-1]
     counts = sorted({min(n, fit) for n in plan.scaling})
-    gib = 2**30
+    mib, gib = 2**20, 2**30
+    total = want * per_adapter
+    total_text = f"{total / gib:.2f} GiB" if total >= gib else f"{total / mib:.1f} MiB"
+    held = f"{want} adapters × {per_adapter / mib:.2f} MiB = {total_text} of adapter pool"
     if fit >= want:
-        why = f"fits: {want} slots × {per_slot / 2**20:.1f} MiB = {want * per_slot / gib:.1f} GiB of stacks"
+        why = f"fits: {held}"
     else:
-        why = (
-            f"{want} slots × {per_slot / 2**20:.1f} MiB = {want * per_slot / gib:.1f} GiB of LoRA stacks "
-            f"exceed {budget / gib:.1f} GiB (available memory less {MEMORY_RESERVE / gib:.0f} GiB)"
-        )
-    return counts, why
+        why = f"{held} exceed {budget / gib:.1f} GiB (available memory less {MEMORY_RESERVE / gib:.0f} GiB)"
+    return counts, why, rows, pool
+
+
+def _adapter_memory(model_dir: Path, rows: Counter[int], n: int, pool: torch.dtype) -> dict[str, str]:
+    """ADAPTER_MEMORY for a server holding n adapters of `rows` each."""
+    held = Counter({w: k * n for w, k in rows.items()})
+    return {"ADAPTER_MEMORY": str(machine.adapter_memory_for(model_dir, held, pool))}
 
 
 @contextlib.contextmanager
-def _served(name: str, adapters: dict[str, Path], work: Path, env: dict[str, str], record: dict):
-    """A fresh launcher serving `adapters`; yields its URL after one untimed warm-up request."""
-    server = Server(work / f"{name}.log", env={**env, "LORA_ADAPTERS": adapter_set.launcher_spec(adapters)})
+def _served(
+    name: str,
+    adapters: dict[str, Path],
+    work: Path,
+    env: dict[str, str],
+    record: dict,
+    sized: dict[str, str] | None = None,
+):
+    """A fresh launcher serving `adapters`; yields its URL after one untimed warm-up request. `sized`:
+    settings the suite chose for this server (ADAPTER_MEMORY), under those given with --env."""
+    server_env = {**(sized or {}), **env, "LORA_ADAPTERS": adapter_set.launcher_spec(adapters)}
+    server = Server(work / f"{name}.log", env=server_env)
     t0 = time.perf_counter()
     entry = {"registered": len(adapters)}
+    if "ADAPTER_MEMORY" in server_env:
+        entry["adapter_memory"] = server_env["ADAPTER_MEMORY"]  # as given: bytes, or e.g. "2GiB"
     with RssMonitor(server.proc.pid) as rss:
         try:
             server.wait_ready(timeout=1800)
@@ -372,7 +397,8 @@ def report(results: dict) -> str:
 
 def _server_line(name: str, s: dict) -> str:
     up = s.get("startup_s", float("nan"))
-    return f"{name} ({s['registered']} adapters, up in {up:.0f} s, {s['total_s']:.0f} s in all)"
+    memory = f", ADAPTER_MEMORY={s['adapter_memory']}" if "adapter_memory" in s else ""
+    return f"{name} ({s['registered']} adapters{memory}, up in {up:.0f} s, {s['total_s']:.0f} s in all)"
 
 
 def _ms(seconds: float | None) -> str:

@@ -64,6 +64,8 @@ def test_quick_suite_writes_json_and_png(tmp_path):
     assert results["runs"]["mixed8_saturated"]["prompt_tokens"] > 0
     assert [s["concurrency"] for s in results["concurrency_sweep"]][0] == 1
     assert [s["registered"] for s in results["adapter_scaling"]][0] == 8
+    small = {name: s for name, s in results["servers"].items() if name.startswith("small")}
+    assert small and all(int(s["adapter_memory"]) > 0 for s in small.values()), small  # sized to hold them
     assert (tmp_path / "bench.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     for ratio in ("P1", "P6"):
         assert ratio in proc.stdout, "the ratios are printed"

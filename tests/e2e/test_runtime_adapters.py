@@ -33,7 +33,7 @@ BROKEN = {
     "corrupt": "corrupt or unreadable",
     "mismatched": "has shape",
     "other-base": "another base model",
-    "rank-32": "raise MAX_LORA_RANK",  # over the auto MAX_LORA_RANK, 16
+    "rank-300": "raise MAX_LORA_RANK",  # over the auto MAX_LORA_RANK, 256
 }
 LOGPROB_ATOL = 1e-3  # float32 against float32
 
@@ -70,7 +70,7 @@ def tree(smollm2_dir, tmp_path_factory):
     # A base with SmolLM2's 30 layers and modules but hidden size 64 (not 576).
     other_base = save_random_model(tiny_llama_config(num_hidden_layers=30), tmp / "other-base-model")
     save_random_adapter(other_base, root / "other-base", r=4, alpha=8, seed=3)
-    save_random_adapter(smollm2_dir, root / "rank-32", r=32, alpha=32, target_modules=("q_proj",), seed=4)
+    save_random_adapter(smollm2_dir, root / "rank-300", r=300, alpha=32, target_modules=("q_proj",), seed=4)
     return SimpleNamespace(root=root, cache=cache, paths=paths)
 
 
