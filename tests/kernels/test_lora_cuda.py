@@ -7,8 +7,8 @@ that reads a row it must not turns its output NaN (or, for a PAD_ROW, would faul
 the reference and checking that nothing outside the written columns changed catches it.
 
 The reference loops run on the GPU (float32 matmuls per row, TF32 off) with the ranks and row adapters
-they read on the host, so they never synchronise per row. Skipped without CUDA (tests/conftest.py); tests/gpu/run.sh
-runs them on a GPU machine (`-m gpu`).
+they read on the host, so they never synchronise per row. Skipped without CUDA (tests/conftest.py);
+tests/gpu/run.sh runs them on a GPU machine (`-m gpu`).
 """
 
 from __future__ import annotations

@@ -173,7 +173,8 @@ class FakeWorker(TextGenerationServiceServicer):
         if self._pool_used() + weight_bytes > self.pool_bytes:
             await context.abort(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
-                f"adapter {request.adapter_id!r}: adapter pool full ({self._pool_used()} of {self.pool_bytes})",
+                f"adapter {request.adapter_id!r}: adapter pool full "
+                f"({self._pool_used()} of {self.pool_bytes})",
             )
         self.slots[request.slot] = (request.adapter_id, request.generation)
         tier = "host" if request.adapter_id in self.host_kept else "disk"

@@ -51,7 +51,9 @@ class ColumnParallelLinear(nn.Module):
                 parts.append(LoraPart(name, None, (start, length), column, length))
             column += length
         # Where this layer applies LoRA (None: LoRA is off, or no module of it takes an adapter).
-        self.lora_site = LoraSite(lora_layer, tuple(parts), h_in) if lora_layer is not None and parts else None
+        self.lora_site = (
+            LoraSite(lora_layer, tuple(parts), h_in) if lora_layer is not None and parts else None
+        )
 
     def load(self, weights: CheckpointWeights, prefixes: dict[str, str]) -> None:
         """`prefixes`: sub-module name -> checkpoint prefix (e.g. 'model.layers.0.self_attn.q_proj')."""
