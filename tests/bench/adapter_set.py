@@ -2,8 +2,8 @@
 
 The kinds:
 - `mixed`: ranks 8, 16, 32 in turn, on all seven projections (q, k, v, o, gate, up, down);
-- `small`: rank 8 on q and v only, for runs with hundreds of adapters registered (the server reserves
-  every slot at MAX_LORA_RANK for all projections, so a small rank keeps 1000 slots in memory);
+- `small`: rank 8 on q and v only, for runs with hundreds of adapters resident (about 1.8 MiB each on
+  SmolLM2 in float32, so 1000 of them fit a 2 GiB ADAPTER_MEMORY);
 - `ranks`: ranks 4, 8, 16, 32, 64 on each of q/v, attention (q, k, v, o) and all seven, in turn (issue
   15's memory target: mixed ranks and module sets);
 - `cold`: rank 8 on all seven, about 10 MB in float32 on SmolLM2 (issue 15's cold-start target).
@@ -46,10 +46,6 @@ def default_cache_dir() -> Path:
 def adapter_spec(kind: str, i: int) -> tuple[int, tuple[str, ...]]:
     specs = KINDS[kind]
     return specs[i % len(specs)]
-
-
-def max_rank(kind: str, n: int) -> int:
-    return max(adapter_spec(kind, i)[0] for i in range(n))
 
 
 def make_adapters(model_dir: Path, kind: str, n: int, seed: int = 0, cache_dir: Path | None = None):
