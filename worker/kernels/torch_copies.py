@@ -20,9 +20,12 @@ a cyclic sweep).
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+
+from worker.kernels.pool_args import PoolPart
 
 _MAX_SITES_TRACKED = 1 << 14  # past this many distinct site keys the set restarts (pools replaced)
 _STALE_STEPS = 8
@@ -64,6 +67,23 @@ class CopyCache:
                 break
             del self._entries[key]
             self.nbytes -= oldest.nbytes
+
+    def open_site(self, a_view: torch.Tensor, parts: Sequence[PoolPart]) -> tuple[tuple, tuple]:
+        """(the site's key, the pool views it names) for one call of the site, counted (`begin`).
+        Within one pool a (layer, module) key fixes the widths; the pointers name the pool."""
+        site = (a_view.data_ptr(), tuple((p.key, p.b_view.data_ptr()) for p in parts))
+        self.begin(site)
+        return site, (a_view, *(p.b_view for p in parts))
+
+    def fetch(self, site: tuple[tuple, tuple], content: tuple, build: Callable[[], tuple[object, int]]):
+        """The copies under (site, content); on a miss `build()` -> (copies, nbytes), kept if the
+        budget allows. `site`: from `open_site`."""
+        key, holds = site
+        copies = self.get(key, content)
+        if copies is None:
+            copies, nbytes = build()
+            self.put(key, content, copies, nbytes, holds)
+        return copies
 
     def get(self, site: tuple, content: tuple):
         """The copies cached under (site, content), or None."""

@@ -62,17 +62,15 @@ class GroupedLora:
         `shape.buckets` (float32 sum, rounded once into out's dtype). x: [num_rows, h_in] and out in the
         plan's row order; part k's columns start at col_base + shape.columns[k]."""
         layout = plan.layout(shape, x.device)
-        # Within one pool a (layer, module) key fixes the widths; the pointers name the pool.
-        site = (a_view.data_ptr(), tuple((p.key, p.b_view.data_ptr()) for p in parts))
-        self.cache.begin(site)
+        site = self.cache.open_site(a_view, parts)
         weights, host = [], []
         for bucket, content in zip(shape.buckets, shape.contents, strict=True):
-            copies = self.cache.get(site, content)
-            if copies is None:
+
+            def build(bucket=bucket):
                 copies = _copies(shape, bucket, a_view, parts, host)
-                nbytes = copies[0].nbytes + sum(b.nbytes for _, b in copies[1])
-                self.cache.put(site, content, copies, nbytes, (a_view, *(p.b_view for p in parts)))
-            weights.append(copies)
+                return copies, copies[0].nbytes + sum(b.nbytes for _, b in copies[1])
+
+            weights.append(self.cache.fetch(site, content, build))
         # Each op here costs as much as the small matmuls, so views are only made where needed.
         if layout.start is None:
             x_rows = x.index_select(0, layout.pad_index)  # [total, h_in]

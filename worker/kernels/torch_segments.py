@@ -53,17 +53,15 @@ class SegmentLora:
             # Accumulate the touched rows in float32 and round once, as the spec does; rows inside the
             # span without a delta round-trip half -> float32 -> half, which is exact.
             half, acc = acc, plan.scratch("acc", hi - lo, dst.shape[1], x.device).copy_(acc)
-        site = (a_view.data_ptr(), tuple((p.key, p.b_view.data_ptr()) for p in parts))
-        self.cache.begin(site)
+        site = self.cache.open_site(a_view, parts)
         whole = len(shape.groups) == 1  # one segment: no row slices
         for (p, q, g), ranks in zip(shape.groups, shape.ranks, strict=True):
-            content = ("segment", plan.handles[g], ranks)
-            copy = self.cache.get(site, content)
-            if copy is None:
+
+            def build(g=g, ranks=ranks):
                 copy = _copy(a_view, parts, g, ranks)
-                nbytes = copy[0].nbytes + sum(b.nbytes for _, _, _, b in copy[1])
-                self.cache.put(site, content, copy, nbytes, (a_view, *(p.b_view for p in parts)))
-            a_t, b_parts = copy
+                return copy, copy[0].nbytes + sum(b.nbytes for _, _, _, b in copy[1])
+
+            a_t, b_parts = self.cache.fetch(site, ("segment", plan.handles[g], ranks), build)
             y = torch.mm(xf if whole else xf[p - lo : q - lo], a_t)  # [q - p, R] float32
             rows = acc if whole else acc.narrow(0, p - lo, q - p)
             if len(shape.widths) == 1:  # a one-part site: its part is the whole span, y its rank
