@@ -64,7 +64,7 @@ class PreparedAdapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(f.a.nbytes + f.b_t.nbytes for f in self.factors.values())
+        return self.facts.weight_bytes
 
 
 def prepare_adapter(
@@ -82,15 +82,13 @@ def prepare_adapter(
         weights = {p.module: adapter.weights.get((site.layer, p.module)) for p in site.parts}
         weights = {m: w for m, w in weights.items() if w is not None}
         factors.update(site.factors(weights, dtype, pin))
-    element_size = torch.empty((), dtype=dtype).element_size()
-    elements = sum(f.a.numel() + f.b_t.numel() for f in factors.values())
     facts = AdapterFacts(
         name=adapter.name,
         lora_rank=adapter.lora_rank,
         alpha=adapter.alpha,
         use_rslora=adapter.use_rslora,
         target_modules=adapter.target_modules,
-        weight_bytes=elements * element_size,
+        weight_bytes=sum(f.a.nbytes + f.b_t.nbytes for f in factors.values()),
     )
     return PreparedAdapter(facts, factors)
 
