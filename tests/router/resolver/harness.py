@@ -2,8 +2,8 @@
 
 No test reaches the network: sockets fail loudly, and `snapshot_download` is wrapped so that a call
 without `local_files_only=True` goes to a fake (or fails the test when none is set). `no_outside_access`
-fails a test that opens or lists anything outside the adapter root. A test module takes the fixtures by
-binding them to module names (no_network and hub are autouse: bind them too).
+fails a test that opens or lists anything outside the adapter root. The fixtures reach every test module
+of this package through its conftest.py (no_network and hub are autouse: they guard every test).
 """
 
 from __future__ import annotations

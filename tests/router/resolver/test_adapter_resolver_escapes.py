@@ -1,5 +1,5 @@
 """AdapterResolver refuses every escape from the roots before anything outside them is opened: the
-`no_outside_access` guard (tests/router/resolver_harness.py) fails a test that opens or lists a file
+`no_outside_access` guard (tests/router/resolver/harness.py) fails a test that opens or lists a file
 outside the root while the call runs.
 """
 
@@ -13,23 +13,12 @@ from router.adapter_resolver import (
     AdapterRefusedError,
     AdapterResolver,
 )
-from tests.router import resolver_harness as harness
-from tests.router.resolver_harness import (
+from tests.router.resolver.harness import (
     SHA_MAIN,
     SHA_V1,
     cache_repo,
     write_adapter,
 )
-
-# The harness's fixtures (the autouse ones guard every test here), bound where pytest looks for them.
-no_network, hub, tree, make, no_outside_access = (
-    harness.no_network,
-    harness.hub,
-    harness.tree,
-    harness.make,
-    harness.no_outside_access,
-)
-
 
 ESCAPES = [
     ("..", "a '..' component"),

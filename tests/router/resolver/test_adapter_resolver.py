@@ -1,5 +1,5 @@
 """AdapterResolver: roots, the HF cache, Hub downloads and adapter_source (escape attempts: the
-_escapes module). No test reaches the network (tests/router/resolver_harness.py).
+_escapes module). No test reaches the network (tests/router/resolver/harness.py).
 """
 
 from __future__ import annotations
@@ -17,23 +17,13 @@ from router.adapter_resolver import (
     AdapterRefusedError,
     AdapterResolveError,
 )
-from tests.router import resolver_harness as harness
-from tests.router.resolver_harness import (
+from tests.router.resolver.harness import (
     SHA_DOWNLOADED,
     SHA_MAIN,
     SHA_V1,
     cache_repo,
     fake_download,
     write_adapter,
-)
-
-# The harness's fixtures (the autouse ones guard every test here), bound where pytest looks for them.
-no_network, hub, tree, make, no_outside_access = (
-    harness.no_network,
-    harness.hub,
-    harness.tree,
-    harness.make,
-    harness.no_outside_access,
 )
 
 
