@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from worker.config import WorkerConfig
+from worker.lora.reader import ReaderProcess
 from worker.parallel import init_parallel
 from worker.runner import ModelRunner
 from worker.server import start_server, start_tcp_server, step_thread, stop_server
@@ -87,6 +88,7 @@ async def serve(
     listen: str | None = None,
     token: str = "",
     steps: ThreadPoolExecutor | None = None,
+    reader: ReaderProcess | None = None,
 ) -> int:
     """Serve on `uds`, or on TCP `listen` to callers with `token`, until SIGTERM or SIGINT, then stop
     gracefully. Returns the exit code."""
@@ -96,10 +98,10 @@ async def serve(
         loop.add_signal_handler(sig, stop.set)
     try:
         if uds is not None:
-            server, servicer = await start_server(runner, uds, steps)
+            server, servicer = await start_server(runner, uds, steps, reader)
         else:
             assert listen is not None
-            server, servicer = await start_tcp_server(runner, listen, token, steps)
+            server, servicer = await start_tcp_server(runner, listen, token, steps, reader)
     except OSError as err:
         log.error("cannot serve: %s: %s", err, err.__cause__ or "")
         return EXIT_STARTUP_FAILED
@@ -129,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.listen is not None and not token:
         log.error("--listen needs a non-empty worker token (--token-stdin): TCP callers must present it")
         return EXIT_BAD_CONFIG
+    # Forked first, while this process has no other thread (worker/lora/reader.py).
+    reader = ReaderProcess.fork() if config.max_adapters > 0 else None
     steps = step_thread(config.rank)  # the runner is built on the thread that will run its steps
     try:
         runner = steps.submit(build_runner, config).result()
@@ -138,7 +142,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("cannot start: %s: %s", type(err).__name__, err, exc_info=not expected)
         return EXIT_STARTUP_FAILED
     try:
-        return asyncio.run(serve(runner, args.uds, args.listen, token, steps))
+        return asyncio.run(serve(runner, args.uds, args.listen, token, steps, reader))
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

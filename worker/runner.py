@@ -24,6 +24,7 @@ from worker.lora.adapter import LoraAdapter, ModuleShape
 from worker.lora.batch import LoraBatch, SplitLoraBatch, StepLora
 from worker.lora.pages import page_elems_for
 from worker.lora.pool import AdapterPool
+from worker.lora.reader import ReadSpec
 from worker.lora.sites import LoraSite
 from worker.lora.slots import AdapterSlots, PreparedAdapter, ResidentAdapter, prepare_adapter
 from worker.models.llama import LlamaForCausalLM, head_dim_of
@@ -139,11 +140,22 @@ class ModelRunner:
         """slot -> the adapter it holds, with its load generation."""
         return self.slots.resident
 
+    def read_spec(self) -> ReadSpec:
+        """What the adapter reader needs of this rank's model to read an adapter for it."""
+        return ReadSpec(
+            num_layers=self.hf_config.num_hidden_layers,
+            module_shapes=self.module_shapes(),
+            sites=list(self.lora_sites),
+            dtype=self.lora_dtype,
+            max_lora_rank=self.config.max_lora_rank,
+            pin=self.device.type == "cuda",  # so that placing it is an asynchronous copy on the step's stream
+        )
+
     def prepare_adapter(self, adapter: LoraAdapter) -> PreparedAdapter:
-        """`adapter` sharded, scaled and cast for this rank's pool. Changes no state: the servicer
-        runs it on its loader thread while steps go on."""
-        pin = self.device.type == "cuda"  # so that placing it is an asynchronous copy on the step's stream
-        return prepare_adapter(adapter, self.lora_sites, self.lora_dtype, self.config.max_lora_rank, pin)
+        """`adapter` sharded, scaled and cast for this rank's pool. Changes no state (the servicer's
+        reader does the same off the step thread, `worker/lora/reader.py`)."""
+        spec = self.read_spec()
+        return prepare_adapter(adapter, spec.sites, spec.dtype, spec.max_lora_rank, spec.pin)
 
     def place_adapter(self, slot: int, generation: int, prepared: PreparedAdapter) -> ResidentAdapter:
         """Copy a prepared adapter into the empty `slot` (1..max_adapters) as load `generation` (> 0)."""

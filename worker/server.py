@@ -6,10 +6,10 @@ touches the runner runs on one dedicated thread, one at a time, in arrival order
 free, so `Health` answers during a long step.
 
 `LoadAdapter` puts only the copy into the adapter pool on the step thread. Reading the files,
-validating, converting and sharding run first on a loader thread of their own (`loader_thread`), so
-steps keep running while an adapter loads: they change no state the steps read, and their time (a file
-read, a conversion of every tensor) would otherwise stall every running request. The copy itself must be
-on the step thread: the steps read the pool, and a copy between two steps can never be seen half done.
+validating, converting and sharding run first in the rank's adapter reader (`worker/lora/reader.py`: a
+child process at idle priority), so steps keep running while an adapter loads: they change no state the
+steps read, and their time would otherwise stall every running request. The copy itself must be on the
+step thread: the steps read the pool, and a copy between two steps can never be seen half done.
 The prepared adapter is kept in the host tier (`worker/lora/host_cache.py`), so loading it again (after
 an eviction, or a retry once the router made room in the pool) skips the file.
 
@@ -22,8 +22,8 @@ Errors are mapped at the edge by `_rpc`:
   generation checks too, as long as the router names a load in a row only once every rank acked it);
 - anything else -> INTERNAL ("rank <r>: <type>: <message>"), logged with the request ids involved. The
   failed step may have left the ranks out of lockstep, so the rank marks itself unhealthy for good:
-  `Health`, `Prefill` and `Decode` then answer UNAVAILABLE until the worker is restarted. Except on the
-  loader thread, which changes nothing the steps read: that load alone fails (INTERNAL, "rank <r>:
+  `Health`, `Prefill` and `Decode` then answer UNAVAILABLE until the worker is restarted. Except in the
+  adapter reader, which changes nothing the steps read: that load alone fails (INTERNAL, "rank <r>:
   adapter '<id>': <type>: <message>").
 """
 
@@ -41,14 +41,14 @@ from pathlib import Path
 from typing import TypeVar
 
 import grpc
-import torch
 
 from proto import generate_pb2 as pb
 from proto import generate_pb2_grpc as pb_grpc
 from worker.auth import TokenInterceptor
-from worker.lora.adapter import AdapterError, load_peft_adapter
+from worker.lora.adapter import AdapterError
 from worker.lora.host_cache import HostAdapterCache, cache_key
-from worker.lora.slots import AdapterMemoryError, PreparedAdapter
+from worker.lora.reader import AdapterReader, ReaderProcess
+from worker.lora.slots import AdapterMemoryError
 from worker.runner import ModelRunner, PrefillRequest, RequestError, TokenOutput
 from worker.sampler import SamplingParams
 
@@ -94,42 +94,26 @@ def step_thread(rank: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"rank{rank}-step")
 
 
-def loader_thread(rank: int) -> ThreadPoolExecutor:
-    """The thread that reads, validates, converts and shards adapters while the step thread runs steps.
-
-    Its torch ops run single-threaded, so that it never starts an OpenMP team of its own to spin on the
-    cores the steps need. `torch.set_num_threads` sets the calling thread's OpenMP team size, and also
-    the process default that threads starting torch later begin with: the default is put back at once.
-    """
-    default = torch.get_num_threads()
-
-    def single_threaded() -> None:
-        torch.get_num_threads()  # this thread's lazy init first, else it would later reset the size
-        torch.set_num_threads(1)
-
-    loader = ThreadPoolExecutor(
-        max_workers=1, thread_name_prefix=f"rank{rank}-loader", initializer=single_threaded
-    )
-    loader.submit(lambda: None).result()  # runs the initializer now
-    torch.set_num_threads(default)
-    return loader
-
-
 class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
-    def __init__(self, runner: ModelRunner, steps: ThreadPoolExecutor | None = None):
+    def __init__(
+        self,
+        runner: ModelRunner,
+        steps: ThreadPoolExecutor | None = None,
+        reader: ReaderProcess | None = None,
+    ):
         self.runner = runner
         self.rank = runner.ctx.rank
         self.failure: str | None = None  # why this rank is unhealthy; None while healthy
         self._steps = steps or step_thread(self.rank)
-        self._loader = loader_thread(self.rank)
+        self._reader = AdapterReader(self.rank, reader)
         # Exclusive tiers: an adapter is in the pool or in the host tier, so the CPU holds it once.
         self.host_cache = HostAdapterCache(runner.config.adapter_host_memory_bytes)
         self._keys: dict[int, tuple] = {}  # slot -> the host tier key of its adapter
 
     async def close(self) -> None:
-        """Finish the step and the adapter read in progress, drop the queued ones, stop both threads."""
-        for pool in (self._loader, self._steps):
-            await asyncio.to_thread(pool.shutdown, wait=True, cancel_futures=True)
+        """Finish the step and the adapter read in progress, drop the queued ones, stop their threads."""
+        await self._reader.close()
+        await asyncio.to_thread(self._steps.shutdown, wait=True, cancel_futures=True)
 
     async def _run(self, fn: Callable[..., T], *args) -> T:
         """Run `fn(*args)` on the step thread, after every call that arrived before it."""
@@ -184,7 +168,7 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
 
     @_rpc
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context) -> pb.LoadAdapterResponse:
-        """Read, validate, convert and shard the PEFT adapter at `path` on the loader thread while steps
+        """Read, validate, convert and shard the PEFT adapter at `path` in the adapter reader while steps
         go on, then copy it into the empty `slot` as load `generation` (queued like a step)."""
         if not request.adapter_id or not request.path:
             raise RequestError(f"LoadAdapter needs an adapter_id and a path, got {request.adapter_id!r}")
@@ -196,12 +180,12 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         tier = "host" if prepared is not None else "disk"
         try:
             if prepared is None:
-                loop = asyncio.get_running_loop()
-                prepared = await loop.run_in_executor(self._loader, self._read_adapter, request)
+                spec = self.runner.read_spec()
+                prepared = await self._reader.read(request.adapter_id, Path(request.path), spec)
         except (RequestError, AdapterError):
             raise
         except Exception as err:
-            # The loader thread changes nothing the steps read: this load fails, the rank stays healthy.
+            # The reader changes nothing the steps read: this load fails, the rank stays healthy.
             message = f"rank {self.rank}: adapter {request.adapter_id!r}: {type(err).__name__}: {err}"
             log.error("LoadAdapter failed (%s): %s", _involved(request), message, exc_info=err)
             await context.abort(grpc.StatusCode.INTERNAL, message)
@@ -309,17 +293,6 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         outputs = self.runner.step(joining, request_ids)
         return _step_response(outputs, time.perf_counter_ns() - start)
 
-    # ---- on the loader thread -------------------------------------------------------------------
-
-    def _read_adapter(self, request: pb.LoadAdapterRequest) -> PreparedAdapter:
-        adapter = load_peft_adapter(
-            request.adapter_id,
-            Path(request.path),
-            self.runner.hf_config.num_hidden_layers,
-            self.runner.module_shapes(),
-        )
-        return self.runner.prepare_adapter(adapter)
-
     # ---- request conversion and checks ----------------------------------------------------------
 
     def _prefill_request(self, seq: pb.NewSequence) -> PrefillRequest:
@@ -399,9 +372,12 @@ def _involved(request) -> str:
 
 
 def _new_server(
-    runner: ModelRunner, token: str | None = None, steps: ThreadPoolExecutor | None = None
+    runner: ModelRunner,
+    token: str | None = None,
+    steps: ThreadPoolExecutor | None = None,
+    reader: ReaderProcess | None = None,
 ) -> tuple[grpc.aio.Server, WorkerServicer]:
-    servicer = WorkerServicer(runner, steps)
+    servicer = WorkerServicer(runner, steps, reader)
     # A step with top_n_tokens near the vocab size can exceed gRPC's default 4 MiB, so message sizes are
     # not limited (the router's channel must match).
     server = grpc.aio.server(
@@ -413,7 +389,10 @@ def _new_server(
 
 
 async def start_server(
-    runner: ModelRunner, uds: str | os.PathLike, steps: ThreadPoolExecutor | None = None
+    runner: ModelRunner,
+    uds: str | os.PathLike,
+    steps: ThreadPoolExecutor | None = None,
+    reader: ReaderProcess | None = None,
 ) -> tuple[grpc.aio.Server, WorkerServicer]:
     """Serve `runner` on the unix socket `uds`, which only this user may connect to (mode 0600).
 
@@ -422,7 +401,7 @@ async def start_server(
     path = Path(uds)
     if path.is_socket():
         path.unlink()  # left by a worker that did not exit cleanly
-    server, servicer = _new_server(runner, steps=steps)
+    server, servicer = _new_server(runner, steps=steps, reader=reader)
     # The socket is created with the umask; a restrictive one closes the gap until the chmod below.
     old_umask = os.umask(0o177)
     try:
@@ -438,14 +417,18 @@ async def start_server(
 
 
 async def start_tcp_server(
-    runner: ModelRunner, address: str, token: str, steps: ThreadPoolExecutor | None = None
+    runner: ModelRunner,
+    address: str,
+    token: str,
+    steps: ThreadPoolExecutor | None = None,
+    reader: ReaderProcess | None = None,
 ) -> tuple[grpc.aio.Server, WorkerServicer]:
     """Serve `runner` on TCP `address` (`host:port`) to callers that present `token` (worker/auth.py).
 
     For the ranks of a multi-node group outside node 0, which the router reaches over the network.
     Raises OSError when the address cannot be bound (port taken, unknown host).
     """
-    server, servicer = _new_server(runner, token, steps)
+    server, servicer = _new_server(runner, token, steps, reader)
     try:
         bound = server.add_insecure_port(address)
     except RuntimeError as err:  # grpc's "Failed to bind to address ..."

@@ -109,7 +109,7 @@ def pool_and_adapters(dtype, dims_name: str):
         widths = {dims[w] for pair in WIDTHS.values() for w in pair}
         elems = 2 * dims["layers"] * 1200 * sum(widths)  # room for every adapter below, twice over
         page = page_elems_for(widths)
-        pool = AdapterPool(-(-elems // page), page, widths, dtype, "cuda")
+        pool = AdapterPool(-(-elems // page), page, widths, dtype, "cuda", fill_all=True)
         filler = dict(ranks={m: 2 for m in MODULES})
         fillers = [pool.place(_factors(dict(ranks={m: 5 for m in MODULES}), dims, dtype, g))]
         placed = []

@@ -57,7 +57,7 @@ def factors(g: torch.Generator, rank: int, modules, layer: int = LAYER) -> dict:
 
 def fragmented_pool(g: torch.Generator, pages: int = 60) -> AdapterPool:
     """A pool whose holes the next adapters fill: three fillers placed, the first and last released."""
-    pool = AdapterPool(pages, page_elems_for(WIDTHS), WIDTHS, torch.float32, "cpu")
+    pool = AdapterPool(pages, page_elems_for(WIDTHS), WIDTHS, torch.float32, "cpu", fill_all=True)
     fillers = [pool.place(factors(g, r, ALL)) for r in (5, 9, 6)]
     pool.release(fillers[0])
     pool.release(fillers[2])

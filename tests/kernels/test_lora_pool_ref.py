@@ -68,7 +68,7 @@ def _dense(x, adapters, row_adapter, out, module, dtype) -> torch.Tensor:
 
 def _fragmented_pool(page: str, dtype: torch.dtype, g: torch.Generator) -> AdapterPool:
     """A pool whose holes the next adapters fill: three fillers placed, the first and last released."""
-    pool = AdapterPool(160, PAGES[page], WIDTHS, dtype, "cpu")
+    pool = AdapterPool(160, PAGES[page], WIDTHS, dtype, "cpu", fill_all=True)
     fillers = [pool.place(_factors(_adapter(g, r, H_OUT), dtype)) for r in (5, 9, 6)]
     pool.release(fillers[0])
     pool.release(fillers[2])
@@ -138,7 +138,7 @@ def test_rows_reused_after_release_read_only_the_new_rank(page):
     """Y (rank 8) is placed in pages X (rank 64) held and released: nothing of X is left, Y's output is
     finite and dense Y's, and stays so when Y's padding names NaN rows (the rank bounds every read)."""
     g = _gen("reuse", page)
-    pool = AdapterPool(80, PAGES[page], WIDTHS, torch.float32, "cpu")
+    pool = AdapterPool(80, PAGES[page], WIDTHS, torch.float32, "cpu", fill_all=True)
     x_rows = pool.place(_factors(_adapter(g, 64, H_OUT), torch.float32))
     x_pages = {p for p in range(80) if pool.allocator.page_width(p)}
     pool.release(x_rows)
@@ -165,6 +165,6 @@ def test_rows_reused_after_release_read_only_the_new_rank(page):
 
 
 def test_a_pad_entry_cannot_be_gathered():
-    pool = AdapterPool(2, PAGES["lcm"], WIDTHS, torch.float32, "cpu")
+    pool = AdapterPool(2, PAGES["lcm"], WIDTHS, torch.float32, "cpu", fill_all=True)
     with pytest.raises(IndexError):
         pool.view(H_IN)[torch.tensor([PAD_ROW], dtype=torch.int32).long()]

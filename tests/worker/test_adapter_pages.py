@@ -9,11 +9,13 @@ its size against the adapters' true sizes at SmolLM2's widths.
 from __future__ import annotations
 
 import math
+import os
 import random
 
 import pytest
 import torch
 
+from worker.lora.packed import PackedFactors
 from worker.lora.pages import FALLBACK_PAGE_ROWS, PoolFullError, RowAllocator, page_elems_for
 from worker.lora.pool import PAD_ROW, AdapterPool, ModuleFactors, StepTables
 
@@ -272,7 +274,7 @@ TOY_KEYS = tuple((layer, m) for layer in range(3) for m in TOY)
 
 
 def _toy_pool(num_pages=12, dtype=torch.float32) -> AdapterPool:
-    return AdapterPool(num_pages, page_elems_for(TOY_WIDTHS), TOY_WIDTHS, dtype, "cpu")
+    return AdapterPool(num_pages, page_elems_for(TOY_WIDTHS), TOY_WIDTHS, dtype, "cpu", fill_all=True)
 
 
 def _random_factors(seed: int, ranks: dict) -> dict:
@@ -398,3 +400,63 @@ def test_step_tables_pad_past_each_rank():
     assert order[0].host_table(TOY_KEYS) is order[0].host_table(TOY_KEYS)  # built once per adapter
     empty = StepTables.build([], TOY_KEYS, torch.device("cpu"))
     assert empty.a_rows.shape == (len(TOY_KEYS), 0, 0)
+
+
+def _resident_bytes() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_a_pool_fills_each_page_with_nan_when_first_handed_out():
+    """Without fill_all, a page is NaN-filled the first time it gets rows: every page ever handed out
+    is NaN except the rows placed in it, after placing and after releasing."""
+    pool = AdapterPool(12, page_elems_for(TOY_WIDTHS), TOY_WIDTHS, torch.float32, "cpu")
+    assert pool.filled_pages() == [] and pool.bytes_used == 0
+    factors = {name: _random_factors(i, ranks) for i, (name, ranks) in enumerate(ADAPTERS.items())}
+    placed = {name: pool.place(f) for name, f in factors.items()}
+    used = [p for p in range(12) if pool.allocator.page_width(p)]
+    assert pool.filled_pages() == used and len(used) < 12
+    pages = torch.zeros(pool.storage.shape[0], dtype=torch.bool)
+    for p in used:
+        pages[p * 120 : (p + 1) * 120] = True
+    mask = _written(pool, placed.values())
+    assert pool.storage[pages & ~mask].isnan().all() and not pool.storage[mask].isnan().any()
+    for name, f in factors.items():
+        _assert_holds(pool, placed[name], f)
+        pool.release(placed[name])
+    assert pool.storage[pages].isnan().all() and pool.filled_pages() == used
+
+
+def test_an_unused_pool_takes_no_resident_memory():
+    """A 512 MiB pool costs its pages only as adapters take them (ADAPTER_MEMORY is a bound, not an
+    allocation, on the CPU)."""
+    widths = (576, 192, 1536)
+    page = page_elems_for(widths)
+    before = _resident_bytes()
+    pool = AdapterPool((512 << 20) // (page * 4), page, widths, torch.float32, "cpu")
+    assert _resident_bytes() - before < (16 << 20)
+    f = {(0, "q_proj"): ModuleFactors(torch.randn(8, 576), torch.randn(8, 576))}
+    rows = pool.place(f)
+    assert _resident_bytes() - before < (16 << 20) + pool.bytes_used
+    assert torch.equal(pool.view(576)[rows.modules[0, "q_proj"].a_rows], f[0, "q_proj"].a)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_read_gives_back_what_place_was_given_packed(dtype):
+    """place from packed blocks (one scatter per width), read back (one gather per width), place again
+    elsewhere: the same factors each time, in the pool dtype."""
+    pool = _toy_pool(dtype=dtype)
+    f = _random_factors(3, ADAPTERS["mixed"])
+    packed = PackedFactors.pack(f, dtype)
+    assert set(packed.blocks) == {8, 12, 20} and packed.nbytes == sum(
+        (x.a.numel() + x.b_t.numel()) * packed.blocks[8].element_size() for x in f.values()
+    )
+    filler = pool.place(_random_factors(4, ADAPTERS["qk_r3"]))
+    first = pool.place(packed)
+    _assert_holds(pool, first, f)
+    back = pool.read(first)
+    assert back.places == packed.places
+    for w in packed.blocks:
+        assert torch.equal(back.blocks[w], packed.blocks[w])
+    pool.release(filler)
+    _assert_holds(pool, pool.place(back), f)

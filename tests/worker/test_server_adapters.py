@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from proto import generate_pb2 as pb
 from tests.worker.engine_scenario import generation_of
 from tests.worker.server_harness import load_request, new_sequence, rpc_error
-from worker import server
+from worker.lora import reader
 
 
 def file_bytes_as_float32(adapter_dir) -> int:
@@ -52,7 +52,7 @@ async def test_load_into_an_empty_slot_and_unload_by_generation(worker, tiny_ada
     unloaded = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7))
     assert 1 not in worker.runner.adapters
     # Its pool rows are NaN again (nothing can read them) and free; an unload keeps no copy either.
-    assert worker.runner.slots.pool.storage.isnan().all()
+    assert worker.runner.slots.pool.filled_storage().isnan().all()
     assert unloaded.memory.pool_bytes_used == 0 and unloaded.memory.host_bytes_used == 0
     err = await rpc_error(stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7)))
     assert err.details() == "unload of slot 1 generation 7: the slot is empty"
@@ -117,16 +117,12 @@ async def test_rows_naming_another_generation_are_refused(worker, tiny_adapters)
 
 
 async def test_steps_run_while_an_adapter_loads(worker, tiny_adapters, monkeypatch):
-    """Reading and converting an adapter happen on the loader thread: decodes complete meanwhile; only
-    the copy into the pool runs on the step thread."""
+    """Reading and converting an adapter happen off the step thread (here, with no reader process, on
+    the loader thread): decodes complete meanwhile; only the copy into the pool runs on the step thread."""
     stub = worker.stub
     await stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(1, [3, 4, 5], [0, 1, 2])]))
     gate, reading, threads = threading.Event(), threading.Event(), {}
-    read, prepare, place = (
-        server.load_peft_adapter,
-        worker.runner.prepare_adapter,
-        worker.runner.place_adapter,
-    )
+    read, prepare, place = reader.load_peft_adapter, reader.prepare_adapter, worker.runner.place_adapter
 
     def slow_read(*args):
         threads["read"] = threading.current_thread().name
@@ -135,14 +131,14 @@ async def test_steps_run_while_an_adapter_loads(worker, tiny_adapters, monkeypat
         return read(*args)
 
     def recorded(name, fn):
-        def call(*args):
+        def call(*args, **kwargs):
             threads[name] = threading.current_thread().name
-            return fn(*args)
+            return fn(*args, **kwargs)
 
         return call
 
-    monkeypatch.setattr(server, "load_peft_adapter", slow_read)
-    monkeypatch.setattr(worker.runner, "prepare_adapter", recorded("prepare", prepare))
+    monkeypatch.setattr(reader, "load_peft_adapter", slow_read)
+    monkeypatch.setattr(reader, "prepare_adapter", recorded("prepare", prepare))
     monkeypatch.setattr(worker.runner, "place_adapter", recorded("place", place))
     load = asyncio.ensure_future(stub.LoadAdapter(load_request(1, "r4_qv", tiny_adapters)))
     try:
@@ -160,13 +156,13 @@ async def test_steps_run_while_an_adapter_loads(worker, tiny_adapters, monkeypat
 
 
 async def test_a_failing_read_leaves_the_rank_healthy(worker, tiny_adapters, monkeypatch):
-    """The loader thread changes nothing the steps read: an unexpected error there is INTERNAL for that
+    """The adapter reader changes nothing the steps read: an unexpected error there is INTERNAL for that
     load alone."""
 
     def broken_read(*args):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(server, "load_peft_adapter", broken_read)
+    monkeypatch.setattr(reader, "load_peft_adapter", broken_read)
     err = await rpc_error(worker.stub.LoadAdapter(load_request(1, "r4_qv", tiny_adapters)))
     assert err.code() == grpc.StatusCode.INTERNAL
     assert err.details() == "rank 0: adapter 'r4_qv': OSError: disk on fire"
@@ -176,7 +172,7 @@ async def test_a_failing_read_leaves_the_rank_healthy(worker, tiny_adapters, mon
 
 def test_the_loader_thread_runs_torch_single_threaded():
     default = torch.get_num_threads()
-    loader = server.loader_thread(0)
+    loader = reader.loader_thread(0)
     try:
         assert loader.submit(torch.get_num_threads).result() == 1
     finally:

@@ -4,20 +4,21 @@ S-LoRA's unified paging, for LoRA weights: instead of a slot index into stacks s
 rank on every module, each adapter holds exactly the rank rows of the modules it targets, in pages of one
 flat tensor, and a per-row table says where they are (layout and row ids: `worker/lora/pages.py`).
 
-- `storage`: [num_pages * page_elems] in the LoRA dtype, NaN wherever no adapter's row is (unused pages,
-  freed rows, page tails), so an op that reads a row it should not produces NaN and fails a test.
+- `storage`: [num_pages * page_elems] in the LoRA dtype, NaN wherever no adapter's row is in a page ever
+  handed out (holes, freed rows, page tails), so an op that reads a row it should not produces NaN and
+  fails a test. Pages never handed out are filled when they first are (see `AdapterPool`).
 - `view(w)`: [num_rows(w), w], the contiguous view of the whole storage as rows of width w. An op
   reads A rows from view(h_in_local) and B rows from view(h_out_local): row j starts at element j * w
   (kernels must form that offset in 64 bits: it can pass 2^31 in a large pool, row ids do not).
 - Per adapter (`AdapterRows`), for each (layer, module) it targets: `a_rows` [r] and `b_rows` [r] row
   ids with view(h_in_local)[a_rows[j]] = a[j] (a: [r, h_in_local]) and view(h_out_local)[b_rows[j]] =
-  b_t[j] (b_t: [r, h_out_local], B transposed with the scale folded in, as in the stacks).
+  b_t[j] (b_t: [r, h_out_local], B transposed with the LoRA scale folded in).
 - Per step (`StepTables`), for the G adapters its rows use: `a_rows` / `b_rows` [K, G, R_max] int32 and
   `lora_ranks` [K, G] int32 over the K (layer, module) keys of the model; entry [k, g, j] for j >= r is
   PAD_ROW, never read (the rank bounds every read). A rank of 0 means adapter g does not target key k.
 
-Tensor parallel: each rank has its own pool, with the widths of its shards (the sharding rule is the
-stacks', `worker/lora/stacks.py`), and the same calls in the same order on every rank give the same
+Tensor parallel: each rank has its own pool, with the widths of its shards (the sharding rule:
+`worker/lora/sites.py`), and the same calls in the same order on every rank give the same
 rows and the same PoolFullError, because the allocator is deterministic.
 """
 
@@ -29,18 +30,11 @@ from dataclasses import dataclass, field
 
 import torch
 
+from worker.lora.packed import FactorPlace, ModuleFactors, PackedFactors
 from worker.lora.pages import RowAllocator
 
 Key = tuple[int, str]  # (layer, module), e.g. (3, "q_proj")
 PAD_ROW = -(2**31)  # table entries past a rank: no valid row id is negative, so a gather using one fails
-
-
-@dataclass(frozen=True)
-class ModuleFactors:
-    """One (layer, module)'s LoRA factors on this rank, as the ops want them (`LoraStack.prepare`)."""
-
-    a: torch.Tensor  # [r, h_in_local]
-    b_t: torch.Tensor  # [r, h_out_local]: B transposed, with the LoRA scale folded in
 
 
 @dataclass(frozen=True)
@@ -143,17 +137,32 @@ class StepTables:
 
 
 class AdapterPool:
-    """One rank's adapter pool: NaN-filled storage, its class views and a RowAllocator."""
+    """One rank's adapter pool: storage, its class views and a RowAllocator.
+
+    A page is NaN-filled when it is first handed out (`fill_all`: every page at once), not at startup:
+    on the CPU an untouched page costs no memory, so a large ADAPTER_MEMORY costs only what adapters
+    use. A page never handed out holds no row, so no row id an op is given can reach it; tests that
+    also want a stray read of such a page to show NaN use `fill_all`."""
 
     def __init__(
-        self, num_pages: int, page_elems: int, widths: Iterable[int], dtype: torch.dtype, device: torch.device
+        self,
+        num_pages: int,
+        page_elems: int,
+        widths: Iterable[int],
+        dtype: torch.dtype,
+        device: torch.device,
+        fill_all: bool = False,
     ):
         if not dtype.is_floating_point:
             raise ValueError(f"the pool dtype must be floating point (unused rows are NaN), got {dtype}")
         self.allocator = RowAllocator(num_pages, page_elems, widths)
         self.dtype, self.device = dtype, torch.device(device)
-        # [num_pages * page_elems]; NaN until a row is placed (reading an unused row must show).
-        self.storage = torch.full((num_pages * page_elems,), float("nan"), dtype=dtype, device=self.device)
+        # [num_pages * page_elems]
+        self.storage = torch.empty((num_pages * page_elems,), dtype=dtype, device=self.device)
+        self._filled = bytearray(num_pages)  # 1 where the page was NaN-filled
+        if fill_all:
+            self.storage.fill_(float("nan"))
+            self._filled = bytearray(b"\x01" * num_pages)
         self._views = {}
         for w in self.allocator.widths:
             n = self.allocator.num_rows(w)
@@ -180,58 +189,68 @@ class AdapterPool:
     def bytes_total(self) -> int:
         return self.storage.numel() * self.storage.element_size()
 
-    def place(self, factors: Mapping[Key, ModuleFactors]) -> AdapterRows:
+    def filled_pages(self) -> list[int]:
+        """The pages ever handed out (NaN wherever no row is placed)."""
+        return [p for p, filled in enumerate(self._filled) if filled]
+
+    def filled_storage(self) -> torch.Tensor:
+        """[filled pages, page_elems]: a copy of those pages (what a check for stray rows reads)."""
+        pages = torch.tensor(self.filled_pages(), dtype=torch.int64, device=self.device)
+        return self.storage.view(-1, self.allocator.page_elems).index_select(0, pages)
+
+    def place(self, factors: Mapping[Key, ModuleFactors] | PackedFactors) -> AdapterRows:
         """Allocate rows for every (layer, module) of `factors` (all or nothing: PoolFullError and
-        nothing changed when they do not fit), then write A's rows and B^T's rows into them."""
-        keys = sorted(factors)  # a fixed order, so every rank assigns the same rows to the same key
-        given = self.allocator.allocate(self._demand(factors, keys))
+        nothing changed when they do not fit), then write A's rows and B^T's rows into them: one
+        scatter per row width. ValueError for a factor of a width the pool has no class for."""
+        packed = factors if isinstance(factors, PackedFactors) else PackedFactors.pack(factors)
+        demand = packed.demand()
+        for w in demand:
+            self.view(w)
+        given = self.allocator.allocate(demand)  # width -> row ids, in the order of its block's rows
         spans, offset = {}, 0
         for w in sorted(given):  # row_ids holds each class's rows together, in the order given
             spans[w] = (offset, offset + len(given[w]))
             offset += len(given[w])
         host = torch.tensor([r for w in sorted(given) for r in given[w]], dtype=torch.int64)  # [total rows]
+        self._fill_new_pages(given)
         row_ids = host.to(self.device)  # [total rows], the same tensor on a CPU pool
-        cursor = {w: s for w, (s, _) in spans.items()}
+        for w, (s, e) in spans.items():
+            # The copy rounds to the pool dtype once; non_blocking: pinned host blocks copy asynchronously.
+            block = packed.blocks[w].to(self.device, self.dtype, non_blocking=True)
+            self._views[w].index_copy_(0, row_ids[s:e], block)
         modules = {}
-        for key in keys:
-            f, r = factors[key], factors[key].a.shape[0]
-            a_w, b_w = f.a.shape[1], f.b_t.shape[1]
-            a, cursor[a_w] = cursor[a_w], cursor[a_w] + r
-            b, cursor[b_w] = cursor[b_w], cursor[b_w] + r
-            modules[key] = ModuleRows(row_ids[a : a + r], row_ids[b : b + r], a_w, b_w, a, b)
-            # One scatter per factor, straight from the caller's tensor (no staging copy); the copy
-            # rounds to the pool dtype once, as a copy into the stacks does.
-            self._views[a_w].index_copy_(0, modules[key].a_rows, f.a.to(self.device, self.dtype))
-            self._views[b_w].index_copy_(0, modules[key].b_rows, f.b_t.to(self.device, self.dtype))
+        for p in packed.places:
+            a, b = spans[p.a_width][0] + p.a_offset, spans[p.b_width][0] + p.b_offset
+            a_rows, b_rows = row_ids[a : a + p.rank], row_ids[b : b + p.rank]
+            modules[p.key] = ModuleRows(a_rows, b_rows, p.a_width, p.b_width, a, b)
         rows = AdapterRows(next(self._handles), modules, row_ids, host, spans)
         self._live[rows.handle] = rows
         return rows
 
-    def _demand(self, factors: Mapping[Key, ModuleFactors], keys: list[Key]) -> dict[int, int]:
-        """width -> rows `factors` need, after checking their shapes and widths."""
-        demand: dict[int, int] = {}
-        for key in keys:
-            a, b_t = factors[key].a, factors[key].b_t
-            if a.dim() != 2 or b_t.dim() != 2 or a.shape[0] != b_t.shape[0] or a.shape[0] == 0:
-                raise ValueError(
-                    f"{key}: need a [r, h_in] and b_t [r, h_out] with r >= 1: {a.shape}, {b_t.shape}"
-                )
-            for w in (a.shape[1], b_t.shape[1]):
-                self.view(w)
-                demand[w] = demand.get(w, 0) + a.shape[0]
-        return demand
+    def _fill_new_pages(self, given: Mapping[int, list[int]]) -> None:
+        """NaN-fill the pages of `given` rows that were never handed out before."""
+        page_elems = self.allocator.page_elems
+        for w, ids in given.items():
+            # A row lies wholly inside one page: the page of its first element.
+            for p in torch.unique(torch.tensor(ids) * w // page_elems).tolist():
+                if not self._filled[p]:
+                    self.storage[p * page_elems : (p + 1) * page_elems].fill_(float("nan"))
+                    self._filled[p] = 1
 
-    def read(self, rows: AdapterRows, pin: bool = False) -> dict[Key, ModuleFactors]:
+    def read(self, rows: AdapterRows, pin: bool = False) -> PackedFactors:
         """The factors `rows` hold, copied to the host (page-locked with `pin`): what `place` was given,
-        in the pool dtype."""
-        out = {}
-        for key, m in rows.modules.items():
-            a = self._views[m.a_width].index_select(0, m.a_rows).cpu()  # [r, h_in_local]
-            b_t = self._views[m.b_width].index_select(0, m.b_rows).cpu()  # [r, h_out_local]
-            if pin:
-                a, b_t = a.pin_memory(), b_t.pin_memory()
-            out[key] = ModuleFactors(a, b_t)
-        return out
+        in the pool dtype; one gather per row width."""
+        blocks = {}
+        for w, (s, e) in rows.width_spans.items():
+            blocks[w] = self._views[w].index_select(0, rows.row_ids[s:e]).cpu()  # [rows of width w, w]
+        places = []
+        for key in sorted(rows.modules):
+            m = rows.modules[key]
+            a_off = m.a_start - rows.width_spans[m.a_width][0]
+            b_off = m.b_start - rows.width_spans[m.b_width][0]
+            places.append(FactorPlace(key, m.lora_rank, m.a_width, a_off, m.b_width, b_off))
+        packed = PackedFactors(blocks, tuple(places))
+        return packed.pinned() if pin else packed
 
     def release(self, rows: AdapterRows) -> list[int]:
         """NaN-fill the adapter's rows, then free them; returns the pages that became free. Raises

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from worker.lora.pool import Key, ModuleFactors
+from worker.lora.packed import Key, ModuleFactors
 
 
 @dataclass(frozen=True)
@@ -51,11 +51,10 @@ class LoraSite:
         """The pool row widths the site needs: its A rows' and each part's B rows'."""
         return {self.h_in, *(p.width for p in self.parts)}
 
-    def factors(self, weights: dict, dtype: torch.dtype, pin: bool = False) -> dict[Key, ModuleFactors]:
-        """One adapter's factors for this site, sharded, scaled and cast, ready for `AdapterPool.place`.
+    def factors(self, weights: dict, dtype: torch.dtype) -> dict[Key, ModuleFactors]:
+        """One adapter's factors for this site, sharded, scaled and cast, to be packed for the pool.
         weights: module -> object with `a` [r, h_in], `b` [h_out, r] (full, unsharded) and `scale`;
-        modules the adapter does not touch are absent. `pin`: page-locked host tensors, so that placing
-        them on a GPU is an asynchronous copy."""
+        modules the adapter does not touch are absent."""
         out = {}
         for part in self.parts:
             w = weights.get(part.module)
@@ -69,7 +68,5 @@ class LoraSite:
             # The scale is folded into B in float32, then both are cast once to the pool dtype.
             a = a.to(dtype).contiguous()  # [r, h_in_local]
             b_t = (b.float() * w.scale).T.to(dtype).contiguous()  # [r, width]
-            if pin:
-                a, b_t = a.pin_memory(), b_t.pin_memory()
             out[(self.layer, part.module)] = ModuleFactors(a, b_t)
         return out

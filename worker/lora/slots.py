@@ -27,8 +27,9 @@ import torch
 
 from worker.errors import RequestError
 from worker.lora.adapter import LoraAdapter
+from worker.lora.packed import Key, ModuleFactors, PackedFactors
 from worker.lora.pages import PoolFullError
-from worker.lora.pool import AdapterPool, AdapterRows, Key, ModuleFactors
+from worker.lora.pool import AdapterPool, AdapterRows
 from worker.lora.sites import LoraSite
 
 
@@ -60,18 +61,24 @@ class PreparedAdapter:
     """An adapter converted and sharded for this rank's pool, ready for `AdapterSlots.place`."""
 
     facts: AdapterFacts
-    factors: dict[Key, ModuleFactors]
+    packed: PackedFactors  # its rows, one block per pool row width
 
     @property
     def nbytes(self) -> int:
         return self.facts.weight_bytes
 
+    @property
+    def factors(self) -> dict[Key, ModuleFactors]:
+        """Each (layer, module)'s factors, as views into the packed blocks."""
+        return self.packed.factors()
+
 
 def prepare_adapter(
     adapter: LoraAdapter, sites: list[LoraSite], dtype: torch.dtype, max_lora_rank: int, pin: bool
 ) -> PreparedAdapter:
-    """Shard, scale and cast `adapter` for the model's LoRA `sites`, on the host, in the pool `dtype`.
-    Reads only the sites' fixed layout, so it may run on any thread. `pin`: page-locked (for a GPU)."""
+    """Shard, scale and cast `adapter` for the model's LoRA `sites`, on the host, in the pool `dtype`,
+    packed as the pool stores it. Reads only the sites' fixed layout, so it may run on any thread, or in
+    the loader process. `pin`: page-locked (for a GPU)."""
     if adapter.lora_rank > max_lora_rank:
         raise RequestError(
             f"adapter {adapter.name!r}: LoRA rank {adapter.lora_rank} exceeds the maximum LoRA rank "
@@ -81,16 +88,17 @@ def prepare_adapter(
     for site in sites:
         weights = {p.module: adapter.weights.get((site.layer, p.module)) for p in site.parts}
         weights = {m: w for m, w in weights.items() if w is not None}
-        factors.update(site.factors(weights, dtype, pin))
+        factors.update(site.factors(weights, dtype))
+    packed = PackedFactors.pack(factors, dtype)
     facts = AdapterFacts(
         name=adapter.name,
         lora_rank=adapter.lora_rank,
         alpha=adapter.alpha,
         use_rslora=adapter.use_rslora,
         target_modules=adapter.target_modules,
-        weight_bytes=sum(f.a.nbytes + f.b_t.nbytes for f in factors.values()),
+        weight_bytes=packed.nbytes,
     )
-    return PreparedAdapter(facts, factors)
+    return PreparedAdapter(facts, packed.pinned() if pin else packed)
 
 
 class AdapterSlots:
@@ -130,7 +138,7 @@ class AdapterSlots:
         assert self.pool is not None
         try:
             with torch.no_grad():
-                self.rows[slot] = self.pool.place(prepared.factors)
+                self.rows[slot] = self.pool.place(prepared.packed)
         except PoolFullError as e:
             raise AdapterMemoryError(f"adapter {name!r}: {e} (ADAPTER_MEMORY bounds the pool)") from e
         self.resident[slot] = ResidentAdapter(**asdict(prepared.facts), generation=generation)
