@@ -101,7 +101,7 @@ class SlotLoader:
 
     async def drop_host_copy(self, name: str) -> None:
         """Free the ranks' host-tier copies of `name` (unloaded while out of the pool)."""
-        replies = await self.client.unload_adapter(0, 0, timeout=UNLOAD_TIMEOUT_S, drop_host_copy=name)
+        replies = await self.client.drop_host_copy(name, timeout=UNLOAD_TIMEOUT_S)
         done = [r for r in replies if not isinstance(r, WorkerError)]
         for e in (r for r in replies if isinstance(r, WorkerError)):
             log.warning("dropping adapter %r from the host tier failed: %s", name, e)

@@ -146,16 +146,19 @@ class ShardedClient:
         ranks: Sequence[int] | None = None,
         timeout: float | None = None,
         keep: bool = False,
-        drop_host_copy: str = "",
     ) -> list[pb.UnloadAdapterResponse | WorkerError]:
         """Empty `slot` (if it holds load `generation`) on `ranks` (default all), keeping its weights in
-        the host tier with `keep`; or, with slot 0, drop `drop_host_copy`'s host copy. Each rank's reply
-        or error."""
+        the host tier with `keep`. Each rank's reply or error."""
         ranks = range(self.world_size) if ranks is None else ranks
-        request = pb.UnloadAdapterRequest(
-            slot=slot, generation=generation, keep=keep, drop_host_copy=drop_host_copy
-        )
+        request = pb.UnloadAdapterRequest(slot=slot, generation=generation, keep=keep)
         return await self._call_each("UnloadAdapter", request, ranks, timeout)
+
+    async def drop_host_copy(
+        self, adapter_id: str, timeout: float | None = None
+    ) -> list[pb.DropHostCopyResponse | WorkerError]:
+        """Free every rank's host-tier copy of `adapter_id`. Each rank's reply or error."""
+        request = pb.DropHostCopyRequest(adapter_id=adapter_id)
+        return await self._call_each("DropHostCopy", request, range(self.world_size), timeout)
 
     async def prefill(self, sequences: Sequence[pb.NewSequence]) -> pb.StepResponse:
         return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))

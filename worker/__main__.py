@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         log.error("--listen needs a non-empty worker token (--token-stdin): TCP callers must present it")
         return EXIT_BAD_CONFIG
     # Forked first, while this process has no other thread (worker/lora/reader.py).
-    reader = ReaderProcess.fork() if config.max_adapters > 0 else None
+    reader = ReaderProcess.fork(config.adapter_load_nice) if config.max_adapters > 0 else None
     steps = step_thread(config.rank)  # the runner is built on the thread that will run its steps
     try:
         runner = steps.submit(build_runner, config).result()

@@ -29,6 +29,7 @@ class WorkerConfig:
     max_adapters: int = 0  # resident adapter slots besides slot 0 ("no adapter"); 0 disables LoRA
     adapter_memory_bytes: int = 1 << 30  # the adapter pool the LoRA ops read (device memory)
     adapter_host_memory_bytes: int = 1 << 30  # prepared adapters kept on the host, so a reload is a copy
+    adapter_load_nice: int | None = None  # the adapter reader's nice value; None: SCHED_IDLE
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"
@@ -41,6 +42,8 @@ class WorkerConfig:
             raise ValueError("block_size and max_lora_rank must be >= 1, max_adapters >= 0")
         if self.adapter_memory_bytes < 0 or self.adapter_host_memory_bytes < 0:
             raise ValueError("adapter_memory_bytes and adapter_host_memory_bytes must be >= 0")
+        if self.adapter_load_nice is not None and not 0 <= self.adapter_load_nice <= 19:
+            raise ValueError(f"adapter_load_nice must be 0..19 or None, got {self.adapter_load_nice}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"rank {self.rank} is outside a world of {self.world_size}")
 

@@ -191,8 +191,9 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             await context.abort(grpc.StatusCode.INTERNAL, message)
         try:
             resident = await self._run(self.runner.place_adapter, request.slot, request.generation, prepared)
-        except AdapterMemoryError as err:
-            # The router makes room, then loads again: a copy then. The reply is only the status.
+        except RequestError as err:
+            # No room (the router makes room, then loads again: a copy then), or a refused slot: either
+            # way the prepared weights are good, so they go to the host tier, not away.
             kept, dropped = self.host_cache.put(key, prepared)
             log.info("%s; kept in the host tier: %s, dropped from it: %s", err, kept, dropped)
             raise
@@ -223,12 +224,7 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context) -> pb.UnloadAdapterResponse:
         """Empty `slot` if it holds load `generation` and no running sequence uses it (queued like a
         step); its pool rows are NaN-filled and freed, so nothing can read the weights any more. With
-        `keep` (an eviction) its weights go to the host tier; slot 0 with `drop_host_copy` instead
-        frees the host tier's copy of an adapter whose name was unloaded."""
-        if request.slot == 0 and request.drop_host_copy:
-            dropped = self.host_cache.drop(request.drop_host_copy)
-            log.info("adapter %r dropped from the host tier: %s", request.drop_host_copy, dropped)
-            return pb.UnloadAdapterResponse(memory=self._memory())
+        `keep` (an eviction) its weights go to the host tier."""
         keep = request.keep and self.host_cache.budget_bytes > 0
         held, kept = await self._run(self.runner.unload_adapter, request.slot, request.generation, keep)
         key = self._keys.pop(request.slot, None)
@@ -237,6 +233,13 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             in_host, dropped = self.host_cache.put(key, kept)  # the host tier holds what left the pool
         log.info("adapter %r unloaded from slot %d (generation %d)", held.name, request.slot, held.generation)
         return pb.UnloadAdapterResponse(memory=self._memory(), host_kept=in_host, host_dropped=dropped)
+
+    @_rpc
+    async def DropHostCopy(self, request: pb.DropHostCopyRequest, context) -> pb.DropHostCopyResponse:
+        """Free the host tier's copy of `adapter_id` (its name was unloaded while out of the pool)."""
+        dropped = self.host_cache.drop(request.adapter_id)
+        log.info("adapter %r dropped from the host tier: %s", request.adapter_id, dropped)
+        return pb.DropHostCopyResponse(memory=self._memory(), dropped=dropped)
 
     def _memory(self) -> pb.AdapterMemory:
         """The tiers' bytes on this rank, now."""

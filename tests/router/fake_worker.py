@@ -195,11 +195,14 @@ class FakeWorker(TextGenerationServiceServicer):
     def _memory(self) -> pb.AdapterMemory:
         return pb.AdapterMemory(pool_bytes_used=self._pool_used(), pool_bytes_total=self.pool_bytes)
 
+    async def DropHostCopy(self, request, context):
+        await self._enter("DropHostCopy", request, context)
+        dropped = request.adapter_id in self.host_kept
+        self.host_kept.discard(request.adapter_id)
+        return pb.DropHostCopyResponse(memory=self._memory(), dropped=dropped)
+
     async def UnloadAdapter(self, request, context):
         await self._enter("UnloadAdapter", request, context)
-        if request.slot == 0 and request.drop_host_copy:
-            self.host_kept.discard(request.drop_host_copy)
-            return pb.UnloadAdapterResponse(memory=self._memory())
         held = self.slots.get(request.slot)
         if held is None or held[1] != request.generation:
             await context.abort(

@@ -42,7 +42,7 @@ async def test_a_full_pool_evicts_what_the_load_needs_and_the_host_tier_keeps_it
     # Unloading a name whose weights are in the host tier frees them there too.
     resp = await h.http.post("/v1/unload_lora_adapter", json={"lora_name": "lora-02"})
     assert resp.status == 200
-    assert [r.drop_host_copy for r in _unloads(h) if r.slot == 0] == ["lora-02"]
+    assert [r.adapter_id for r in h.fakes[0].requests("DropHostCopy")] == ["lora-02"]
     for f in h.fakes:
         assert "lora-02" not in f.host_kept
     await h.settle()

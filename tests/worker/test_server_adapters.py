@@ -33,7 +33,9 @@ async def test_load_into_an_empty_slot_and_unload_by_generation(worker, tiny_ada
     assert "Loading adapter weights into model: r4_qv" in caplog.messages
     assert (worker.runner.adapters[1].name, worker.runner.adapters[1].generation) == ("r4_qv", 7)
 
-    # An occupied slot is never overwritten: the router unloads first.
+    # An occupied slot is never overwritten: the router unloads first. The weights read for the refused
+    # load are good: they go to the host tier.
+    r64_bytes = file_bytes_as_float32(tiny_adapters["r64_rs"])
     err = await rpc_error(stub.LoadAdapter(load_request(1, "r64_rs", tiny_adapters, generation=8)))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert err.details() == (
@@ -51,18 +53,19 @@ async def test_load_into_an_empty_slot_and_unload_by_generation(worker, tiny_ada
     assert reply.memory.pool_bytes_total == worker.runner.slots.pool.bytes_total
     unloaded = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7))
     assert 1 not in worker.runner.adapters
-    # Its pool rows are NaN again (nothing can read them) and free; an unload keeps no copy either.
+    # Its pool rows are NaN again (nothing can read them) and free; an unload keeps no copy of them (the
+    # host tier holds only r64_rs's, from the refused load).
     assert worker.runner.slots.pool.filled_storage().isnan().all()
-    assert unloaded.memory.pool_bytes_used == 0 and unloaded.memory.host_bytes_used == 0
+    assert unloaded.memory.pool_bytes_used == 0 and unloaded.memory.host_bytes_used == r64_bytes
     err = await rpc_error(stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=7)))
     assert err.details() == "unload of slot 1 generation 7: the slot is empty"
 
     reply = await stub.LoadAdapter(load_request(1, "r64_rs", tiny_adapters, generation=8))
+    assert reply.tier == "host" and reply.memory.host_bytes_used == 0
     assert (reply.lora_rank, reply.alpha, reply.use_rslora) == (64, 16.0, True)
     assert len(reply.target_modules) == 7
     # An eviction (keep) puts its weights in the host tier; loaded again, it comes from there (a copy,
     # no file read), and the tier no longer holds it.
-    r64_bytes = file_bytes_as_float32(tiny_adapters["r64_rs"])
     evicted = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=1, generation=8, keep=True))
     assert evicted.host_kept and evicted.memory.host_bytes_used == r64_bytes
     reply = await stub.LoadAdapter(load_request(2, "r64_rs", tiny_adapters, generation=9))
@@ -70,8 +73,9 @@ async def test_load_into_an_empty_slot_and_unload_by_generation(worker, tiny_ada
     assert (worker.runner.adapters[2].name, worker.runner.adapters[2].generation) == ("r64_rs", 9)
     # Evicted again, then its name unloaded: the host copy is dropped.
     await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=2, generation=9, keep=True))
-    dropped = await stub.UnloadAdapter(pb.UnloadAdapterRequest(slot=0, drop_host_copy="r64_rs"))
-    assert dropped.memory.host_bytes_used == 0
+    dropped = await stub.DropHostCopy(pb.DropHostCopyRequest(adapter_id="r64_rs"))
+    assert dropped.dropped and dropped.memory.host_bytes_used == 0
+    assert not (await stub.DropHostCopy(pb.DropHostCopyRequest(adapter_id="r64_rs"))).dropped
     await stub.Health(pb.HealthRequest())
 
 

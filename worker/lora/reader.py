@@ -5,8 +5,9 @@ it stalls the steps even though it changes nothing they read: both threads take 
 every op, so each op of a step can wait for the loader's Python in between, and on a machine with few
 cores the loader takes a core from the steps' OpenMP team. A step of a batch-1 decode then took ~6x as
 long while loads ran (bench_adapters, part 3). So the reading runs in a child process (`ReaderProcess`)
-at idle priority (SCHED_IDLE: it only gets a core the steps leave idle), which hands back the prepared
-adapter in shared memory: a few blocks (`worker/lora/packed.py`), so the worker only maps them.
+at idle priority (SCHED_IDLE: it only gets a core the steps leave idle; ADAPTER_LOAD_PRIORITY can give
+it a nice value instead), which hands back the prepared adapter in shared memory: a few blocks
+(`worker/lora/packed.py`), so the worker only maps them.
 
 The child is forked at startup before any thread or OpenMP team exists (forking later is unsafe), so
 it shares the imported modules' pages with the worker and needs no interpreter of its own. If it could
@@ -66,14 +67,15 @@ class ReaderProcess:
         self._lock = threading.Lock()  # one read in flight: requests and replies pair up in order
 
     @classmethod
-    def fork(cls) -> ReaderProcess | None:
-        """Start the child now; None (reads then run on a thread) if threads already run here."""
+    def fork(cls, nice: int | None = None) -> ReaderProcess | None:
+        """Start the child now, at SCHED_IDLE or at `nice`; None (reads then run on a thread) if threads
+        already run here."""
         if threading.active_count() > 1:
             log.warning("threads already running: adapters will be read on a thread of the worker")
             return None
         ctx = multiprocessing.get_context("fork")
         mine, theirs = ctx.Pipe()
-        process = ctx.Process(target=_serve, args=(theirs, mine), name="adapter-reader", daemon=True)
+        process = ctx.Process(target=_serve, args=(theirs, mine, nice), name="adapter-reader", daemon=True)
         process.start()
         theirs.close()
         return cls(process, mine)
@@ -107,10 +109,10 @@ class ReaderProcess:
             self._process.join()
 
 
-def _serve(conn: Connection, parents_end: Connection) -> None:
+def _serve(conn: Connection, parents_end: Connection, nice: int | None) -> None:
     """The child's loop: read what the worker asks for until the worker closes its end (or dies)."""
     parents_end.close()  # else the worker's death would not close the pipe
-    _lower_priority()
+    _lower_priority(nice)
     torch.set_num_threads(1)  # one core at most, and no OpenMP team (none was started before the fork)
     while True:
         try:
@@ -132,13 +134,17 @@ def _serve(conn: Connection, parents_end: Connection) -> None:
         _trim_heap()
 
 
-def _lower_priority() -> None:
-    """SCHED_IDLE: run only on cores the worker's threads leave idle; nice 19 where it is refused."""
-    try:
-        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
-    except (AttributeError, OSError):
-        with contextlib.suppress(OSError):
-            os.nice(19)
+def _lower_priority(nice: int | None) -> None:
+    """SCHED_IDLE (None): run only on cores the worker's threads leave idle (nice 19 where refused).
+    A nice value instead: a share of a busy core, as CFS weighs it against the steps' threads."""
+    if nice is None:
+        try:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+            return
+        except (AttributeError, OSError):
+            nice = 19
+    with contextlib.suppress(OSError):
+        os.nice(nice - os.nice(0))
 
 
 def _trim_heap() -> None:
