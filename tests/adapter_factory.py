@@ -6,6 +6,7 @@ peft initialises B to zero; we overwrite A and B with seeded random values so an
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import torch
@@ -47,6 +48,19 @@ def save_random_model(config, out_dir: Path, seed: int = 0, dtype=torch.float32)
             p.normal_(0.0, 0.08)
     model.save_pretrained(out_dir)
     return out_dir
+
+
+# What a tiny random model borrows from a real one so that the router can tokenize and render chats.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def tiny_chat_model(tokenizer_dir: Path, out: Path) -> Path:
+    """The tiny test Llama (3 layers, hidden 64) with the vocabulary, tokenizer and chat template of the
+    model in `tokenizer_dir` (SmolLM2: its ids 0/1/2, unk, bos and eos, match the tiny config's)."""
+    save_random_model(tiny_llama_config(vocab_size=49152, max_position_embeddings=2048), out, seed=0)
+    for name in TOKENIZER_FILES:
+        shutil.copyfile(tokenizer_dir / name, out / name)
+    return out
 
 
 def save_random_adapter(

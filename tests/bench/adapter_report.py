@@ -5,7 +5,7 @@ from __future__ import annotations
 
 TARGETS = {  # (what, bound, unit); a bound < 0 means "at least -bound"
     "memory_held": ("memory: pool bytes used / true size", 1.1, "x"),
-    "memory_rss": ("memory: RSS over LoRA off / file bytes", 1.5, "x"),
+    "memory_rss": ("memory: resident (PSS) over LoRA off / files", 1.5, "x"),
     "cold_median": ("cold start: TTFT - warm TTFT, median", 0.3, "s"),
     "cold_max": ("cold start: TTFT - warm TTFT, max", 0.3, "s"),
     "stall": ("loads beside others: ITL p50 cold / warm", 1.1, "x"),
@@ -61,11 +61,10 @@ def _details(results: dict) -> list[str]:
             f"(multilora_adapter_bytes_used/total{{tier=device}}); true {r['true_bytes'] / mib:.2f} MiB "
             f"(GET /v1/adapters agrees: {r['true_bytes_match_server']}); "
             f"files {r['file_bytes'] / mib:.1f} MiB",
-            f"  RSS {r['rss_lora_off'] / mib:.0f} MiB with LoRA off (MAX_LORA_ADAPTERS=0), "
+            f"  PSS {r['rss_lora_off'] / mib:.0f} MiB with LoRA off (MAX_LORA_ADAPTERS=0), "
             f"{r['rss_before'] / mib:.0f} -> {r['rss_after'] / mib:.0f} MiB (peak {r['rss_peak'] / mib:.0f}) "
-            f"over the loads: the target's figure is the RSS over LoRA off (the pool is NaN-filled, so "
-            f"resident, from startup); the growth over the loads alone is {r['memory_rss_growth']:.2f} x "
-            "the file bytes (what a load adds besides its rows)",
+            f"over the loads: the target's figure is the PSS over LoRA off; the growth over the loads "
+            f"alone is {r['memory_rss_growth']:.2f} x the file bytes (the rows and what a load adds)",
         ]
     if "cold" in results:
         r = results["cold"]

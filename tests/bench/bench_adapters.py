@@ -10,10 +10,11 @@ LORA_ADAPTER_ROOTS or in a temporary Hugging Face cache, and prints one table: f
    (a) The pool bytes they take (`multilora_adapter_bytes_used{tier="device"}`: the pages holding rows,
    as the LoadAdapter replies report them) over their true size: the A and B elements of their files x
    the pool's element size (cross-checked against each adapter's bytes in GET /v1/adapters). (b) The
-   server's RSS (its whole process tree, rss_monitor) after the loads minus that of the same server with
-   LoRA off (MAX_LORA_ADAPTERS=0: no pool), over their files' bytes: the target's figure, since the pool
-   is NaN-filled, so resident, from startup. The RSS growth over the loads alone is printed beside it: it
-   shows what a load adds besides its rows (the CPU ops' cached copies, buffers), not the rows.
+   server's resident memory (PSS summed over its process tree, rss_monitor: each rank's adapter reader
+   shares its pages with the rank, which a sum of RSS would count twice) after the loads minus that of
+   the same server with LoRA off (MAX_LORA_ADAPTERS=0: no pool, no reader), over their files' bytes: the
+   target's figure. The growth over the loads alone is printed beside it: the rows, plus what a load
+   adds besides them (the CPU ops' cached copies, buffers).
 2. Cold start: for each of several ~10 MB adapters (`cold`: r8 on all seven) in the HF cache, the TTFT of
    its first request minus that of a second one, with the worker's load time (its log) and the router's
    LoadAdapter round trip (its log; multilora_adapter_load_duration sums them). ADAPTER_MEMORY holds
@@ -31,8 +32,8 @@ LORA_ADAPTER_ROOTS or in a temporary Hugging Face cache, and prints one table: f
    adapters that any request names get their own weights; the others are hard links to one adapter's
    files (the server never reads them; they make the root as large as stated).
 
---quick checks the harness on a tiny random Llama (suite.tiny_chat_model) with few adapters and requests;
-its figures mean nothing.
+--quick checks the harness on a tiny random Llama (adapter_factory.tiny_chat_model) with few adapters
+and requests; its figures mean nothing.
 """
 
 from __future__ import annotations
@@ -52,12 +53,12 @@ from pathlib import Path
 
 import torch
 
-from tests.adapter_factory import place_in_hf_cache
+from tests.adapter_factory import place_in_hf_cache, tiny_chat_model
 from tests.bench import adapter_set, loadgen, machine
 from tests.bench.adapter_report import report
 from tests.bench.figures import percentile, summarize
 from tests.bench.rss_monitor import RssMonitor
-from tests.bench.suite import _model_dir, tiny_chat_model
+from tests.bench.suite import _model_dir
 from tests.bench.workload import Request, build_requests, load_prompts, render_chat, with_adapters
 from tests.e2e.harness import get, running
 
@@ -147,7 +148,7 @@ def memory(plan: Plan, model_dir: Path, env: dict, work: Path) -> dict:
     rows = sum((machine.lora_rows(d) for d in made.values()), Counter())
     adapter_memory = machine.adapter_memory_for(model_dir, rows, pool, MEMORY_SLACK)
     env = {**env, "LORA_ADAPTER_ROOTS": str(root)}
-    # LoRA off: no adapter pool, which the other server allocates and NaN-fills (so touches) at startup.
+    # LoRA off: no adapter pool and no adapter reader process.
     with running(work / "memory-lora-off.log", {**env, "MAX_LORA_ADAPTERS": "0"}) as server:
         _requests(server.url, [Request(0, "Hello", 1)])
         lora_off = _settled_rss(server.proc.pid)
@@ -156,7 +157,7 @@ def memory(plan: Plan, model_dir: Path, env: dict, work: Path) -> dict:
         _check_pool_dtype(_info(server.url), pool)
         _requests(server.url, [Request(0, "Hello", 1)])  # the base path warm
         before = _settled_rss(server.proc.pid)
-        with RssMonitor(server.proc.pid) as peak:
+        with RssMonitor(server.proc.pid, proportional=True) as peak:
             run = _requests(server.url, [Request(i, "Hello", 1, name) for i, name in enumerate(made)])
         after = _settled_rss(server.proc.pid)
         listed = {a["name"]: a for a in json.loads(get(server.url + "/v1/adapters")[1])["adapters"]}
@@ -194,8 +195,8 @@ def _file_bytes(adapter_dir: Path) -> int:
 
 
 def _settled_rss(pid: int, samples: int = 5, interval_s: float = 0.3) -> int:
-    """The tree's RSS once it stops moving: the last of a few samples."""
-    monitor = RssMonitor(pid)
+    """The tree's PSS once it stops moving: the last of a few samples."""
+    monitor = RssMonitor(pid, proportional=True)
     for _ in range(samples - 1):
         monitor.sample()
         time.sleep(interval_s)

@@ -33,7 +33,6 @@ import argparse
 import contextlib
 import json
 import shlex
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -44,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from tests.adapter_factory import tiny_chat_model
 from tests.bench import adapter_set, hf_baseline, loadgen, machine, plot, ratios
 from tests.bench.figures import summarize
 from tests.bench.rss_monitor import RssMonitor
@@ -151,19 +151,6 @@ def _model_dir(given: Path | None) -> Path:
     from launch.model_source import DEFAULT_CACHE_DIR, prepare_default_model
 
     return prepare_default_model(Path(DEFAULT_CACHE_DIR).expanduser())
-
-
-def tiny_chat_model(tokenizer_dir: Path, out: Path) -> Path:
-    """The e2e tests' tiny random Llama (3 layers, hidden 64) with the tokenizer and chat template of the
-    model in `tokenizer_dir` (SmolLM2: its ids 0/1/2, unk, bos and eos, match the tiny config's)."""
-    from tests.adapter_factory import save_random_model, tiny_llama_config
-    from tests.e2e.conftest import TOKENIZER_FILES
-
-    config = tiny_llama_config(vocab_size=49152, max_position_embeddings=2048)
-    save_random_model(config, out, seed=0)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(tokenizer_dir / name, out / name)
-    return out
 
 
 def run_suite(plan: Plan, model_dir: Path, env: dict[str, str], quick: bool) -> dict:

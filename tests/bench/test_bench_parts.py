@@ -241,7 +241,7 @@ def test_adapter_bench_rows_compare_with_the_targets():
     }
     assert rows(results) == [  # the growth over the loads alone is printed, not a target
         ("memory: pool bytes used / true size", "7.00", "<= 1.10", False),
-        ("memory: RSS over LoRA off / file bytes", "1.20", "<= 1.50", True),
+        ("memory: resident (PSS) over LoRA off / files", "1.20", "<= 1.50", True),
         ("scale: tok/s all zipf / 8 most popular", "0.95", ">= 0.90", True),
     ]
     assert rows({"cold": {"cold_median": 0.25, "cold_max": None}}) == [

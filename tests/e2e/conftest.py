@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
-
 import pytest
 
-from tests.adapter_factory import save_random_adapter, save_random_model, tiny_llama_config
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+from tests.adapter_factory import save_random_adapter, tiny_chat_model
 
 
 @pytest.fixture(scope="session")
@@ -17,11 +13,7 @@ def e2e_model_dir(smollm2_dir, tmp_path_factory):
 
     The router needs a real tokenizer; SmolLM2's ids 0/1/2 (unk, bos, eos) match the tiny config's.
     """
-    out = tmp_path_factory.mktemp("e2e-tiny-llama")
-    save_random_model(tiny_llama_config(vocab_size=49152, max_position_embeddings=2048), out, seed=0)
-    for name in TOKENIZER_FILES:
-        shutil.copyfile(smollm2_dir / name, out / name)
-    return out
+    return tiny_chat_model(smollm2_dir, tmp_path_factory.mktemp("e2e-tiny-llama"))
 
 
 @pytest.fixture(scope="session")
