@@ -3,9 +3,10 @@
 `--config-json -` reads the JSON from stdin instead (the launcher's way: the config holds API_KEY, and a
 command line is visible to every user in `ps`).
 
-Startup: wait for every worker rank (up to worker_connect_timeout_s), read Info, load the adapters, then
-listen on hostname:port. SIGTERM/SIGINT stop accepting connections, let requests in flight finish (up to
-shutdown_timeout_s), and exit 0. A startup failure logs its reason and exits 1 (2 for a bad config).
+Startup: bind hostname:port (first, so that nothing started meanwhile, such as the public gRPC server on
+an ephemeral port, can take it), wait for every worker rank (up to worker_connect_timeout_s), read Info,
+load the adapters, then listen. SIGTERM/SIGINT stop accepting connections, let requests in flight finish
+(up to shutdown_timeout_s), and exit 0. A startup failure logs its reason and exits 1 (2 for a bad config).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import socket
 import sys
 
 import pydantic
@@ -32,7 +34,21 @@ log = logging.getLogger("router")
 _EXPECTED = (AdapterLoadError, ConfigError, WorkerError, TimeoutError, FileNotFoundError, OSError)
 
 
+def bind_http(hostname: str, port: int) -> socket.socket:
+    """The HTTP socket, bound now (OSError if the port is taken) but not listening: until the app is
+    ready, a connection is refused, as before startup."""
+    sock = socket.socket(socket.AF_INET6 if ":" in hostname else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as aiohttp's own sites do
+    try:
+        sock.bind((hostname, port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 async def serve(config: RouterConfig) -> None:
+    sock = bind_http(config.hostname, config.port)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -56,7 +72,7 @@ async def serve(config: RouterConfig) -> None:
     stopped.cancel()
     setup.result()  # raises the startup failure
     try:
-        await web.TCPSite(runner, config.hostname, config.port).start()
+        await web.SockSite(runner, sock).start()
         log.info("Router listening on http://%s:%d", config.hostname, config.port)
         await stop.wait()
         log.info("Shutting down: finishing requests in flight (up to %.0f s)", config.shutdown_timeout_s)
