@@ -10,15 +10,15 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import ByteSize, Field, ValidationError, field_validator, model_validator
+from pydantic import ByteSize, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from launch import nodes
 from launch.dtype import auto_dtype
 from launch.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
-from router.config import RouterConfig
+from router.config import DEFAULT_TENANT, RouterConfig
 
 CPU_KV_CACHE_MEMORY = 1 << 30
 CUDA_KV_CACHE_MEMORY = 8 << 30
@@ -115,6 +115,13 @@ class Settings(BaseSettings):
         "loading one again is a copy, not a file read; 0 turns the tier off (auto: 1GiB on CPU, 4GiB on "
         "CUDA).",
     )
+    adapter_load_priority: Literal["idle"] | Annotated[int, Field(ge=0, le=19)] = Field(
+        "idle",
+        description="CPU priority of each rank's adapter reader process (reading, validating, converting "
+        "adapter files): `idle` runs it only on cores the steps leave idle, so loads never slow running "
+        "requests but wait while the CPU is saturated; a nice value 0-19 gives loads a share of a busy core "
+        "(10: about a tenth) at that cost to the steps.",
+    )
     max_input_tokens: int | None = Field(None, ge=1, description="auto: from the model and KV cache.")
     max_total_tokens: int | None = Field(None, ge=2, description="Prompt + generated tokens per request.")
     max_batch_prefill_tokens: int = Field(
@@ -124,6 +131,29 @@ class Settings(BaseSettings):
     max_batch_size: int | None = Field(None, ge=1, description="auto: no limit but the token budgets.")
     api_key: str = Field(
         "", description="When set, generation requests need `Authorization: Bearer <API_KEY>`. Empty: open."
+    )
+    api_keys: str = Field(
+        "",
+        description="Several keys, one per tenant: comma-separated `tenant=key`. Each opens what API_KEY "
+        "opens (which counts as tenant `default`); with two or more keys the queue is fair per tenant, then "
+        "per adapter within each. Empty: none.",
+    )
+    tenant_weights: str = Field(
+        "",
+        description="Comma-separated `tenant=weight`: a tenant's share of the server relative to the "
+        "others' (absent: 1).",
+    )
+    adapter_weights: str = Field(
+        "",
+        description="Comma-separated `adapter_id=weight` (the base model: its MODEL_ID): an adapter's share "
+        "relative to the others' (absent: 1).",
+    )
+    adapter_queue_share: float = Field(
+        _router_default("adapter_queue_share"),
+        gt=0,
+        le=1,
+        description="Fraction of MAX_CONCURRENT_REQUESTS one adapter's requests may hold waiting; more are "
+        "answered 429 naming the adapter.",
     )
     payload_limit: int = Field(
         _router_default("payload_limit"), ge=1, description="Largest request body, bytes."
@@ -218,6 +248,23 @@ class Settings(BaseSettings):
             roots.append(root)
         return ",".join(roots)
 
+    @field_validator("api_keys", "tenant_weights", "adapter_weights")
+    @classmethod
+    def _pairs_parse(cls, text: str, info: ValidationInfo) -> str:
+        """Each must parse (`tenant_keys`, `weights`); stored as written."""
+        pairs = _pairs(text)
+        if info.field_name != "api_keys":
+            for name, weight in pairs.items():
+                try:
+                    ok = float(weight) > 0
+                except ValueError:
+                    ok = False
+                if not ok:
+                    raise ValueError(f"the weight of {name!r} must be a number > 0, got {weight!r}")
+        elif any(not key for key in pairs.values()):
+            raise ValueError("a tenant's key is empty")
+        return text
+
     @model_validator(mode="after")
     def _check_limits(self) -> Settings:
         limits = (self.max_input_tokens, self.max_total_tokens)
@@ -230,11 +277,21 @@ class Settings(BaseSettings):
         )
         if problems:
             raise ValueError("\n  ".join(problems))
+        if self.api_key and DEFAULT_TENANT in self.tenant_keys():
+            raise ValueError(f"API_KEYS names tenant {DEFAULT_TENANT!r}, which is API_KEY's")
         return self
 
     @property
     def node_layout(self) -> nodes.NodeLayout:
         return nodes.NodeLayout(self.num_shard, self.num_nodes, self.node_rank)
+
+    def tenant_keys(self) -> dict[str, str]:
+        """API_KEYS as tenant -> key."""
+        return _pairs(self.api_keys)
+
+    def weights(self, field: Literal["tenant_weights", "adapter_weights"]) -> dict[str, float]:
+        """TENANT_WEIGHTS or ADAPTER_WEIGHTS as name -> weight."""
+        return {name: float(weight) for name, weight in _pairs(getattr(self, field)).items()}
 
     @property
     def adapter_roots(self) -> list[str]:
@@ -256,6 +313,10 @@ class Settings(BaseSettings):
     def resolved_dtype(self, device: str) -> str:
         return self.dtype if self.dtype is not None else auto_dtype(device).dtype
 
+    def adapter_load_nice(self) -> int | None:
+        """ADAPTER_LOAD_PRIORITY as the worker's nice value; None for `idle` (SCHED_IDLE)."""
+        return None if self.adapter_load_priority == "idle" else int(self.adapter_load_priority)
+
     def resolved_adapter_memory(self, device: str) -> tuple[int, int]:
         """(ADAPTER_MEMORY, ADAPTER_HOST_MEMORY) in bytes."""
         pool = CUDA_ADAPTER_MEMORY if device == "cuda" else CPU_ADAPTER_MEMORY
@@ -270,6 +331,19 @@ class Settings(BaseSettings):
         if self.kv_cache_memory is not None:
             return int(self.kv_cache_memory)
         return CUDA_KV_CACHE_MEMORY if device == "cuda" else CPU_KV_CACHE_MEMORY
+
+
+def _pairs(text: str) -> dict[str, str]:
+    """`name=value,...` as a dict; each name once (a value may hold `=`, not `,`)."""
+    pairs: dict[str, str] = {}
+    for position, raw in enumerate(text.split(",") if text.strip() else [], start=1):
+        name, eq, value = raw.strip().partition("=")
+        if not eq or not name.strip():
+            raise ValueError(f"entry {position} is not `name=value`")
+        if name.strip() in pairs:
+            raise ValueError(f"{name.strip()!r} is named twice")
+        pairs[name.strip()] = value.strip()
+    return pairs
 
 
 class SettingsError(Exception):
@@ -292,13 +366,17 @@ def load_settings(argv: Sequence[str] | None = None) -> Settings:
         raise SettingsError(format_validation_error(exc)) from None
 
 
+_SECRET_FIELDS = frozenset({"api_key", "api_keys", "worker_token"})  # a bad value is not echoed
+
+
 def format_validation_error(exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         msg = str(err["msg"]).removeprefix("Value error, ")
         if err["loc"]:
             field = str(err["loc"][0])
-            lines.append(f"{env_name(field)} ({flag_name(field)}): {msg}, got {err['input']!r}")
+            got = "" if field in _SECRET_FIELDS else f", got {err['input']!r}"
+            lines.append(f"{env_name(field)} ({flag_name(field)}): {msg}{got}")
         else:
             lines.append(msg)
     return "invalid settings:\n  " + "\n  ".join(lines)

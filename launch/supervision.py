@@ -33,7 +33,7 @@ POLL_S = 0.1
 # A shutdown signal repeated at least this long after the first one kills the children at once.
 FORCE_AFTER_S = 1.0
 # Settings the children must not inherit from the launcher's environment (they get them in their config).
-SECRET_ENV = ("API_KEY", "WORKER_TOKEN")
+SECRET_ENV = ("API_KEY", "API_KEYS", "WORKER_TOKEN")
 
 _output_lock = threading.Lock()
 

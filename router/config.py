@@ -60,9 +60,31 @@ class RouterConfig(BaseModel):
     api_key: str | None = None
     """TGI's API_KEY: when set, the generation routes (every POST route) and the public gRPC service need
     `Authorization: Bearer <api_key>`; info routes (/health, /info, /metrics, /docs, ...) stay open."""
+    api_keys: dict[str, str] = {}
+    """API_KEYS: tenant name -> key. Each key opens what `api_key` opens, and the request is its tenant's;
+    with two or more keys (`api_key` counts as tenant `default`) the queue is fair per tenant."""
+    tenant_weights: dict[str, float] = {}
+    """TENANT_WEIGHTS: a tenant's share of the server relative to the others' (absent: 1)."""
+    adapter_weights: dict[str, float] = {}
+    """ADAPTER_WEIGHTS: an adapter's share (the base model's: `model_id`) relative to the others'
+    (absent: 1)."""
+    adapter_queue_share: float = 1.0
+    """ADAPTER_QUEUE_SHARE: the fraction of `max_concurrent_requests` one adapter's sequences may hold
+    waiting; more are answered 429 naming the adapter."""
     payload_limit: int = 2_000_000
     """TGI's PAYLOAD_LIMIT: the largest request body in bytes (413 above it; gRPC: RESOURCE_EXHAUSTED)."""
     grpc_port: int | None = None
     """Port of the public gRPC API (proto/public.proto) on `hostname`; None (default) serves none, 0 picks
     a free port."""
     worker_connect_timeout_s: float = 600.0
+
+    def tenant_keys(self) -> dict[str, str]:
+        """Every key the server accepts, by tenant name: API_KEYS, and API_KEY as tenant `default`."""
+        keys = dict(self.api_keys)
+        if self.api_key is not None:
+            keys.setdefault(DEFAULT_TENANT, self.api_key)
+        return keys
+
+
+DEFAULT_TENANT = "default"
+"""The tenant of API_KEY (API_KEYS may not name another tenant so)."""

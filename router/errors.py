@@ -124,6 +124,19 @@ class OverloadedError(ApiError):
         super().__init__("Model is overloaded")
 
 
+class AdapterQueueFullError(OverloadedError):
+    """One adapter already holds its share of the queue (ADAPTER_QUEUE_SHARE): 429 naming it, so its
+    clients back off while other adapters' requests are still taken (gRPC RESOURCE_EXHAUSTED)."""
+
+    def __init__(self, adapter_id: str, limit: int) -> None:
+        ApiError.__init__(
+            self,
+            f"Model is overloaded: adapter `{adapter_id}` already has {limit} requests waiting, "
+            "its share of the queue",
+        )
+        self.adapter_id = adapter_id
+
+
 class GenerationError(ApiError):
     status = 424
     error_type = "generation"

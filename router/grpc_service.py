@@ -28,8 +28,9 @@ from proto import public_pb2 as pb
 from proto import public_pb2_grpc
 from router import adapter_api, lifecycle, stream
 from router.adapter_registry import AdapterRegistry
-from router.auth import authorized
+from router.auth import tenant_for
 from router.client import ShardedClient, WorkerError
+from router.config import RouterConfig
 from router.errors import (
     AdapterCapacityApiError,
     AdapterDownloadApiError,
@@ -114,8 +115,8 @@ class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
         """HTTP `POST /generate`: one response once generation ends."""
         state = self.state
         try:
-            _check_key(context, state.config.api_key)
-            with lifecycle.admitted(state) as record:
+            tenant = _check_key(context, state.config)
+            with lifecycle.admitted(state, tenant) as record:
                 body = to_generate_request(request)
                 async with lifecycle.tgi_submitted(state, record, body) as submission:
                     ((best, others),) = await submission.results()
@@ -129,8 +130,8 @@ class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
         """HTTP `POST /generate_stream`: one response per token, the last with the text and details."""
         state = self.state
         try:
-            _check_key(context, state.config.api_key)
-            with lifecycle.admitted(state) as record:
+            tenant = _check_key(context, state.config)
+            with lifecycle.admitted(state, tenant) as record:
                 body = to_generate_request(request)
                 async with lifecycle.tgi_submitted(state, record, body, stream=True) as submission:
                     (valid,), (seq,) = submission.requests, submission.sequences
@@ -173,7 +174,7 @@ class TextGenerationServicer(public_pb2_grpc.TextGenerationServicer):
     async def _adapters(self, context, work: Callable[[AdapterRegistry], Awaitable[T]]) -> T:
         """`work` on the adapter registry, behind the API key; its errors as status codes."""
         try:
-            _check_key(context, self.state.config.api_key)
+            _check_key(context, self.state.config)
             return await work(self.state.adapters)
         except Exception as e:
             await _abort(context, e)
@@ -310,10 +311,15 @@ def stream_response(valid: ValidRequest, step: stream.Step) -> pb.GenerateStream
 # ---- errors and auth -----------------------------------------------------------------------------
 
 
-def _check_key(context, api_key: str | None) -> None:
-    header = dict(context.invocation_metadata() or ()).get("authorization")
-    if not authorized(header, api_key):
+def _check_key(context, config: RouterConfig) -> str | None:
+    """The tenant whose key the call carries (None: the server has no keys); UnauthorizedError if none."""
+    keys = config.tenant_keys()
+    if not keys:
+        return None
+    tenant = tenant_for(dict(context.invocation_metadata() or ()).get("authorization"), keys)
+    if tenant is None:
         raise UnauthorizedError()
+    return tenant
 
 
 async def _abort(context, e: Exception) -> NoReturn:

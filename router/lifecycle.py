@@ -38,10 +38,12 @@ _U64 = 2**64
 
 
 @contextlib.contextmanager
-def admitted(state: State) -> Iterator[RequestRecord]:
-    """The request's metrics record, inside `max_concurrent_requests` (full: 429, counted as a failure);
-    on leaving, the request's own adapter lease is released (its sequences hold their own)."""
+def admitted(state: State, tenant: str | None = None) -> Iterator[RequestRecord]:
+    """The request's metrics record, inside `max_concurrent_requests` (full: 429, counted as a failure),
+    for `tenant` (whose key it carried: router/auth.py); on leaving, the request's own adapter lease is
+    released (its sequences hold their own)."""
     with state.metrics.request() as record, state.concurrency.acquire():
+        record.tenant = tenant
         try:
             yield record
         finally:
@@ -134,13 +136,16 @@ async def _submission(
     state: State, record: RequestRecord, requests: list[ValidRequest], adapter: AdapterLease | None
 ) -> AsyncIterator[Submission]:
     """Record `requests` and submit each `best_of` times for `adapter`, each sequence with its own lease
-    (a sampling request without a seed gets a random one per sequence, echoed in details); on leaving,
-    cancel the sequences that have not ended."""
+    (a sampling request without a seed gets a random one per sequence, echoed in details), all or none
+    (the adapter's share of the queue full: 429); on leaving, cancel the sequences that have not ended."""
     for request in requests:
         record.validated(request)
     validated_at = time.monotonic()
+    state.scheduler.check_room(adapter, sum(r.best_of for r in requests))
     seqs = [
-        state.scheduler.submit(_seeded(r, adapter), None if adapter is None else adapter.clone())
+        state.scheduler.submit(
+            _seeded(r, adapter), None if adapter is None else adapter.clone(), record.tenant
+        )
         for r in requests
         for _ in range(r.best_of)
     ]

@@ -1,11 +1,14 @@
-"""Request and batch limits: the config's values, with the unset ones derived from the workers' Info."""
+"""Request and batch limits: the config's values, with the unset ones derived from the workers' Info, and
+the fairness policy's settings (router/fairness.py) with the queue cap derived from them."""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 from router.config import RouterConfig
+from router.fairness import FairnessConfig
 
 log = logging.getLogger(__name__)
 
@@ -27,6 +30,9 @@ class Limits:
     max_best_of: int
     waiting_served_ratio: float
     max_waiting_tokens: int
+    max_queued_per_adapter: int | None = None
+    """ADAPTER_QUEUE_SHARE of max_concurrent_requests, in sequences (None: no cap of its own)."""
+    fairness: FairnessConfig = field(default_factory=FairnessConfig)
 
     @classmethod
     def resolve(cls, config: RouterConfig, *, num_blocks: int, block_size: int, max_position: int) -> Limits:
@@ -69,6 +75,11 @@ class Limits:
             (config.max_batch_size is None or config.max_batch_size >= 1, "max_batch_size must be >= 1"),
             (config.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1"),
             (config.max_best_of >= 1, "max_best_of must be >= 1"),
+            (0 < config.adapter_queue_share <= 1, "adapter_queue_share must be in (0, 1]"),
+            *(
+                (weight > 0, f"the weight of {name!r} must be > 0, got {weight}")
+                for name, weight in (*config.tenant_weights.items(), *config.adapter_weights.items())
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -85,4 +96,18 @@ class Limits:
             max_best_of=config.max_best_of,
             waiting_served_ratio=config.waiting_served_ratio,
             max_waiting_tokens=config.max_waiting_tokens,
+            max_queued_per_adapter=_queue_cap(config),
+            fairness=FairnessConfig(
+                adapter_weights=config.adapter_weights,
+                tenant_weights=config.tenant_weights,
+                by_tenant=len(config.tenant_keys()) >= 2,
+                base_adapter=config.model_id,
+            ),
         )
+
+
+def _queue_cap(config: RouterConfig) -> int | None:
+    """At least one sequence per adapter; none at a share of 1 (MAX_CONCURRENT_REQUESTS bounds it)."""
+    if config.adapter_queue_share >= 1:
+        return None
+    return max(1, math.floor(config.adapter_queue_share * config.max_concurrent_requests))

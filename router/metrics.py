@@ -10,7 +10,8 @@ resolve or load). A request is counted in `tgi_request_count` once it is validat
 count - success - failure is the number of requests in flight. Ours, next to TGI's: `multilora_*` gauges
 of KV blocks and adapter slots in use; `multilora_adapter_slots_active` counts the adapter slots that
 queued or running requests refer to, and `multilora_kv_blocks_used` the blocks they hold, so both are 0
-whenever no request is in flight. The adapter registry's metrics are in router/adapter_metrics.py. Not
+whenever no request is in flight; `multilora_queue_size{adapter}` counts the sequences waiting per
+adapter. The adapter registry's metrics are in router/adapter_metrics.py. Not
 emitted (no counterpart here): speculative `tgi_request_skipped_tokens`, and the shard-side
 `tgi_batch_decode/filter/concat_duration`.
 """
@@ -22,10 +23,11 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
 
 from router.errors import ApiError
 from router.limits import Limits
@@ -56,6 +58,7 @@ class Load:
     reserved_tokens: int  # prompt + max_new_tokens of the running sequences
     blocks_used: int
     active_slots: int  # distinct adapter slots (not the base model's 0) of the queued and running sequences
+    queued_by_adapter: dict[str, int] = field(default_factory=dict)  # waiting sequences per adapter id
 
 
 class Metrics:
@@ -142,6 +145,7 @@ class Metrics:
         self.slots_active.set_function(lambda: load().active_slots)
         self.blocks_used.set_function(lambda: load().blocks_used)
         self.blocks_total.set(num_blocks)
+        self.registry.register(_QueueByAdapter(load))
 
     # ---- hooks --------------------------------------------------------------------------------
 
@@ -190,6 +194,7 @@ class RequestRecord:
         self._done = False
         self._label = ""
         self.lease: AdapterLease | None = None
+        self.tenant: str | None = None  # whose API key the request carried (router/auth.py); None: no keys
 
     def resolved(self, lease: AdapterLease | None) -> None:
         """The request's adapter is known (None: the base model); it labels the request's metrics. The
@@ -238,6 +243,19 @@ class RequestRecord:
 
 
 # ---- exposition ------------------------------------------------------------------------------------
+
+
+class _QueueByAdapter:
+    """`multilora_queue_size{adapter}`, read at scrape time (adapters come and go, so no fixed labels)."""
+
+    def __init__(self, load: Callable[[], Load]):
+        self._load = load
+
+    def collect(self):
+        family = GaugeMetricFamily("multilora_queue_size", "Sequences waiting by adapter", labels=["adapter"])
+        for adapter, count in sorted(self._load().queued_by_adapter.items()):
+            family.add_metric([adapter], float(count))
+        yield family
 
 
 def render(registry: CollectorRegistry) -> str:

@@ -33,6 +33,7 @@ from aiohttp import web
 from router import chat_template, lifecycle, openai_params, openai_stream
 from router.adapter_resolver import AdapterNotFoundError
 from router.adapters import AdapterLease
+from router.auth import request_tenant
 from router.errors import ADAPTER_ERRORS, ApiError, adapter_error
 from router.http_common import read_json, server_version, timing_headers
 from router.metrics import RequestRecord
@@ -90,7 +91,7 @@ async def models(request: web.Request) -> web.Response:
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/chat/completions`: the chat template over `messages`, then one generation."""
     state = request.app[STATE]
-    with lifecycle.admitted(state) as record:
+    with lifecycle.admitted(state, request_tenant(request)) as record:
         body = await read_json(request, ChatCompletionRequest)
         start = time.monotonic()
         model, adapter = await resolve_model(state, record, body.model, body.adapter_id)
@@ -128,7 +129,7 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 async def completions(request: web.Request) -> web.StreamResponse:
     """`POST /v1/completions`: each prompt (up to MAX_CLIENT_BATCH_SIZE) is one choice."""
     state = request.app[STATE]
-    with lifecycle.admitted(state) as record:
+    with lifecycle.admitted(state, request_tenant(request)) as record:
         body = await read_json(request, CompletionRequest)
         start = time.monotonic()
         model, adapter = await resolve_model(state, record, body.model, body.adapter_id)

@@ -13,6 +13,7 @@ import time
 from aiohttp import hdrs, web
 
 from router import adapter_api, lifecycle, openai_routes, stream
+from router.auth import request_tenant
 from router.client import WorkerError
 from router.errors import ValidationError
 from router.http_common import read_json, server_version, timing_headers
@@ -61,7 +62,7 @@ async def generate(request: web.Request) -> web.StreamResponse:
     it streams as /generate_stream does: huggingface_hub given `base_url=.../generate` posts its streams to
     it, and would read a JSON answer as an empty stream."""
     state = request.app[STATE]
-    with lifecycle.admitted(state) as record:
+    with lifecycle.admitted(state, request_tenant(request)) as record:
         body = await read_json(request, CompatGenerateRequest)
         if body.stream:
             return await stream.generate_stream(request, state, body, record)
@@ -72,7 +73,7 @@ async def compat_generate(request: web.Request) -> web.Response:
     """TGI `POST /`: a GenerateRequest plus `stream`; non-streaming answers a one-element array, streaming
     answers as /generate_stream does."""
     state = request.app[STATE]
-    with lifecycle.admitted(state) as record:
+    with lifecycle.admitted(state, request_tenant(request)) as record:
         body = await read_json(request, CompatGenerateRequest)
         if body.stream:
             return await stream.generate_stream(request, state, body, record)
@@ -82,7 +83,7 @@ async def compat_generate(request: web.Request) -> web.Response:
 async def generate_stream(request: web.Request) -> web.StreamResponse:
     """TGI `POST /generate_stream`: server-sent events, one per token (router/stream.py)."""
     state = request.app[STATE]
-    with lifecycle.admitted(state) as record:
+    with lifecycle.admitted(state, request_tenant(request)) as record:
         body = await read_json(request, GenerateRequest)
         return await stream.generate_stream(request, state, body, record)
 
@@ -157,12 +158,12 @@ async def info(request: web.Request) -> web.Response:
 
 async def spec(request: web.Request) -> web.Response:
     """The OpenAPI document."""
-    return web.json_response(_document(request.app[CONFIG].api_key is not None))
+    return web.json_response(_document(bool(request.app[CONFIG].tenant_keys())))
 
 
 async def docs(request: web.Request) -> web.Response:
     """The API documentation as one HTML page."""
-    doc = _document(request.app[CONFIG].api_key is not None)
+    doc = _document(bool(request.app[CONFIG].tenant_keys()))
     return web.Response(text=render_html(doc), content_type="text/html")
 
 

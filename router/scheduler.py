@@ -2,10 +2,12 @@
 
 Policy (TGI v3's loop without prefill chunking, and without preemption):
 
-- Requests wait in one FIFO queue. Admission takes sequences from the front while each fits:
-  `max_batch_size` running sequences, `max_batch_prefill_tokens` prompt tokens in this prefill,
-  `max_batch_total_tokens` reserved tokens (prompt + max_new_tokens) over the whole running batch, and
-  free KV blocks. The first sequence that does not fit stops admission, so nobody is overtaken.
+- Requests wait in a queue that is fair across tenants and adapters (virtual token counters,
+  router/fairness.py and router/queue.py): admission takes, one at a time, the head of the client that
+  has been served least, among those whose head fits: `max_batch_size` running sequences,
+  `max_batch_prefill_tokens` prompt tokens in this prefill, `max_batch_total_tokens` reserved tokens
+  (prompt + max_new_tokens) over the whole running batch, and free KV blocks. Prompts are charged at
+  admission, generated tokens as `_step` hands them out.
 - A sequence gets all the KV blocks it can ever need when admitted, so decoding never runs out of cache
   and nothing is ever preempted. Blocks return when it finishes, fails or is cancelled.
 - With nothing running, whatever fits is prefilled at once. While a batch is decoding, newcomers join
@@ -37,6 +39,7 @@ from router.adapters import AdapterLease
 from router.block_manager import BlockManager
 from router.client import ShardedClient, WorkerError
 from router.errors import GenerationError
+from router.fairness import OUTPUT_TOKEN_COST, FairnessLedger
 from router.limits import Limits
 from router.metrics import Load, Metrics
 from router.queue import RequestQueue
@@ -63,7 +66,14 @@ class Scheduler:
         self.limits = limits
         self.blocks = blocks
         self.tokenizer = tokenizer
-        self.queue = RequestQueue(blocks)
+        self.fairness = FairnessLedger(limits.fairness)
+        # A client whose next request does not fit yet may be overtaken by at most one largest request.
+        self.queue = RequestQueue(
+            blocks,
+            self.fairness,
+            max_queued_per_adapter=limits.max_queued_per_adapter,
+            overtake_slack=OUTPUT_TOKEN_COST * limits.max_total_tokens,
+        )
         self.running: list[Sequence] = []
         self._wake = asyncio.Event()
         self._next_id = 1
@@ -71,10 +81,17 @@ class Scheduler:
 
     # ---- called by request handlers -------------------------------------------------------------
 
-    def submit(self, params: SequenceParams, lease: AdapterLease | None = None) -> Sequence:
-        """Queue a sequence; `lease` (its adapter's, matching params.lora_slot) is released when it is
-        freed."""
-        seq = Sequence(self._next_id, params, self.tokenizer, lease=lease)
+    def check_room(self, lease: AdapterLease | None, count: int) -> None:
+        """Raise AdapterQueueFullError (429) unless `count` more sequences for `lease`'s adapter may wait."""
+        self.queue.check_room(self.limits.fairness.adapter(None if lease is None else lease.id), count)
+
+    def submit(
+        self, params: SequenceParams, lease: AdapterLease | None = None, tenant: str | None = None
+    ) -> Sequence:
+        """Queue a sequence of `tenant`; `lease` (its adapter's, matching params.lora_slot) is released
+        when it is freed."""
+        client = self.limits.fairness.client(tenant, None if lease is None else lease.id)
+        seq = Sequence(self._next_id, params, self.tokenizer, lease=lease, fair_client=client)
         self._next_id += 1
         self.queue.append(seq)
         self._wake.set()
@@ -98,6 +115,7 @@ class Scheduler:
             reserved_tokens=sum(s.num_tokens for s in self.running),
             blocks_used=self.blocks.num_blocks - self.blocks.num_free,
             active_slots=len(slots),
+            queued_by_adapter=self.queue.queued_by_adapter(),
         )
 
     # ---- the loop -------------------------------------------------------------------------------
@@ -232,8 +250,10 @@ class Scheduler:
             elif gen is None:
                 seq.fail(GenerationError(f"{method} returned no token for request {seq.id}"))
                 done.append(seq)
-            elif seq.on_generation(gen):
-                done.append(seq)
+            else:
+                self.fairness.charge(seq.fair_client, output=1)
+                if seq.on_generation(gen):
+                    done.append(seq)
         await self._release(done)
         return True
 

@@ -139,6 +139,7 @@ class Sequence:
     queued_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None
     lease: AdapterLease | None = None  # the adapter's, released by the scheduler when it frees the sequence
+    fair_client: tuple[str, str] = ("", "")  # (tenant, adapter) whose fairness counters it is charged to
 
     def __post_init__(self) -> None:
         self._detok = IncrementalDetokenizer(self.tokenizer, list(self.params.input_ids))

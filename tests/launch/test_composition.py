@@ -75,6 +75,12 @@ def test_compose_lora_rank_and_slot_limits(tmp_path):
     settings = load_settings(["--adapter-memory", "64MiB", "--adapter-host-memory", "0"])
     workers, _ = compose(settings, tmp_path, [], ["/s"], "cpu")
     assert (workers[0].adapter_memory_bytes, workers[0].adapter_host_memory_bytes) == (64 << 20, 0)
+    # The adapter reader's priority: SCHED_IDLE by default, or a nice value.
+    assert workers[0].adapter_load_nice is None
+    workers, _ = compose(load_settings(["--adapter-load-priority", "10"]), tmp_path, [], ["/s"], "cpu")
+    assert workers[0].adapter_load_nice == 10
+    with pytest.raises(SettingsError, match="ADAPTER_LOAD_PRIORITY .* less than or equal to 19"):
+        load_settings(["--adapter-load-priority", "20"])
     workers, _ = compose(load_settings(["--max-lora-adapters", "0"]), tmp_path, [], ["/s"], "cpu")
     assert workers[0].max_adapters == 0  # LoRA off
 
