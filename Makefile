@@ -39,12 +39,14 @@ lint: install
 
 test: install
 	$(PY) -m ruff check .
+	$(PY) -m worker.kernels.cpu_native
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 # Every launcher setting can be overridden from the environment: `MODEL_ID=/dir LORA_ADAPTERS=a=/p make serve`
 # (`python launcher.py --help` lists them). The launcher converts the default model on first use.
 LORA_ADAPTERS ?= pirate=demo_adapters/pirate,robot=demo_adapters/robot
 serve: install
+	$(PY) -m worker.kernels.cpu_native
 	LORA_ADAPTERS='$(LORA_ADAPTERS)' exec $(PY) launcher.py
 
 # Retrain the committed demo adapters (deterministic, single-threaded; a few minutes on a CPU).

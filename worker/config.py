@@ -12,7 +12,14 @@ from pathlib import Path
 import torch
 
 # Field annotation (a string under `from __future__ import annotations`) -> accepted JSON value types.
-_JSON_TYPES = {"Path": (str,), "str": (str,), "int": (int,), "int | None": (int, type(None)), "bool": (bool,)}
+_JSON_TYPES = {
+    "Path": (str,),
+    "str": (str,),
+    "str | None": (str, type(None)),
+    "int": (int,),
+    "int | None": (int, type(None)),
+    "bool": (bool,),
+}
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
@@ -30,6 +37,8 @@ class WorkerConfig:
     adapter_memory_bytes: int = 1 << 30  # the adapter pool the LoRA ops read (device memory)
     adapter_host_memory_bytes: int = 1 << 30  # prepared adapters kept on the host, so a reload is a copy
     adapter_load_nice: int | None = None  # the adapter reader's nice value; None: SCHED_IDLE
+    native_cpu_kernels: bool = True  # the C++ LoRA kernel on the CPU (csrc/lora_cpu.cpp), where it builds
+    kernel_cache_dir: str | None = None  # where it is built (None: ~/.cache/multilora/cpu_kernels)
     rank: int = 0
     world_size: int = 1
     master_addr: str = "127.0.0.1"

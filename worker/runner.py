@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from transformers import AutoConfig
@@ -84,7 +85,8 @@ class ModelRunner:
         self.dtype = config.torch_dtype
         hf_config = AutoConfig.from_pretrained(config.model_dir)
         self.hf_config = hf_config
-        self.lora_ops = select_lora_ops(self.device)
+        build_cache = Path(config.kernel_cache_dir) if config.kernel_cache_dir else None
+        self.lora_ops = select_lora_ops(self.device, config.native_cpu_kernels, build_cache)
         self.lora_dtype = self.lora_ops.pool_dtype(self.dtype)
         lora = config.max_adapters > 0
         self.model = LlamaForCausalLM(hf_config, self.ctx, self.dtype, self.device, lora)

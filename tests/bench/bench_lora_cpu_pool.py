@@ -1,5 +1,6 @@
 """Milliseconds per model step of the CPU LoRA ops: the adapter pool (TorchLoraOps.lora_site) against
-the stacked buffers it replaced (the old TorchLoraOps.sgmv_lora over fused stacks).
+the stacked buffers it replaced (the old TorchLoraOps.sgmv_lora over fused stacks) and the native kernel
+(NativeCpuLoraOps.lora_site, `csrc/lora_cpu.cpp`, its pool in the model dtype) beside it.
 
 SmolLM2-135M-like shapes: h 576, q 576, k/v 192, o 576, gate/up 1536, down 1536 -> 576; 30 layers x
 4 sites (qkv, o, gate_up, down), every adapter targeting all 7 modules; bf16 model dtype, fp32 LoRA
@@ -7,7 +8,7 @@ weights. A step is the 120 site calls of one forward; the batch's adapters stay 
 (the copy caches are warm, as in steady decode), laid out by rank as `TorchLoraOps.row_order` does.
 Cases run by default: decode 64 rows over 8 adapters of rank 8, decode 32 rows over 32 adapters of
 ranks 4-64, a 512-token prefill of one rank-8 adapter; with --case also decode1x1 and decode4x2 (the
-fixed cost per site). Both paths' outputs are compared once before timing.
+fixed cost per site). The paths' outputs are compared once before timing.
 
 The old path needs the pre-pool ops, importable as `oldops.torch_ops` from --old (a directory):
     mkdir -p /tmp/oldops/oldops && touch /tmp/oldops/oldops/__init__.py
@@ -27,6 +28,7 @@ import time
 
 import torch
 
+from worker.kernels.cpu_native import NativeCpuLoraOps, load_native
 from worker.kernels.pool_args import PoolPart, StepRows
 from worker.kernels.torch_ops import TorchLoraOps
 from worker.lora.pages import page_elems_for
@@ -67,12 +69,14 @@ def make_adapters(ranks: list[int], g: torch.Generator) -> list[dict]:
     ]
 
 
-def pool_step(adapters, lengths):
-    """The pool path's step: a closure making the 120 lora_site calls, and its outputs."""
-    ops, widths = TorchLoraOps(), (H, 192, 1536)
+def pool_step(adapters, lengths, ops=None):
+    """The pool path's step with `ops` (TorchLoraOps by default): a closure making the 120 lora_site
+    calls, and its outputs."""
+    ops, widths = ops or TorchLoraOps(), (H, 192, 1536)
     page = page_elems_for(widths)
     need = sum(f.a.numel() + f.b_t.numel() for ad in adapters for f in ad.values())
-    pool = AdapterPool(need // page + 8 * len(adapters) + 64, page, widths, torch.float32, "cpu")
+    dtype = ops.pool_dtype(torch.bfloat16)
+    pool = AdapterPool(need // page + 8 * len(adapters) + 64, page, widths, dtype, "cpu")
     placed = [pool.place(ad) for ad in adapters]
     keys = [(layer, m) for layer in range(LAYERS) for site in SITES for m in site]
     tables = StepTables.build(placed, keys, torch.device("cpu"))
@@ -180,7 +184,11 @@ def main() -> None:
     clock = "CPU time" if args.cpu_time else "wall time"
     threads = torch.get_num_threads()
     print(f"torch {torch.__version__}, {threads} threads; ms per step of {LAYERS} x 4 sites ({clock})")
-    print(f"{'case':<14}{'stacked':>10}{'pool':>10}{'pool/stacked':>14}{'pool cache MiB':>16}")
+    native = load_native()
+    print(
+        f"{'case':<14}{'stacked':>10}{'pool':>10}{'pool/stacked':>14}{'pool cache MiB':>16}"
+        f"{'native':>10}{'native/pool':>13}"
+    )
     for name in args.case or list(CASES)[:3]:
         lengths, ranks = CASES[name]
         # The runner lays rows out by TorchLoraOps.row_order: adapters of one rank are neighbours.
@@ -190,15 +198,28 @@ def main() -> None:
         step, outs, ops = pool_step(adapters, lengths)
         step()
         steps = [step]
+        if native is not None:
+            native_step, native_outs, _ = pool_step(adapters, lengths, NativeCpuLoraOps(native))
+            native_step()
+            err = max(
+                (a.float() - b.float()).abs().max().item() for a, b in zip(outs, native_outs, strict=True)
+            )
+            assert err < 0.1, f"{name}: the native kernel and the torch path disagree by {err}"
+            steps.append(native_step)
         if old_cls is not None:
             old_step, old_outs = stacked_step(old_cls, adapters, lengths)
             old_step()
             err = max((a.float() - b.float()).abs().max().item() for a, b in zip(outs, old_outs, strict=True))
             assert err < 0.1, f"{name}: the paths disagree by {err}"
             steps.append(old_step)
-        pool_ms, old_ms = [*ms_per_step(steps, args.repeat, timer), float("nan")][:2]
+        times = ms_per_step(steps, args.repeat, timer)
+        pool_ms, native_ms = times[0], times[1] if native is not None else float("nan")
+        old_ms = times[-1] if old_cls is not None else float("nan")
         cache_mib = ops.cache.nbytes / 2**20
-        print(f"{name:<14}{old_ms:>10.2f}{pool_ms:>10.2f}{pool_ms / old_ms:>14.2f}{cache_mib:>16.0f}")
+        print(
+            f"{name:<14}{old_ms:>10.2f}{pool_ms:>10.2f}{pool_ms / old_ms:>14.2f}{cache_mib:>16.0f}"
+            f"{native_ms:>10.2f}{native_ms / pool_ms:>13.2f}"
+        )
         del step, steps, outs, ops, adapters
         gc.collect()
 

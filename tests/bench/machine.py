@@ -129,11 +129,15 @@ def lora_widths(model_dir: Path) -> tuple[int, ...]:
 
 def pool_dtype(device: str, model_dtype: torch.dtype) -> torch.dtype:
     """The adapter pool's dtype for a model served in `model_dtype` on `device`, by the LoRA ops' own
-    rule (called on the class: building the CUDA ops here would compile their kernels in this process)."""
+    rule (called on the class: building the CUDA ops here would compile their kernels in this process).
+    On the CPU, the native kernel's where it builds (as a server with NATIVE_CPU_KERNELS on finds)."""
     if device == "cuda":
         from worker.kernels.cuda import CudaLoraOps as Ops
     else:
-        from worker.kernels.torch_ops import TorchLoraOps as Ops
+        from worker.kernels.cpu_native import NativeCpuLoraOps, load_native
+        from worker.kernels.torch_ops import TorchLoraOps
+
+        Ops = NativeCpuLoraOps if load_native() is not None else TorchLoraOps
     return Ops.pool_dtype(None, model_dtype)  # type: ignore[arg-type]  # self is unused
 
 

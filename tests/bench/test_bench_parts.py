@@ -209,7 +209,11 @@ def test_adapter_memory_holds_adapters_in_the_pools_pages(tiny_model_dir, tiny_a
 
     names = ["r4_qv", "r8_all"]
     widths = machine.lora_widths(tiny_model_dir)
-    assert machine.pool_dtype("cpu", torch.bfloat16) == torch.float32
+    from worker.kernels import select_lora_ops
+
+    assert machine.pool_dtype("cpu", torch.bfloat16) == select_lora_ops(torch.device("cpu")).pool_dtype(
+        torch.bfloat16
+    )
     rows = sum((machine.lora_rows(tiny_adapters[n]) for n in names), Counter())
     assert set(rows) <= set(widths)
     size = machine.adapter_memory_for(tiny_model_dir, rows, torch.float32)

@@ -218,7 +218,7 @@ def test_empty_and_no_parts_change_nothing():
 
 
 def test_protocol_and_selection():
-    ops = select_lora_ops(torch.device("cpu"))
+    ops = select_lora_ops(torch.device("cpu"), native_cpu=False)  # the native path: test_lora_cpu_native
     assert isinstance(ops, TorchLoraOps)
     assert ops.decode_uses_segments is True
     for dtype in DTYPES:

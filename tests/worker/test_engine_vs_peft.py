@@ -19,7 +19,11 @@ from tests.worker.engine_scenario import (
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
 
 
-def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch):
+@pytest.mark.parametrize("native_cpu", [True, False], ids=["native", "torch"])
+def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch, native_cpu):
+    """Both CPU LoRA paths: the native kernel (where it builds) and the torch path."""
+    from worker import kernels
+    from worker.kernels.cpu_native import NativeCpuLoraOps, load_native
     from worker.kernels.torch_grouped import GroupedLora
 
     grouped_calls = []
@@ -27,7 +31,13 @@ def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch):
     monkeypatch.setattr(
         GroupedLora, "apply", lambda self, *a, **k: grouped_calls.append(1) or grouped_apply(self, *a, **k)
     )
+    select = kernels.select_lora_ops
+    monkeypatch.setattr(
+        "worker.runner.select_lora_ops", lambda device, _native, cache: select(device, native_cpu, cache)
+    )
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
+    native = native_cpu and load_native() is not None
+    assert isinstance(runner.lora_ops, NativeCpuLoraOps) == native
     assert [p.module for p in runner.model.layers[0].self_attn.qkv_proj.lora_site.parts] == [
         "q_proj",
         "k_proj",
@@ -36,7 +46,8 @@ def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch):
     prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     records = run_scenario(runner, slots, prompts)
     assert all(len(r.tokens) >= 3 for r in records.values())
-    assert grouped_calls, "decode steps of this mix must take the CPU's grouped (batched-matmul) LoRA path"
+    if not native:
+        assert grouped_calls, "decode steps of this mix must take the torch path's grouped (bmm) LoRA path"
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
 
 

@@ -8,6 +8,7 @@ Every implementation has the semantics of `reference.lora_site_ref` (the spec; a
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Protocol
 
 import torch
@@ -44,12 +45,22 @@ class LoraOps(Protocol):
         ...
 
 
-def select_lora_ops(device: torch.device) -> LoraOps:
-    """The fast implementation for `device`: CUDA kernels on a GPU, grouped torch matmuls on the CPU."""
+def select_lora_ops(
+    device: torch.device, native_cpu: bool = True, build_cache: Path | None = None
+) -> LoraOps:
+    """The fast implementation for `device`: CUDA kernels on a GPU; on the CPU the native kernel
+    (`cpu_native.py`, built on first use into `build_cache`, default ~/.cache/multilora/cpu_kernels)
+    unless `native_cpu` is False or it cannot be built here (logged once), else grouped torch matmuls."""
     if device.type == "cuda":
         from worker.kernels.cuda import CudaLoraOps
 
         return CudaLoraOps(device)
+    if native_cpu:
+        from worker.kernels.cpu_native import NativeCpuLoraOps, load_native
+
+        module = load_native(cache_root=build_cache)
+        if module is not None:
+            return NativeCpuLoraOps(module)
     from worker.kernels.torch_ops import TorchLoraOps
 
     return TorchLoraOps()
