@@ -51,13 +51,22 @@ def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch, nat
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
 
 
-def test_join_step_equals_peft(tiny_model_dir, tiny_adapters):
+@pytest.mark.parametrize("native_cpu", [True, False], ids=["native", "torch"])
+def test_join_step_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch, native_cpu):
     """Newcomers prefilled in the same forward as the running batch's decode (prompt rows, then decode
-    rows; LoRA applied to each kind apart) give the distributions of transformers + peft."""
+    rows; LoRA applied to both kinds in one call per site by the native kernel, to each kind apart by the
+    torch path) give the distributions of transformers + peft."""
+    from worker import kernels
+    from worker.kernels.cpu_native import load_native
     from worker.lora.batch import SplitLoraBatch
     from worker.models.llama import LlamaForCausalLM
 
+    select = kernels.select_lora_ops
+    monkeypatch.setattr(
+        "worker.runner.select_lora_ops", lambda device, _native, cache: select(device, native_cpu, cache)
+    )
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
+    one_call = native_cpu and load_native() is not None
     kinds = []
     forward = LlamaForCausalLM.forward
     runner.model.forward = lambda ids, batch, kv: (
@@ -65,7 +74,8 @@ def test_join_step_equals_peft(tiny_model_dir, tiny_adapters):
     )
     prompts = scenario_prompts(runner.hf_config.vocab_size, TINY_MIX, TINY_LENGTHS)
     records = run_scenario(runner, slots, prompts, join_step=True)
-    assert SplitLoraBatch in kinds, "the join step must run prompt and decode rows in one forward"
+    # One forward for both kinds of rows either way (the records below show the newcomers joined).
+    assert (SplitLoraBatch in kinds) != one_call
     assert [len(records[rid].tokens) for rid in (len(TINY_MIX) - 2, len(TINY_MIX) - 1)] == [3, 3]
     assert_matches_reference(records, load_peft_model(tiny_model_dir, tiny_adapters), atol=1e-4)
 

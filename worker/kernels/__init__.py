@@ -21,6 +21,9 @@ class LoraOps(Protocol):
 
     # True when decode rows should be grouped by adapter into segments (StepRows.use_segments).
     decode_uses_segments: bool
+    # True when one call takes a join step's prompt and decode rows together, in any order (else the
+    # runner applies them as two batches, prompt rows in segments).
+    mixes_prompt_and_decode: bool
 
     def pool_dtype(self, model_dtype: torch.dtype) -> torch.dtype:
         """dtype of the adapter pool for a model running in `model_dtype`."""

@@ -104,6 +104,7 @@ class NativeCpuLoraOps:
 
     # The kernel groups rows by adapter itself: decode rows need not form segments.
     decode_uses_segments = False
+    mixes_prompt_and_decode = True  # rows of any kind, in any order: one call per site for a join step
 
     def __init__(self, module: ModuleType):
         self._site = module.lora_site

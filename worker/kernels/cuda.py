@@ -105,6 +105,7 @@ class CudaLoraOps:
 
     # bgmv handles any adapter order at full speed, so decode rows need no grouping into segments.
     decode_uses_segments = False
+    mixes_prompt_and_decode = False  # prompt rows take the sgmv kernels, decode rows bgmv
 
     # sgmv batches average at least this many rows per segment to take the tensor-core kernels (each
     # (row tile, segment) pair re-reads the adapter's weights; shorter segments go to the generic kernels).

@@ -71,6 +71,7 @@ class TorchLoraOps:
 
     # row_order groups decode rows by adapter, so the CPU path gets contiguous segments.
     decode_uses_segments = True
+    mixes_prompt_and_decode = False  # prompt rows take segment matmuls, decode rows the grouped bmm
 
     def __init__(self, cache_bytes: int = 1 << 30):
         self.cache = CopyCache(cache_bytes)  # the weight copies of both paths, one byte budget
