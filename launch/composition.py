@@ -69,6 +69,8 @@ def compose(
         adapter_memory_bytes=adapter_memory,
         adapter_host_memory_bytes=adapter_host_memory,
         adapter_load_nice=settings.adapter_load_nice(),
+        native_cpu_kernels=settings.native_cpu_kernels,
+        kernel_cache_dir=str(settings.multilora_cache.expanduser() / "cpu_kernels"),
         world_size=settings.num_shard,
         master_addr=settings.master_addr,
         master_port=settings.master_port,
@@ -111,6 +113,9 @@ def compose(
             waiting_served_ratio=settings.waiting_served_ratio,
             max_waiting_tokens=settings.max_waiting_tokens,
             shutdown_timeout_s=settings.graceful_termination_timeout,
+            step_timeout_floor_s=settings.step_timeout_floor,
+            step_timeout_factor=settings.step_timeout_factor,
+            launcher_pid=os.getpid(),
         )
     except (ValueError, ValidationError) as exc:
         raise SettingsError(f"invalid configuration: {exc}") from None

@@ -122,12 +122,22 @@ class Settings(BaseSettings):
         "requests but wait while the CPU is saturated; a nice value 0-19 gives loads a share of a busy core "
         "(10: about a tenth) at that cost to the steps.",
     )
+    native_cpu_kernels: bool = Field(
+        True,
+        description="On the CPU, apply LoRA with the C++ kernel (csrc/lora_cpu.cpp, compiled on first use "
+        "into MULTILORA_CACHE/cpu_kernels for this CPU); false, or no compiler: the torch path.",
+    )
     max_input_tokens: int | None = Field(None, ge=1, description="auto: from the model and KV cache.")
     max_total_tokens: int | None = Field(None, ge=2, description="Prompt + generated tokens per request.")
     max_batch_prefill_tokens: int = Field(
         _router_default("max_batch_prefill_tokens"), ge=1, description="Prompt tokens per prefill step."
     )
-    max_batch_total_tokens: int | None = Field(None, ge=1, description="auto: what the KV cache holds.")
+    max_batch_total_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="KV tokens the running batch may hold, in whole blocks; a sequence growing past it "
+        "preempts the newest admitted (auto: what the KV cache holds).",
+    )
     max_batch_size: int | None = Field(None, ge=1, description="auto: no limit but the token budgets.")
     api_key: str = Field(
         "", description="When set, generation requests need `Authorization: Bearer <API_KEY>`. Empty: open."
@@ -183,6 +193,19 @@ class Settings(BaseSettings):
         _router_default("max_waiting_tokens"),
         ge=0,
         description="Decode steps after which waiting requests join anyway.",
+    )
+    step_timeout_floor: float = Field(
+        _router_default("step_timeout_floor_s"),
+        gt=0,
+        description=(
+            "Seconds a step may always take before its worker ranks are taken as hung (its requests get "
+            "424, /health 503, the launcher exits 1); alone until a step is measured: holds a first forward."
+        ),
+    )
+    step_timeout_factor: float = Field(
+        _router_default("step_timeout_factor"),
+        ge=1,
+        description="A step's deadline above the floor: this x its tokens x the slowest recent time/token.",
     )
     kv_cache_memory: ByteSize | None = Field(
         None, gt=0, description="KV cache per rank, bytes or e.g. `1GiB` (auto: 1GiB on CPU, 8GiB on CUDA)."

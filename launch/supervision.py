@@ -1,6 +1,8 @@
 """Process supervision: children in their own process groups with their output forwarded, shutdown
 signals, readiness, and the ordered stop (the router's graceful window first, then the workers; after a
-death, everything briefly). `supervise` returns the launcher's exit code.
+death, everything briefly). A rank that hangs instead of dying is found by the router (a step past its
+deadline), which reports it with HUNG_RANK_SIGNAL: it is then stopped as a dead one would be. `supervise`
+returns the launcher's exit code.
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from router.config import HUNG_RANK_SIGNAL
 
 logger = logging.getLogger("launcher")
 
@@ -126,6 +130,10 @@ class ShutdownRequested(Exception):
     pass
 
 
+class RankHung(Exception):
+    """The router reported a worker rank hung (it names the rank in its log)."""
+
+
 class Supervisor:
     """Starts children, watches them and the shutdown signals, and stops them in order."""
 
@@ -134,6 +142,7 @@ class Supervisor:
         self.children: list[Child] = []
         self.stop_requested = threading.Event()
         self.force = threading.Event()
+        self.rank_hung = threading.Event()
         self._first_signal_at: float | None = None
 
     def on_signal(self, signum: int, _frame: object) -> None:
@@ -149,6 +158,9 @@ class Supervisor:
             self.force.set()
             logger.warning("%s again: killing everything now", signal.Signals(signum).name)
 
+    def on_rank_hung(self, _signum: int, _frame: object) -> None:
+        self.rank_hung.set()
+
     def start(self, name: str, argv: list[str], stdin: bytes | None = None) -> Child:
         child = Child(name, argv, stdin)
         self.children.append(child)
@@ -158,11 +170,13 @@ class Supervisor:
         return next((c for c in self.children if c.poll() is not None), None)
 
     def wait_until(self, ready: Callable[[], bool], what: str, log_every_s: float = 10.0) -> Child | None:
-        """Block until `ready()`; return a child that died meanwhile, or raise ShutdownRequested."""
+        """Block until `ready()`; return a child that died meanwhile; raise ShutdownRequested, RankHung."""
         last_log = time.monotonic()
         while True:
             if self.stop_requested.is_set():
                 raise ShutdownRequested
+            if self.rank_hung.is_set():
+                raise RankHung
             dead = self.first_dead()
             if dead is not None:
                 return dead
@@ -235,6 +249,7 @@ def supervise(
     signal or a death; return the exit code."""
     sup = Supervisor(graceful_timeout_s)
     previous = {s: signal.signal(s, sup.on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous[HUNG_RANK_SIGNAL] = signal.signal(HUNG_RANK_SIGNAL, sup.on_rank_hung)
     ranks = list(range(len(worker_argvs)) if worker_ranks is None else worker_ranks)
     try:
         return _run(
@@ -276,6 +291,8 @@ def _run(
         dead = sup.wait_until(lambda: False, "router", log_every_s=math.inf)
     except ShutdownRequested:
         return 0 if sup.stop_all(failed=False) else 1
+    except RankHung:
+        return _fail_hung(sup)
     assert dead is not None
     if dead is router and dead.poll() == 0:
         logger.info("the router exited; stopping the workers")
@@ -291,4 +308,13 @@ def _fail(sup: Supervisor, dead: Child) -> int:
     logger.error("stopping the other processes")
     sup.stop_all(failed=True)
     logger.error("multilora stopped: %s", dead.describe_exit())
+    return 1
+
+
+def _fail_hung(sup: Supervisor) -> int:
+    """As `_fail`, for a rank that hangs: it will not exit by itself, so all are stopped (and killed)."""
+    logger.error("the router reports a hung worker rank (a step passed its deadline; its log names the rank)")
+    logger.error("stopping every process")
+    sup.stop_all(failed=True)
+    logger.error("multilora stopped: a worker rank hung")
     return 1

@@ -4,13 +4,17 @@ Startup (a cleanup context, so `web.run_app` finishes it before it listens): wai
 to answer Health, read Info, forget stale sequences (ClearCache), derive the limits, load the tokenizer
 and the LORA_ADAPTERS, and start the scheduler task. Cleanup stops the scheduler, fails whatever is still
 in flight, stops the adapter loads in progress, and closes the worker channels it opened.
+A step that misses its deadline (router/step_deadline.py) leaves the client failing every call, and the
+router reports the hung rank to the launcher (`launcher_pid`) with HUNG_RANK_SIGNAL.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
+import os
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -22,8 +26,8 @@ from router.adapter_resolver import AdapterResolver
 from router.adapters import AdapterMemory
 from router.auth import auth_middleware
 from router.block_manager import BlockManager
-from router.client import ShardedClient
-from router.config import RouterConfig
+from router.client import RankHungError, ShardedClient
+from router.config import HUNG_RANK_SIGNAL, RouterConfig
 from router.grpc_service import grpc_drain, grpc_serving
 from router.limits import ConfigError, Limits
 from router.metrics import Metrics
@@ -31,6 +35,7 @@ from router.middleware import error_middleware
 from router.routes import setup_routes
 from router.scheduler import Scheduler
 from router.state import CONFIG, STATE, ConcurrencyLimit, State
+from router.step_deadline import StepDeadline
 from router.tokenizer import ModelTokenizer
 from router.validation import Validator
 
@@ -57,7 +62,13 @@ def create_app(config: RouterConfig, client: ShardedClient | None = None) -> web
 def _serving(given: ShardedClient | None) -> Callable[[web.Application], AsyncIterator[None]]:
     async def serving(app: web.Application) -> AsyncIterator[None]:
         config = app[CONFIG]
-        client = given or ShardedClient(config.worker_uds, config.worker_tcp, config.worker_token)
+        client = given or ShardedClient(
+            config.worker_uds,
+            config.worker_tcp,
+            config.worker_token,
+            deadline=StepDeadline(config.step_timeout_floor_s, config.step_timeout_factor),
+            on_hung=functools.partial(_report_hung, config.launcher_pid),
+        )
         try:
             state = await start(config, client)
             app[STATE] = state
@@ -132,6 +143,16 @@ async def start(config: RouterConfig, client: ShardedClient) -> State:
         concurrency=ConcurrencyLimit(limits.max_concurrent_requests),
         metrics=metrics,
     )
+
+
+def _report_hung(launcher_pid: int | None, error: RankHungError) -> None:
+    """Tell the launcher, which stops every process as when a rank dies; meanwhile every call fails at
+    once (424, /health 503). Only while it is still our parent: a pid can be reused."""
+    if launcher_pid is None or os.getppid() != launcher_pid:
+        log.error("no launcher to report to (%s): restart the workers and the router", error)
+        return
+    log.error("reporting to the launcher (pid %d): %s", launcher_pid, error)
+    os.kill(launcher_pid, HUNG_RANK_SIGNAL)
 
 
 def _scheduler_died(task: asyncio.Task) -> None:

@@ -1,9 +1,10 @@
 """Logical KV blocks: which of the workers' `num_blocks` blocks each sequence owns (plain Python).
 
-Policy: a sequence gets every block it can ever need (prompt + max_new_tokens) when it is admitted, and
-returns them all when it finishes or is cancelled. A running sequence therefore never runs out of cache
-and nothing is ever preempted; the price is that short outputs under a large max_new_tokens hold blocks
-they do not use.
+Policy (the scheduler's, see router/scheduler.py): blocks on demand. A sequence holds blocks for the
+tokens its next step leaves in the cache, rounded up to whole blocks: that rounding is its look-ahead
+(up to `block_size - 1` tokens), so it asks for one more block once every `block_size` steps. When the
+pool runs out the scheduler preempts a sequence, which returns all its blocks; a finished or cancelled
+one returns them too. Nothing here knows about sequences: it hands out and takes back block ids.
 """
 
 from __future__ import annotations
@@ -29,13 +30,24 @@ class BlockManager:
         return self.blocks_for(num_tokens) <= len(self._free)
 
     def allocate(self, num_tokens: int) -> list[int]:
-        n = self.blocks_for(num_tokens)
+        """Fresh blocks for `num_tokens` tokens."""
+        return self._take(self.blocks_for(num_tokens))
+
+    def missing(self, blocks: list[int], num_tokens: int) -> int:
+        """How many more blocks `blocks` needs to hold `num_tokens` tokens."""
+        return max(self.blocks_for(num_tokens) - len(blocks), 0)
+
+    def grow(self, blocks: list[int], num_tokens: int) -> None:
+        """Append to `blocks` (a sequence's table, in place) until it holds `num_tokens` tokens."""
+        blocks.extend(self._take(self.missing(blocks, num_tokens)))
+
+    def free(self, blocks: list[int]) -> None:
+        self._free.extend(reversed(blocks))
+        assert len(self._free) <= self.num_blocks, "a block was freed twice"
+
+    def _take(self, n: int) -> list[int]:
         if n > len(self._free):
             raise RuntimeError(f"{n} blocks requested, {len(self._free)} free")
         blocks = self._free[-n:][::-1] if n else []
         del self._free[len(self._free) - n :]
         return blocks
-
-    def free(self, blocks: list[int]) -> None:
-        self._free.extend(reversed(blocks))
-        assert len(self._free) <= self.num_blocks, "a block was freed twice"

@@ -4,6 +4,12 @@ Ranks run each step in lockstep, so a call succeeds only when every rank answers
 rank fails the call at once (the other ranks' calls are cancelled) and is raised as `WorkerError`
 naming the rank, so a broken rank never leaves a request waiting on the others.
 
+A rank that hangs answers nothing, so every Prefill and Decode has a deadline (router/step_deadline.py,
+measured from the steps' own forward times). A step that misses it raises `RankHungError`, and the client
+takes its ranks as hung for good: the rank may still finish the step, or never, and either way the ranks
+are out of step with what the router believes. Every later call (Health included, so /health answers
+503) fails at once with `RankHungError`, and `on_hung` is told once (the router tells the launcher).
+
 The ranks on this node are reached over unix sockets; in a multi-node group, those of the other nodes over
 TCP, with the group's token on every call as `authorization: Bearer <token>` metadata (worker/auth.py).
 """
@@ -20,6 +26,7 @@ import grpc
 
 from proto import generate_pb2 as pb
 from proto.generate_pb2_grpc import TextGenerationServiceStub
+from router.step_deadline import StepDeadline
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +52,21 @@ class WorkerError(Exception):
         self.code = code
 
 
+class RankHungError(WorkerError):
+    """A step got no answer within its deadline: the rank named (or one it waits on in a collective) hangs."""
+
+
 class ShardedClient:
-    def __init__(self, uds_paths: Sequence[str], tcp_addresses: Sequence[str] = (), token: str | None = None):
-        """Ranks 0..len(uds_paths)-1 on unix sockets, then the ranks at `tcp_addresses` (`host:port`)."""
+    def __init__(
+        self,
+        uds_paths: Sequence[str],
+        tcp_addresses: Sequence[str] = (),
+        token: str | None = None,
+        deadline: StepDeadline | None = None,
+        on_hung: Callable[[RankHungError], None] | None = None,
+    ):
+        """Ranks 0..len(uds_paths)-1 on unix sockets, then the ranks at `tcp_addresses` (`host:port`).
+        Steps get no deadline without `deadline` (tests with fake workers)."""
         if not uds_paths and not tcp_addresses:
             raise ValueError("at least one worker rank is needed")
         self.uds_paths = list(uds_paths)
@@ -55,6 +74,9 @@ class ShardedClient:
         self._channels = [grpc.aio.insecure_channel(t, options=_CHANNEL_OPTIONS) for t in self.targets]
         self._stubs = [TextGenerationServiceStub(ch) for ch in self._channels]
         self._metadata = (("authorization", f"Bearer {token}"),) if token else None
+        self.deadline = deadline
+        self.on_hung = on_hung
+        self.hung: RankHungError | None = None  # the step that found the ranks hung; None while they answer
 
     @property
     def world_size(self) -> int:
@@ -65,6 +87,7 @@ class ShardedClient:
 
     async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         """Send `request` to every rank; return rank 0's reply, or raise the first rank error."""
+        self._check_not_hung(method)
         calls: list[Callable[..., Awaitable[Any]]] = [getattr(stub, method) for stub in self._stubs]
         tasks = [
             asyncio.ensure_future(call(request, timeout=timeout, metadata=self._metadata)) for call in calls
@@ -85,6 +108,8 @@ class ShardedClient:
         self, method: str, request: Any, ranks: Sequence[int], timeout: float | None
     ) -> list[Any]:
         """Send `request` to `ranks` and wait for all of them: each one's reply or WorkerError."""
+        if self.hung is not None:
+            return [RankHungError(method, rank, self.hung.detail, self.hung.code) for rank in ranks]
 
         async def one(rank: int) -> Any:
             call = getattr(self._stubs[rank], method)
@@ -94,6 +119,31 @@ class ShardedClient:
                 return self._error(method, rank, e)
 
         return list(await asyncio.gather(*(one(rank) for rank in ranks)))
+
+    async def _step(self, method: str, request: Any, num_tokens: int) -> pb.StepResponse:
+        """A Prefill or Decode call within its deadline, whose forward time then refines the deadline."""
+        timeout = None if self.deadline is None else self.deadline.timeout_s(num_tokens)
+        try:
+            reply = await self._call(method, request, timeout=timeout)
+        except WorkerError as e:
+            if timeout is None or isinstance(e, RankHungError) or e.code != grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise  # not this step's deadline (a hang found earlier fails every call at once)
+            raise self._found_hung(e, timeout) from None
+        if self.deadline is not None:
+            self.deadline.observe(num_tokens, reply.forward_ns)
+        return reply
+
+    def _found_hung(self, error: WorkerError, timeout: float) -> RankHungError:
+        detail = f"no answer within the step's {timeout:.1f} s deadline: the rank is taken as hung"
+        self.hung = RankHungError(error.method, error.rank, detail, error.code)
+        log.critical("%s; every call fails from now on, restart the workers", self.hung)
+        if self.on_hung is not None:
+            self.on_hung(self.hung)
+        return self.hung
+
+    def _check_not_hung(self, method: str) -> None:
+        if self.hung is not None:
+            raise RankHungError(method, self.hung.rank, self.hung.detail, self.hung.code)
 
     @staticmethod
     def _error(method: str, rank: int, exc: BaseException) -> WorkerError:
@@ -161,13 +211,18 @@ class ShardedClient:
         return await self._call_each("DropHostCopy", request, range(self.world_size), timeout)
 
     async def prefill(self, sequences: Sequence[pb.NewSequence]) -> pb.StepResponse:
-        return await self._call("Prefill", pb.PrefillRequest(sequences=sequences))
+        num_tokens = sum(len(s.token_ids) for s in sequences)
+        return await self._step("Prefill", pb.PrefillRequest(sequences=sequences), num_tokens)
 
     async def decode(
-        self, request_ids: Sequence[int], joining: Sequence[pb.NewSequence] = ()
+        self,
+        request_ids: Sequence[int],
+        joining: Sequence[pb.NewSequence] = (),
+        grown: Sequence[pb.BlockTable] = (),
     ) -> pb.StepResponse:
-        request = pb.DecodeRequest(request_ids=request_ids, joining=joining)
-        return await self._call("Decode", request)
+        request = pb.DecodeRequest(request_ids=request_ids, joining=joining, grown=grown)
+        num_tokens = len(request_ids) + sum(len(s.token_ids) for s in joining)
+        return await self._step("Decode", request, num_tokens)
 
     async def release(self, request_ids: Sequence[int], timeout: float | None = None) -> None:
         await self._call("Release", pb.ReleaseRequest(request_ids=request_ids), timeout=timeout)

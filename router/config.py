@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 from pydantic import BaseModel, ConfigDict
 
 
@@ -77,6 +79,15 @@ class RouterConfig(BaseModel):
     """Port of the public gRPC API (proto/public.proto) on `hostname`; None (default) serves none, 0 picks
     a free port."""
     worker_connect_timeout_s: float = 600.0
+    step_timeout_floor_s: float = 120.0
+    """STEP_TIMEOUT_FLOOR: the least time a step may take before its ranks are taken as hung (and the
+    whole deadline until a step is measured: it must hold a first forward that compiles kernels)."""
+    step_timeout_factor: float = 10.0
+    """STEP_TIMEOUT_FACTOR: a step's deadline is this times its tokens times the slowest recent forward
+    time per token, if that is more than the floor (router/step_deadline.py)."""
+    launcher_pid: int | None = None
+    """The launcher's pid, set by the launcher: a rank found hung is reported to it with HUNG_RANK_SIGNAL,
+    and it stops everything as for a dead rank (launch/supervision.py)."""
 
     def tenant_keys(self) -> dict[str, str]:
         """Every key the server accepts, by tenant name: API_KEYS, and API_KEY as tenant `default`."""
@@ -88,3 +99,6 @@ class RouterConfig(BaseModel):
 
 DEFAULT_TENANT = "default"
 """The tenant of API_KEY (API_KEYS may not name another tenant so)."""
+
+HUNG_RANK_SIGNAL = signal.SIGUSR1
+"""How the router tells the launcher (`launcher_pid`) that a worker rank missed a step deadline."""

@@ -11,9 +11,10 @@ count - success - failure is the number of requests in flight. Ours, next to TGI
 of KV blocks and adapter slots in use; `multilora_adapter_slots_active` counts the adapter slots that
 queued or running requests refer to, and `multilora_kv_blocks_used` the blocks they hold, so both are 0
 whenever no request is in flight; `multilora_queue_size{adapter}` counts the sequences waiting per
-adapter. The adapter registry's metrics are in router/adapter_metrics.py. Not
-emitted (no counterpart here): speculative `tgi_request_skipped_tokens`, and the shard-side
-`tgi_batch_decode/filter/concat_duration`.
+adapter, and the counter `multilora_preemptions{adapter}` the running sequences that gave back their KV
+blocks when the cache ran out (router/scheduler.py). The adapter registry's metrics are in
+router/adapter_metrics.py. Not emitted (no counterpart here): speculative `tgi_request_skipped_tokens`,
+and the shard-side `tgi_batch_decode/filter/concat_duration`.
 """
 
 from __future__ import annotations
@@ -55,7 +56,7 @@ class Load:
 
     queued: int
     running: int
-    reserved_tokens: int  # prompt + max_new_tokens of the running sequences
+    reserved_tokens: int  # KV tokens the running sequences hold (their blocks x block size)
     blocks_used: int
     active_slots: int  # distinct adapter slots (not the base model's 0) of the queued and running sequences
     queued_by_adapter: dict[str, int] = field(default_factory=dict)  # waiting sequences per adapter id
@@ -136,6 +137,12 @@ class Metrics:
         )
         self.blocks_used = Gauge("multilora_kv_blocks_used", "KV cache blocks in use", registry=r)
         self.blocks_total = Gauge("multilora_kv_blocks_total", "KV cache blocks of the workers", registry=r)
+        self.preemptions = Counter(
+            "multilora_preemptions",
+            "Running sequences preempted when the KV cache ran out (re-queued, recomputed later)",
+            by_adapter,
+            registry=r,
+        )
 
     def watch(self, load: Callable[[], Load], num_blocks: int) -> None:
         """Gauges read at scrape time: the scheduler's `load()`, against the workers' `num_blocks`."""
@@ -175,6 +182,10 @@ class Metrics:
         self.step_success.labels(method).inc()
         self.step_duration.labels(method).observe(seconds)
         self.forward_duration.labels(method).observe(forward_ns / 1e9)
+
+    def preempted(self, adapter: str) -> None:
+        """A running sequence of `adapter` (the model id for the base model) gave back its blocks."""
+        self.preemptions.labels(adapter).inc()
 
     def new_batch(self, size: int, *, joining: bool, waited: bool) -> None:
         """A prefill of `size` sequences; `joining` a running batch after `waited` max_waiting_tokens."""

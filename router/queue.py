@@ -3,20 +3,22 @@
 Waiting sequences are kept per client, (tenant, adapter) (router/fairness.py), each client's in arrival
 order. `next_batch` admits one sequence at a time while budgets allow: first the re-queued ones
 (`push_front`, in order, never charged again), then the head of the client the fairness ledger ranks
-lowest among those whose head fits every budget (`_reserve`: batch size, prompt tokens per prefill,
-reserved tokens of the whole running batch, free KV blocks); each admission charges its prompt at once,
+lowest among those whose head fits every budget (`_reserve`: batch size, tokens per prefill, KV tokens
+the whole running batch may hold, free KV blocks); each admission charges its prompt at once,
 so one batch is shared fairly too. Work-conserving: a client whose head does not fit is passed over,
 but only while the others are less than `overtake_slack` ahead of it, so a large request is admitted as
 soon as it fits and cannot be starved by small ones; within a client nobody is overtaken.
 
 A cap bounds each adapter's waiting sequences (`max_queued_per_adapter`): `check_room` raises a 429
 naming the adapter, so one adapter's backlog cannot fill the whole queue. Admitted sequences get their
-KV blocks here (`_start`); whether a sequence fits is decided in `_reserve` alone, so KV blocks on demand
-changes those two.
+KV blocks here (`_start`): blocks on demand, so only those its prefill writes (the prompt, or for a
+re-queued one the prompt plus what it generated); the scheduler adds blocks as it grows. Whether a
+sequence fits is decided in `_reserve` alone.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from collections import Counter, deque
@@ -35,8 +37,9 @@ class _Budget:
 
     seats: int | None  # None: no batch-size limit
     prefill_tokens: int
-    reserved_tokens: int
+    held_tokens: int  # KV tokens (whole blocks) the running batch may still take
     free_blocks: int
+    prefill_empty: bool = True  # nothing taken yet: a recompute may then exceed prefill_tokens
 
 
 class RequestQueue:
@@ -55,6 +58,7 @@ class RequestQueue:
         self._front: deque[Sequence] = deque()  # re-queued (preempted) sequences, admitted first
         self._waiting: dict[Client, deque[Sequence]] = {}
         self._queued_by_adapter: Counter[str] = Counter()
+        self._admissions = itertools.count(1)
 
     def __len__(self) -> int:
         return len(self._front) + sum(len(q) for q in self._waiting.values())
@@ -110,7 +114,8 @@ class RequestQueue:
         prefill_budget: int,
         token_budget: int,
     ) -> list[Sequence]:
-        """Admit the re-queued, then the fairest fitting heads; none at all if fewer than `min_size` fit."""
+        """Admit the re-queued, then the fairest fitting heads; none at all if fewer than `min_size` fit.
+        `token_budget` is in KV tokens the admitted may hold (whole blocks), see `_reserve`."""
         self._drop_cancelled()
         budget = _Budget(max_size, prefill_budget, token_budget, self._blocks.num_free)
         front = []
@@ -164,26 +169,35 @@ class RequestQueue:
         return picked
 
     def _reserve(self, seq: Sequence, budget: _Budget) -> bool:
-        """The one place that decides whether `seq` fits what the batch may still take (and takes it)."""
+        """The one place that decides whether `seq` fits what the batch may still take (and takes it).
+
+        It takes the blocks its prefill writes, `num_tokens` (no room for max_new_tokens: blocks come
+        on demand). A re-queued recompute may be longer than the prefill budget, since validation bounds
+        only prompts; it then goes alone (until chunked prefill)."""
         blocks = self._blocks.blocks_for(seq.num_tokens)
+        recompute_alone = seq.num_generated > 0 and budget.prefill_empty
         fits = (
             (budget.seats is None or budget.seats >= 1)
-            and seq.prompt_len <= budget.prefill_tokens
-            and seq.num_tokens <= budget.reserved_tokens
+            and (seq.num_tokens <= budget.prefill_tokens or recompute_alone)
+            and blocks * self._blocks.block_size <= budget.held_tokens
             and blocks <= budget.free_blocks
         )
         if fits:
             if budget.seats is not None:
                 budget.seats -= 1
-            budget.prefill_tokens -= seq.prompt_len
-            budget.reserved_tokens -= seq.num_tokens
+            budget.prefill_tokens -= seq.num_tokens
+            budget.held_tokens -= blocks * self._blocks.block_size
             budget.free_blocks -= blocks
+            budget.prefill_empty = False
         return fits
 
     def _start(self, seq: Sequence, now: float) -> None:
         seq.blocks = self._blocks.allocate(seq.num_tokens)
+        seq.blocks_sent = 0
         seq.status = Status.RUNNING
-        seq.admitted_at = now
+        seq.admission = next(self._admissions)
+        if seq.admitted_at is None:
+            seq.admitted_at = now
 
     def _drop_cancelled(self) -> None:
         lines = [self._front, *self._waiting.values()]

@@ -1,15 +1,23 @@
 """The continuous-batching loop: the one task that talks to the workers about sequences.
 
-Policy (TGI v3's loop without prefill chunking, and without preemption):
+Policy (TGI v3's loop without prefill chunking; vLLM's blocks on demand with preemption by recompute):
 
 - Requests wait in a queue that is fair across tenants and adapters (virtual token counters,
   router/fairness.py and router/queue.py): admission takes, one at a time, the head of the client that
   has been served least, among those whose head fits: `max_batch_size` running sequences,
-  `max_batch_prefill_tokens` prompt tokens in this prefill, `max_batch_total_tokens` reserved tokens
-  (prompt + max_new_tokens) over the whole running batch, and free KV blocks. Prompts are charged at
-  admission, generated tokens as `_step` hands them out.
-- A sequence gets all the KV blocks it can ever need when admitted, so decoding never runs out of cache
-  and nothing is ever preempted. Blocks return when it finishes, fails or is cancelled.
+  `max_batch_prefill_tokens` tokens in this prefill, free KV blocks, and `max_batch_total_tokens`: the
+  KV cache (in whole blocks) the running batch may hold, which is what it bounds now; nothing is
+  reserved for max_new_tokens, so a request without one reserves no whole context. Prompts are charged
+  at admission, generated tokens as `_step` hands them out.
+- KV blocks on demand (router/block_manager.py): a sequence holds blocks for the tokens its next step
+  leaves in the cache. Before each decode, `_make_room` gives the running sequences, oldest first, the
+  block their next token needs (sent to the workers in the Decode's `grown`). When the pool (or
+  max_batch_total_tokens) runs out, the newest-admitted running sequence is preempted: the workers
+  Release it, its blocks return, and it is re-queued at the front (`queue.push_front`). Re-admitted, it
+  is recomputed: its prefill is the prompt plus the tokens it already produced, with `num_generated`
+  telling the workers' sampler to resume its seeded generator after that many draws, and the token that
+  prefill samples is its next one. Its client sees a pause; its output is that of an uninterrupted run.
+  Blocks return when it finishes, fails or is cancelled.
 - With nothing running, whatever fits is prefilled at once. While a batch is decoding, newcomers join
   in a join step: one Decode call whose forward runs their whole prompts and everybody else's next token
   together (the running batch does not pause for a separate prefill forward). If that call fails, it is
@@ -112,7 +120,7 @@ class Scheduler:
         return Load(
             queued=len(self.queue),
             running=len(self.running),
-            reserved_tokens=sum(s.num_tokens for s in self.running),
+            reserved_tokens=self._held_blocks() * self.blocks.block_size,
             blocks_used=self.blocks.num_blocks - self.blocks.num_free,
             active_slots=len(slots),
             queued_by_adapter=self.queue.queued_by_adapter(),
@@ -133,6 +141,8 @@ class Scheduler:
     async def _iteration(self) -> None:
         """Release the cancelled, then one prefill and/or decode step, or sleep until a request comes."""
         await self._release([s for s in self.running if s.cancelled])
+        if self.running:
+            await self._make_room()  # before admission, so newcomers cannot take what the batch needs
         if self.running:
             new = self._admit(joining=True)
             if new:
@@ -177,8 +187,61 @@ class Scheduler:
             min_size=min_size,
             max_size=max_size,
             prefill_budget=lim.max_batch_prefill_tokens,
-            token_budget=lim.max_batch_total_tokens - sum(s.num_tokens for s in self.running),
+            token_budget=(self._block_limit() - self._held_blocks()) * self.blocks.block_size,
         )
+
+    def _block_limit(self) -> int:
+        """The blocks the running batch may hold: max_batch_total_tokens in whole blocks (rounded up, so a
+        request of max_total_tokens always fits an empty batch)."""
+        return self.blocks.blocks_for(self.limits.max_batch_total_tokens)
+
+    def _held_blocks(self) -> int:
+        return sum(len(s.blocks) for s in self.running)
+
+    async def _make_room(self) -> None:
+        """Give every running sequence, oldest first, the blocks its next token needs; while they are not
+        there, preempt the newest-admitted running sequence (possibly the one asking)."""
+        victims: list[Sequence] = []
+        for seq in sorted(self.running, key=lambda s: s.admission):
+            if seq in victims:
+                break  # the rest are newer, so preempted too
+            need = self.blocks.missing(seq.blocks, seq.num_tokens)
+            while need > self._room() and seq not in victims:
+                victim = max(self.running, key=lambda s: s.admission)
+                self._take_back(victim)
+                victims.append(victim)
+            if seq not in victims:
+                self.blocks.grow(seq.blocks, seq.num_tokens)
+        if victims:
+            await self._preempt(victims)
+
+    def _room(self) -> int:
+        """Blocks the running batch may still take."""
+        return min(self.blocks.num_free, self._block_limit() - self._held_blocks())
+
+    def _take_back(self, seq: Sequence) -> None:
+        """Preempt `seq` here: its blocks return and it waits at the front of the queue (newest pushed
+        first, so the oldest preempted goes first). The workers are told in `_preempt`."""
+        self.running.remove(seq)
+        self.blocks.free(seq.blocks)
+        seq.blocks = []
+        seq.blocks_sent = 0
+        seq.preemptions += 1
+        self.queue.push_front(seq)
+        self.metrics.preempted(seq.fair_client[1])
+
+    async def _preempt(self, seqs: list[Sequence]) -> None:
+        """The workers forget the preempted `seqs`, whose blocks were already taken back; if they cannot
+        say they did, a recompute would collide with what they still hold, so those requests fail."""
+        log.info("KV cache full: preempted %s (running %d)", [s.id for s in seqs], len(self.running))
+        try:
+            await self.client.release(sorted(s.id for s in seqs), timeout=_RELEASE_TIMEOUT_S)
+        except WorkerError as e:
+            log.warning("Release of preempted %s failed: %s", [s.id for s in seqs], e)
+            for seq in seqs:
+                if self.queue.remove(seq):
+                    seq.fail(GenerationError(f"preemption failed: {e}"))
+                    self._free(seq)
 
     def _fail_unschedulable(self) -> None:
         # Validation bounds every request by limits an empty batch satisfies, so this means a bug; failing
@@ -198,7 +261,7 @@ class Scheduler:
         so the batch does not pause for a prefill step of their own."""
         old = list(self.running)
         self._start(new)
-        call = self.client.decode([s.id for s in old], joining=[s.to_pb() for s in new])
+        call = self.client.decode([s.id for s in old], joining=[s.to_pb() for s in new], grown=_grown(old))
         if await self._step("Decode", new + old, call, fail=False):
             return
         # Redo the step as a prefill and a decode, so that an error fails only the sequences of the call
@@ -223,7 +286,7 @@ class Scheduler:
     async def _decode(self) -> None:
         seqs = list(self.running)
         self._steps_since_prefill += 1
-        await self._step("Decode", seqs, self.client.decode([s.id for s in seqs]))
+        await self._step("Decode", seqs, self.client.decode([s.id for s in seqs], grown=_grown(seqs)))
 
     async def _step(self, method: str, seqs: list[Sequence], call, fail: bool = True) -> bool:
         """Run one step RPC and hand each sequence its token; False if it failed. A failure fails exactly
@@ -241,6 +304,8 @@ class Scheduler:
                 await self._release(seqs)
             return False
         self.metrics.step(method, time.monotonic() - start, forward_ns=reply.forward_ns)
+        for seq in seqs:
+            seq.blocks_sent = len(seq.blocks)  # the workers now hold these tables whole
         by_id = {g.request_id: g for g in reply.generations}
         done = []
         for seq in seqs:
@@ -277,3 +342,9 @@ class Scheduler:
         seq.status = Status.FINISHED
         if seq.lease is not None:
             seq.lease.release()
+
+
+def _grown(seqs: list[Sequence]) -> list[pb.BlockTable]:
+    """The whole tables of the running `seqs` that grew since the workers last saw them."""
+    grown = [s for s in seqs if len(s.blocks) > s.blocks_sent]
+    return [pb.BlockTable(request_id=s.id, block_table=s.blocks) for s in grown]

@@ -12,6 +12,10 @@ Stopping, checked after every token in this order: an EOS token id ("eos_token")
 generated tokens (special tokens' text included, as TGI does), wherever they complete inside a token's
 text. `generated_text` is the text of the non-special tokens; on a stop sequence it ends right after
 the stop sequence (kept, as TGI keeps it), and text a token carried past it is cut.
+
+A preempted sequence (router/scheduler.py) keeps its tokens, text and stop state here: when it is
+admitted again, `to_pb` sends its prompt plus the tokens it already produced as a recompute, and the
+token that prefill samples is simply its next one, so its events never repeat or skip a token.
 """
 
 from __future__ import annotations
@@ -136,8 +140,11 @@ class Sequence:
     status: Status = Status.WAITING
     cancelled: bool = False
     blocks: list[int] = field(default_factory=list)
+    blocks_sent: int = 0  # how many of `blocks` the workers know (the rest go in the next Decode's `grown`)
+    admission: int = 0  # admission order, counting re-admissions: the newest is preempted first
+    preemptions: int = 0
     queued_at: float = field(default_factory=time.monotonic)
-    admitted_at: float | None = None
+    admitted_at: float | None = None  # first admission (a re-admission after preemption keeps it)
     lease: AdapterLease | None = None  # the adapter's, released by the scheduler when it frees the sequence
     fair_client: tuple[str, str] = ("", "")  # (tenant, adapter) whose fairness counters it is charged to
 
@@ -151,22 +158,35 @@ class Sequence:
 
     @property
     def num_tokens(self) -> int:
-        """Tokens reserved in the KV cache and in the batch token budget: prompt + max_new_tokens."""
+        """Tokens in the KV cache once the sequence's next step has run: prompt + tokens generated so far
+        (a decode writes the last one; the prefill of a recompute writes them all)."""
+        return len(self.params.input_ids) + len(self._tokens)
+
+    @property
+    def max_tokens(self) -> int:
+        """The most it can ever hold: prompt + max_new_tokens."""
         return len(self.params.input_ids) + self.params.max_new_tokens
 
     @property
     def prompt_len(self) -> int:
         return len(self.params.input_ids)
 
+    @property
+    def num_generated(self) -> int:
+        return len(self._tokens)
+
     def to_pb(self) -> pb.NewSequence:
+        """Its prefill: the prompt, or after a preemption the prompt plus what it generated (a recompute)."""
+        generated = [t.id for t in self._tokens]
         return pb.NewSequence(
             request_id=self.id,
-            token_ids=self.params.input_ids,
+            token_ids=[*self.params.input_ids, *generated],
             block_table=self.blocks,
             lora_slot=self.params.lora_slot,
             adapter_generation=self.params.adapter_generation,
             parameters=self.params.sampling,
-            prompt_logprobs=self.params.prompt_logprobs,
+            prompt_logprobs=self.params.prompt_logprobs and not generated,  # already sent once
+            num_generated=len(generated),
         )
 
     def on_generation(self, gen: pb.Generation) -> bool:

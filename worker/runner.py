@@ -45,6 +45,7 @@ class PrefillRequest:
     lora_slot: int = 0
     prompt_logprobs: bool = False
     adapter_generation: int = 0  # the load generation expected in lora_slot (0 with slot 0)
+    num_generated: int = 0  # a recompute: the last num_generated token_ids are its own earlier output
 
 
 @dataclass
@@ -182,21 +183,27 @@ class ModelRunner:
         """Run the whole prompt of each new sequence, then sample its first token."""
         return self.step(requests, [])
 
-    def decode(self, request_ids: list[int]) -> list[TokenOutput]:
+    def decode(self, request_ids: list[int], grown: dict[int, list[int]] | None = None) -> list[TokenOutput]:
         """One token for each running sequence."""
-        return self.step([], request_ids)
+        return self.step([], request_ids, grown)
 
     @torch.inference_mode()
-    def step(self, new: list[PrefillRequest], request_ids: list[int]) -> list[TokenOutput]:
+    def step(
+        self, new: list[PrefillRequest], request_ids: list[int], grown: dict[int, list[int]] | None = None
+    ) -> list[TokenOutput]:
         """One forward over the whole prompt of each `new` sequence (sampling its first token) and one
         token of each running sequence in `request_ids`. Outputs: the new sequences' in the order given,
-        then the running ones'.
+        then the running ones'. `grown`: request id -> the whole new block table of a running sequence
+        whose table grew (the router hands out blocks as sequences grow).
 
         With both kinds (a join step), newcomers do not pause the running batch for a forward of their
         own: every linear layer reads its weights once for all rows. Everything is checked before any
         state changes, so a bad request fails the call and leaves every sequence as it was.
         """
-        running = self._check_step(new, request_ids)
+        grown = grown or {}
+        running = self._check_step(new, request_ids, grown)
+        for rid, table in grown.items():
+            self.sequences[rid].block_table = list(table)
         rows = self._order_rows(new, request_ids, running)
         token_ids, batch = self._build_batch(rows)
         logits = self.model(token_ids, batch, self.kv)  # [num logits rows, vocab]
@@ -210,17 +217,24 @@ class ModelRunner:
 
     # ---- step phases ----------------------------------------------------------------------------
 
-    def _check_step(self, new: list[PrefillRequest], request_ids: list[int]) -> list[_Sequence]:
+    def _check_step(
+        self, new: list[PrefillRequest], request_ids: list[int], grown: dict[int, list[int]]
+    ) -> list[_Sequence]:
         """The running sequences of `request_ids`, once every sequence of the step is known to run."""
         for r in new:
             self._check_new(r)
         running = [self._seq(rid) for rid in request_ids]
+        for rid, table in grown.items():
+            old = self._seq(rid).block_table
+            # The cache already written stays where it is: a grown table may only add blocks.
+            if table[: len(old)] != old:
+                raise RequestError(f"request {rid}: its grown block table does not extend its table")
         bs = self.kv.block_size
         for rid, s in zip(request_ids, running, strict=True):
             # The router unloads a slot only once no sequence uses it, and the worker refuses to
             # otherwise; should the slot still have changed, the step fails rather than read other weights.
             self.slots.check_row(rid, s.lora_slot, s.adapter_generation, running=True)
-            if s.num_cached // bs >= len(s.block_table):
+            if s.num_cached // bs >= len(grown.get(rid, s.block_table)):
                 raise RequestError(f"request {rid}: its block table has no room for token {s.num_cached + 1}")
         return running
 
@@ -283,6 +297,8 @@ class ModelRunner:
                 num_cached=len(r.token_ids),
                 last_token=-1,
             )
+            # A recompute: its earlier tokens are counted with the prompt; its generator resumes.
+            self.sequences[r.request_id].sampling.skip_draws(r.num_generated)
         outputs = self._sample(logits, [r.request_id for r in rows.new] + rows.running_ids)
         for out in outputs:
             out.prompt_logprobs = prompt_lps.get(out.request_id)
@@ -341,9 +357,9 @@ class ModelRunner:
         return results
 
     def _lora_batch(self, row_slots: list[int], num_prefill: int) -> LoraBatch | SplitLoraBatch | None:
-        """The step's adapters' tables, built once, and its rows' view of them. Prompt rows always take
-        segments (sgmv); decode rows the ops' choice. A join step's two kinds of rows are applied as two
-        batches, so each keeps the path that suits it."""
+        """The step's adapters' tables, built once, and its rows' view of them. Prompt rows take segments
+        (sgmv) unless the ops take every kind of row in one call; decode rows the ops' choice. A join
+        step's two kinds of rows are then applied as two batches, so each keeps the path that suits it."""
         if self.slots.pool is None or not any(row_slots):
             return None
         active = sorted({s for s in row_slots if s != 0})
@@ -358,6 +374,8 @@ class ModelRunner:
             return LoraBatch(step, rows)
 
         decode_segments = self.lora_ops.decode_uses_segments
+        if self.lora_ops.mixes_prompt_and_decode:
+            return build(row_slots, decode_segments)
         if num_prefill == 0:
             return build(row_slots, decode_segments)
         if num_prefill == len(row_slots):
@@ -375,6 +393,8 @@ class ModelRunner:
             raise RequestError(f"request {r.request_id} is already running")
         if not r.token_ids:
             raise RequestError(f"request {r.request_id} has no input tokens")
+        if not 0 <= r.num_generated < len(r.token_ids):
+            raise RequestError(f"request {r.request_id}: {r.num_generated} generated tokens and no prompt")
         if len(r.block_table) * self.kv.block_size < len(r.token_ids):
             raise RequestError(
                 f"request {r.request_id}: {len(r.block_table)} blocks of {self.kv.block_size} cannot hold "

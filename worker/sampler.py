@@ -110,6 +110,14 @@ class SequenceSamplingState:
         if params.uses_penalties:
             self._pending_ids.append(torch.as_tensor(prompt_token_ids, dtype=torch.int64).reshape(-1).cpu())
 
+    def skip_draws(self, num_steps: int) -> None:
+        """Advance the generator past `num_steps` earlier sampling steps (a sequence recomputed after
+        preemption, whose earlier tokens come with its prompt), so its next draw is the one it would
+        have made uninterrupted. One float64 draw at a time, exactly as `Sampler.__call__` draws."""
+        if self.params.do_sample:
+            for _ in range(num_steps):
+                torch.rand(1, generator=self.generator, dtype=torch.float64)
+
     def append(self, token_id: int | torch.Tensor) -> None:
         """Count one new token of the sequence. `Sampler.__call__` already does this for its choices.
 

@@ -290,10 +290,14 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
         request_ids = list(request.request_ids)
         joining = [self._prefill_request(seq) for seq in request.joining]
         _check_unique([r.request_id for r in joining] + request_ids)
+        grown = {}
+        for table in request.grown:
+            self._check_blocks(table.request_id, table.block_table)
+            grown[table.request_id] = list(table.block_table)
         if not request_ids and not joining:
             return pb.StepResponse()
         start = time.perf_counter_ns()
-        outputs = self.runner.step(joining, request_ids)
+        outputs = self.runner.step(joining, request_ids, grown)
         return _step_response(outputs, time.perf_counter_ns() - start)
 
     # ---- request conversion and checks ----------------------------------------------------------
@@ -308,6 +312,7 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             lora_slot=seq.lora_slot,
             prompt_logprobs=seq.prompt_logprobs,
             adapter_generation=seq.adapter_generation,
+            num_generated=seq.num_generated,
         )
 
     def _check_healthy(self) -> None:

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from launch.supervision import FORCE_AFTER_S
+from router.config import HUNG_RANK_SIGNAL
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -227,6 +228,19 @@ def test_worker_killed_reports_the_signal(tmp_path):
     code, err = run.finish()
     assert code == 1
     assert "worker-1 (pid" in err and "was killed by SIGKILL" in err
+
+
+def test_a_hung_rank_reported_by_the_router_stops_everything(tmp_path):
+    """The router's HUNG_RANK_SIGNAL: the same stop as for a dead rank; the stopped rank gets killed."""
+    run = Run(tmp_path, {}, timeout=1.0)
+    run.wait_for("ready-router")
+    os.kill(int((tmp_path / "ready-worker1").read_text()), signal.SIGSTOP)
+    run.proc.send_signal(HUNG_RANK_SIGNAL)
+    code, err = run.finish()
+    assert code == 1
+    assert "the router reports a hung worker rank" in err and "multilora stopped: a worker rank hung" in err
+    assert "worker-1 did not stop within 1 s: killing it" in err
+    assert {"router term", "worker0 term"} <= set(run.events())
 
 
 def test_router_failing_stops_workers(tmp_path):

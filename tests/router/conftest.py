@@ -125,6 +125,17 @@ class Harness:
         return await self.http.post(path, json={"inputs": inputs, "parameters": parameters})
 
 
+async def _check_blocks_returned(http: TestClient, timeout: float = 0.5) -> None:
+    """After every test: once the scheduler is idle, every KV block is free again (none leaked)."""
+    sched = http.server.app[STATE].scheduler
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(timeout):
+            while sched.running or len(sched.queue) or sched.blocks.num_free != sched.blocks.num_blocks:
+                await asyncio.sleep(0.005)
+    if not sched.running and not len(sched.queue):
+        assert sched.blocks.num_free == sched.blocks.num_blocks, "KV blocks leaked"
+
+
 @pytest.fixture
 async def start_router(tiny_tokenizer_dir, sock_dir, encode, adapter_root, tmp_path):
     """`await start_router(world_size=2, fake={...}, **RouterConfig overrides)` -> Harness.
@@ -162,6 +173,7 @@ async def start_router(tiny_tokenizer_dir, sock_dir, encode, adapter_root, tmp_p
             http = TestClient(TestServer(create_app(config, client=client)))
             await http.start_server()
             stack.push_async_callback(http.close)
+            stack.push_async_callback(_check_blocks_returned, http)
             return Harness(http, fakes, config)
 
         yield start

@@ -5,11 +5,12 @@ request gets is known in advance and depends on the adapter whose weights its sl
 adapter id, else by slot (0: the base model), else `default_script(adapter_id)`. Logprobs are
 -(step + 1) / 10, shifted by the seed when sampling so best_of has something to choose. The fake checks
 what a real worker would (unknown or duplicate ids, block tables too small for the tokens, two live
-sequences sharing a block) and follows the adapter rules of proto/generate.proto: LoadAdapter only into
-an empty slot, with a generation > 0; UnloadAdapter only with the slot's generation and while no running
-sequence uses the slot; a row whose `adapter_generation` is not its slot's fails the step loudly. It
-records every request it receives; `load_delay`, `load_gate` and `failing_adapters` slow, hold or fail
-loads.
+sequences sharing a block, a grown table that does not extend the old one) and follows the adapter
+rules of proto/generate.proto: LoadAdapter only into an empty slot, with a generation > 0;
+UnloadAdapter only with the slot's generation and while no running sequence uses the slot; a row whose
+`adapter_generation` is not its slot's fails the step loudly. A recompute (`num_generated`) goes on
+with its script where it stopped. It records every request it receives; `load_delay`, `load_gate` and
+`failing_adapters` slow, hold or fail loads.
 """
 
 from __future__ import annotations
@@ -231,14 +232,18 @@ class FakeWorker(TextGenerationServiceServicer):
         await self._enter("Decode", request, context)
         await asyncio.sleep(self.step_delay)
         await self._check_new(request.joining, context)
+        grown = {g.request_id: list(g.block_table) for g in request.grown}
+        await self._check_grown(grown, context)
         for rid in request.request_ids:
             seq = self.sequences.get(rid)
             if seq is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid} is not running")
-            if seq.num_cached + 1 > len(seq.block_table) * self.block_size:
+            if seq.num_cached + 1 > len(grown.get(rid, seq.block_table)) * self.block_size:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
             if self.fail_at_token is not None and len(seq.generated) + 1 == self.fail_at_token:
                 await context.abort(grpc.StatusCode.INTERNAL, "injected failure")
+        for rid, table in grown.items():
+            self.sequences[rid].block_table = table
         out = self._start(request.joining) + [self._next(self.sequences[rid]) for rid in request.request_ids]
         if "Decode" in self.drop_next:
             self.drop_next.remove("Decode")
@@ -269,17 +274,29 @@ class FakeWorker(TextGenerationServiceServicer):
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             used |= set(new.block_table)
 
+    async def _check_grown(self, grown: dict[int, list[int]], context) -> None:
+        for rid, table in grown.items():
+            seq = self.sequences.get(rid)
+            others = {b for s in self.sequences.values() if s.request_id != rid for b in s.block_table}
+            if seq is None or table[: len(seq.block_table)] != seq.block_table:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: bad grown table")
+            if others & set(table) or len(set(table)) != len(table):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: grown into used")
+
     def _start(self, sequences) -> list:
         out = []
         for new in sequences:
             adapter_id = self.slots[new.lora_slot][0] if new.lora_slot else None
+            # A recompute (num_generated > 0) goes on with its script where it was preempted.
+            split = len(new.token_ids) - new.num_generated
             seq = FakeSequence(
                 new.request_id,
-                list(new.token_ids),
+                list(new.token_ids[:split]),
                 list(new.block_table),
                 new.lora_slot,
                 adapter_id,
                 new.parameters,
+                generated=list(new.token_ids[split:]),
             )
             self.sequences[new.request_id] = seq
             gen = self._next(seq)

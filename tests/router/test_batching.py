@@ -86,19 +86,18 @@ async def test_a_failed_join_step_is_redone_apart(start_router):
     await h.settle()
 
 
-async def test_queued_requests_wait_for_blocks_then_run(start_router):
-    # 8 blocks of 4 tokens; each request reserves 3 + 20 = 23 tokens = 6 blocks, so only one fits.
+async def test_queued_requests_share_the_blocks_then_all_finish(start_router):
+    # 8 blocks of 4 tokens; each request would need 3 + 20 = 23 tokens = 6 blocks at its longest, but
+    # blocks come on demand: all three start at once, and preemption sorts out the rest (test_preemption).
     h = await start_router(world_size=1, fake={"num_blocks": 8, "block_size": 4})
     h.fakes[0].step_delay = 0.002
     resps = await asyncio.gather(*(h.generate("Hi", max_new_tokens=20, details=True) for _ in range(3)))
     for r in resps:
         body = await r.json()
         assert r.status == 200 and body["details"]["generated_tokens"] == 20
+        assert body["generated_text"] == SCRIPTS[0][:20]
     await h.settle()
-    calls = [(m, r) for m, r in h.fakes[0].calls if m in ("Prefill", "Decode", "Release")]
-    assert all(len(r.request_ids) == 1 for m, r in calls if m == "Decode")  # never two at once
-    order = [m for m, _ in calls if m != "Decode"]
-    assert order == ["Prefill", "Release"] * 3  # each waited for the previous one's blocks
+    assert max(len(r.request_ids) for r in h.fakes[0].requests("Decode")) >= 2
 
 
 async def test_max_batch_size_and_prefill_budget(start_router):

@@ -154,8 +154,8 @@ def test_within_an_adapter_nobody_is_overtaken(make):
     big, small = make("A", prompt=10, new=20), make("A", prompt=2, new=2)
     q.append(big)
     q.append(small)
-    assert q.next_batch(**{**BIG, "token_budget": 29}) == []
-    assert q.next_batch(**{**BIG, "token_budget": 34}) == [big, small]
+    assert q.next_batch(**{**BIG, "prefill_budget": 9}) == []
+    assert q.next_batch(**{**BIG, "prefill_budget": 12}) == [big, small]
 
 
 def test_min_size_not_met_changes_nothing(make):

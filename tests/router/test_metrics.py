@@ -156,7 +156,7 @@ async def test_gauges_follow_the_batch(start_router):
 
     h.fakes[0].step_delay = 0.02
     running = [
-        asyncio.create_task(h.generate("Hi", max_new_tokens=20)),  # 3 + 20 tokens = 6 blocks
+        asyncio.create_task(h.generate("Hi", max_new_tokens=20)),  # at most 3 + 20 tokens = 6 blocks
         asyncio.create_task(h.generate("Hi", max_new_tokens=20, adapter_id="adapter-two")),
         asyncio.create_task(h.generate("Hi", max_new_tokens=20, adapter_id="adapter-two")),
     ]
@@ -165,8 +165,10 @@ async def test_gauges_follow_the_batch(start_router):
             await asyncio.sleep(0.005)
     _, m = await scrape(h)
     assert value(m, "tgi_batch_current_size") == 3
-    assert value(m, "tgi_batch_current_max_tokens") == 3 * 23
-    assert value(m, "multilora_kv_blocks_used") == 3 * 6
+    # Blocks on demand: each holds what it has computed so far (at least one block), not 6 blocks.
+    used = value(m, "multilora_kv_blocks_used")
+    assert 3 <= used < 3 * 6
+    assert value(m, "tgi_batch_current_max_tokens") == used * 4
     assert value(m, "multilora_adapter_slots_active") == 1  # the base model takes no slot
     assert [r.status for r in await asyncio.gather(*running)] == [200] * 3
     await h.settle()

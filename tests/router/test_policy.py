@@ -48,13 +48,14 @@ def test_admission_is_fifo_and_bounded(tokenizer):
     for s in (big, small1, small2):
         q.append(s)
     kw = dict(min_size=0, max_size=None, prefill_budget=100)
-    # The head does not fit the token budget: nobody behind it is admitted either.
-    assert q.next_batch(token_budget=29, **kw) == []
-    assert q.next_batch(token_budget=30, **kw) == [big]
-    assert big.status is Status.RUNNING and len(big.blocks) == 8 and bm.num_free == 2
-    # Each small one reserves 2 + 2 tokens = 1 block: both fit in the 2 blocks left.
+    # Blocks on demand: the head takes its prompt's 3 blocks (12 tokens), nothing for its 20 new tokens.
+    # It does not fit the token budget: nobody behind it is admitted either.
+    assert q.next_batch(token_budget=11, **kw) == []
+    assert q.next_batch(token_budget=12, **kw) == [big]
+    assert big.status is Status.RUNNING and len(big.blocks) == 3 and bm.num_free == 7
+    # Each small one takes its 2 prompt tokens' block.
     assert q.next_batch(token_budget=100, **kw) == [small1, small2]
-    assert bm.num_free == 0 and len(q) == 0
+    assert bm.num_free == 5 and len(q) == 0
 
 
 def test_admission_budgets(tokenizer):

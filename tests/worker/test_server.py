@@ -301,7 +301,7 @@ async def test_internal_failure_marks_rank_unhealthy(worker, monkeypatch, caplog
     await worker.stub.Prefill(pb.PrefillRequest(sequences=[new_sequence(11, [3, 4], [0])]))
     gate, started = threading.Event(), threading.Event()
 
-    def broken_step(new, request_ids):
+    def broken_step(new, request_ids, grown=None):
         started.set()
         assert gate.wait(10)
         raise RuntimeError("device fell over")
