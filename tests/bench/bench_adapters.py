@@ -92,6 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="a tiny run on a tiny model: checks the harness")
     parser.add_argument("--dtype", default=None, help="DTYPE of the servers (default auto)")
     parser.add_argument(
+        "--load-priority", default=None, help="ADAPTER_LOAD_PRIORITY of the servers (default idle)"
+    )
+    parser.add_argument(
         "--model-dir", type=Path, default=None, help="default: SmolLM2 (--quick: a tiny model)"
     )
     parser.add_argument("--scale-adapters", type=int, help="adapters under the scale root (full: 10000)")
@@ -110,6 +113,8 @@ def main(argv: list[str] | None = None) -> int:
             model_dir = tiny_chat_model(_model_dir(None), work / "model")
         model_dir = _model_dir(model_dir)
         env = {"MODEL_ID": str(model_dir), **({"DTYPE": args.dtype} if args.dtype else {})}
+        if args.load_priority is not None:
+            env["ADAPTER_LOAD_PRIORITY"] = args.load_priority
         results = {"machine": _machine(), "plan": asdict(plan), "model_dir": str(model_dir)}
         texts = render_chat(model_dir, load_prompts())
         if "memory" in parts:
