@@ -266,6 +266,7 @@ class AdapterRegistry:
 
     async def _load(self, entry: AdapterEntry) -> None:
         assert entry.path is not None
+        await self._make_known_room(entry)
         while True:
             slot = await self._take_slot(entry)
             generation = next(self._generations)
@@ -328,6 +329,20 @@ class AdapterRegistry:
                 raise AdapterCapacityError(entry.name, self.slots.total)
             changed = self._changed
             await changed.wait()
+
+    async def _make_known_room(self, entry: AdapterEntry) -> None:
+        """An adapter loaded before (its size known) that the pools cannot hold now: evict idle adapters
+        first, so the load is not a refused round trip through the ranks' step queues, then an eviction,
+        then the load again (each waits for a step). An estimate (the pools allocate whole pages):
+        `_make_room` still handles a refusal."""
+        if entry.info is None:
+            return
+        need = entry.info.weight_bytes * self._loader.client.world_size  # the memory is summed over ranks
+        while self.memory.pool_total - self.memory.pool_used < need:
+            victim = self._victim()
+            if victim is None:
+                return
+            await self._evict(victim)
 
     async def _make_room(self, entry: AdapterEntry, reason: str) -> None:
         """The pools had no room for `entry`: evict an idle adapter, else wait for one to become idle

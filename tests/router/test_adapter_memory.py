@@ -32,8 +32,12 @@ async def test_a_full_pool_evicts_what_the_load_needs_and_the_host_tier_keeps_it
     (entry,) = [e for e in h.state.adapters.entries() if e.name == "lora-01"]
     assert entry.residency is None and entry.in_host
 
-    # Back again: lora-02 goes the same way, lora-01 comes from the host tier.
+    # Back again: lora-02 goes the same way, lora-01 comes from the host tier. Its size is known now, so
+    # lora-02 (idle once its request settled) is evicted before lora-01's load is sent: no refused load.
+    await h.settle()
     assert await text(h, "lora-01") == (200, root_text("lora-01"))
+    assert [r.slot for r in loads(h, "lora-01")] == [3, 3]
+    assert [(r.slot, r.keep) for r in _unloads(h)] == [(3, True), (3, True)]
     assert metric(h, "multilora_adapter_hits_total", tier="host") == 1
     assert not entry.in_host and entry.residency is not None
     assert metric(h, "multilora_adapter_bytes_used", tier="device") == 2 * 6000  # summed over 2 ranks
