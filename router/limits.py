@@ -38,8 +38,9 @@ class Limits:
     def resolve(cls, config: RouterConfig, *, num_blocks: int, block_size: int, max_position: int) -> Limits:
         """TGI's derivation: total = min(KV capacity, max_position_embeddings), input = total - 1.
 
-        A derived input limit is also capped by max_batch_prefill_tokens, since a prompt is prefilled in
-        one step (no chunking). Explicit values that contradict each other or the workers raise ConfigError.
+        A prompt longer than max_batch_prefill_tokens is prefilled in chunks (router/scheduler.py), so
+        the input limit is bounded by the model and the KV cache only. Explicit values that contradict
+        each other or the workers raise ConfigError.
         """
         capacity = num_blocks * block_size
         batch_total = config.max_batch_total_tokens or capacity
@@ -55,7 +56,7 @@ class Limits:
                 "max_batch_prefill_tokens %d lowered to max_batch_total_tokens %d", prefill, batch_total
             )
             prefill = batch_total
-        max_input = config.max_input_tokens or min(total - 1, prefill)
+        max_input = config.max_input_tokens or total - 1
         checks = [
             (max_input >= 1, f"max_input_tokens ({max_input}) must be >= 1"),
             (max_input < total, f"max_input_tokens ({max_input}) must be < max_total_tokens ({total})"),
@@ -68,10 +69,7 @@ class Limits:
                 f"max_total_tokens ({total}) exceeds max_batch_total_tokens ({batch_total}): "
                 "a request that long could never be scheduled",
             ),
-            (
-                max_input <= prefill,
-                f"max_batch_prefill_tokens ({prefill}) must be >= max_input_tokens ({max_input})",
-            ),
+            (prefill >= 1, f"max_batch_prefill_tokens ({prefill}) must be >= 1"),
             (config.max_batch_size is None or config.max_batch_size >= 1, "max_batch_size must be >= 1"),
             (config.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1"),
             (config.max_best_of >= 1, "max_best_of must be >= 1"),

@@ -14,6 +14,11 @@ naming the adapter, so one adapter's backlog cannot fill the whole queue. Admitt
 KV blocks here (`_start`): blocks on demand, so only those its prefill writes (the prompt, or for a
 re-queued one the prompt plus what it generated); the scheduler adds blocks as it grows. Whether a
 sequence fits is decided in `_reserve` alone.
+
+Chunked prefill (`chunk_over`, the scheduler's whole per-step prefill budget): a prefill longer than a
+step's whole budget can never fit one, so it is admitted with a first chunk of whatever the step's
+budget has left (and only that chunk's blocks); the scheduler feeds it the rest chunk by chunk. A
+prefill that fits a step's budget is never split: it waits for a step with room for it whole.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class _Budget:
     held_tokens: int  # KV tokens (whole blocks) the running batch may still take
     free_blocks: int
     prefill_empty: bool = True  # nothing taken yet: a recompute may then exceed prefill_tokens
+    chunk_over: int | None = None  # prefills longer than this are admitted in chunks (None: never)
 
 
 class RequestQueue:
@@ -113,11 +119,13 @@ class RequestQueue:
         max_size: int | None,
         prefill_budget: int,
         token_budget: int,
+        chunk_over: int | None = None,
     ) -> list[Sequence]:
         """Admit the re-queued, then the fairest fitting heads; none at all if fewer than `min_size` fit.
-        `token_budget` is in KV tokens the admitted may hold (whole blocks), see `_reserve`."""
+        `token_budget` is in KV tokens the admitted may hold (whole blocks), see `_reserve`; prefills
+        longer than `chunk_over` are admitted with a first chunk (`Sequence.chunk_end`)."""
         self._drop_cancelled()
-        budget = _Budget(max_size, prefill_budget, token_budget, self._blocks.num_free)
+        budget = _Budget(max_size, prefill_budget, token_budget, self._blocks.num_free, chunk_over=chunk_over)
         front = []
         for seq in self._front:
             if not self._reserve(seq, budget):
@@ -171,28 +179,34 @@ class RequestQueue:
     def _reserve(self, seq: Sequence, budget: _Budget) -> bool:
         """The one place that decides whether `seq` fits what the batch may still take (and takes it).
 
-        It takes the blocks its prefill writes, `num_tokens` (no room for max_new_tokens: blocks come
-        on demand). A re-queued recompute may be longer than the prefill budget, since validation bounds
-        only prompts; it then goes alone (until chunked prefill)."""
-        blocks = self._blocks.blocks_for(seq.num_tokens)
-        recompute_alone = seq.num_generated > 0 and budget.prefill_empty
+        It takes the blocks its prefill writes in this step: `num_tokens` (no room for max_new_tokens:
+        blocks come on demand), or with chunking its first chunk's. Without chunking, a re-queued
+        recompute may be longer than the prefill budget, since validation bounds only prompts; it then
+        goes alone."""
+        chunked = budget.chunk_over is not None and seq.num_tokens > budget.chunk_over
+        prefill = min(seq.num_tokens, budget.prefill_tokens) if chunked else seq.num_tokens
+        recompute_alone = not chunked and seq.num_generated > 0 and budget.prefill_empty
+        blocks = self._blocks.blocks_for(prefill)
         fits = (
             (budget.seats is None or budget.seats >= 1)
-            and (seq.num_tokens <= budget.prefill_tokens or recompute_alone)
+            and (0 < prefill <= budget.prefill_tokens or recompute_alone)
             and blocks * self._blocks.block_size <= budget.held_tokens
             and blocks <= budget.free_blocks
         )
         if fits:
             if budget.seats is not None:
                 budget.seats -= 1
-            budget.prefill_tokens -= seq.num_tokens
+            budget.prefill_tokens -= prefill
+            seq.chunk_end = prefill
             budget.held_tokens -= blocks * self._blocks.block_size
             budget.free_blocks -= blocks
             budget.prefill_empty = False
         return fits
 
     def _start(self, seq: Sequence, now: float) -> None:
-        seq.blocks = self._blocks.allocate(seq.num_tokens)
+        seq.blocks = self._blocks.allocate(seq.chunk_end)
+        seq.prefilled = 0
+        seq.prefilling = True
         seq.blocks_sent = 0
         seq.status = Status.RUNNING
         seq.admission = next(self._admissions)

@@ -1,6 +1,6 @@
 """The continuous-batching loop: the one task that talks to the workers about sequences.
 
-Policy (TGI v3's loop without prefill chunking; vLLM's blocks on demand with preemption by recompute):
+Policy (TGI v3's loop with prefill chunking; vLLM's blocks on demand with preemption by recompute):
 
 - Requests wait in a queue that is fair across tenants and adapters (virtual token counters,
   router/fairness.py and router/queue.py): admission takes, one at a time, the head of the client that
@@ -18,8 +18,16 @@ Policy (TGI v3's loop without prefill chunking; vLLM's blocks on demand with pre
   telling the workers' sampler to resume its seeded generator after that many draws, and the token that
   prefill samples is its next one. Its client sees a pause; its output is that of an uninterrupted run.
   Blocks return when it finishes, fails or is cancelled.
-- With nothing running, whatever fits is prefilled at once. While a batch is decoding, newcomers join
-  in a join step: one Decode call whose forward runs their whole prompts and everybody else's next token
+- Chunked prefill: a prefill (prompt or recompute) longer than `max_batch_prefill_tokens` is admitted
+  with a first chunk of what the step's prefill budget has left (router/queue.py, `chunk_over`), and is
+  "prefilling" until its last chunk: each step, `_make_room` gives the prefilling sequences, oldest
+  first, their next chunk (at most what the budget has left; its blocks, or a smaller chunk while any
+  block is left, else the newest is preempted), newcomers take what remains of the budget, and the
+  chunks go in the step's join (`Sequence.to_pb`: `num_cached`, `more_chunks`) while the running
+  sequences decode. Only the last chunk samples a token; a prefilling sequence does not decode. Cancelled
+  mid-prefill it is released at the next step boundary; preempted, its chunks are recomputed.
+- With nothing decoding, whatever fits is prefilled at once. While a batch is decoding, newcomers join
+  in a join step: one Decode call whose forward runs their prompts (or chunks) and everybody else's next token
   together (the running batch does not pause for a separate prefill forward). If that call fails, it is
   redone as a Prefill and a Decode, so that a bad newcomer fails alone. To avoid slowing a large batch
   for a trickle of arrivals, joining waits until at least `floor(running * waiting_served_ratio)`
@@ -141,18 +149,21 @@ class Scheduler:
     async def _iteration(self) -> None:
         """Release the cancelled, then one prefill and/or decode step, or sleep until a request comes."""
         await self._release([s for s in self.running if s.cancelled])
+        chunk_tokens = 0
         if self.running:
-            await self._make_room()  # before admission, so newcomers cannot take what the batch needs
-        if self.running:
-            new = self._admit(joining=True)
-            if new:
-                await self._join(new)
-            else:
-                await self._decode()
-            return
-        new = self._admit(joining=False)
-        if new:
-            await self._prefill(new)
+            # Before admission, so newcomers cannot take what the batch needs (its next chunks included).
+            chunk_tokens = await self._make_room()
+        decoding = [s for s in self.running if not s.prefilling]
+        chunks = [s for s in self.running if s.prefilling and s.chunk_end > s.prefilled]
+        new = self._admit(
+            joining=bool(self.running), prefill_budget=self.limits.max_batch_prefill_tokens - chunk_tokens
+        )
+        if decoding and (chunks or new):
+            await self._join(decoding, chunks, new)
+        elif decoding:
+            await self._decode()
+        elif chunks or new:
+            await self._prefill(chunks, new)
         elif self.queue:
             self._fail_unschedulable()
         else:
@@ -175,7 +186,7 @@ class Scheduler:
         except TimeoutError:
             log.warning("workers did not answer Release at shutdown")
 
-    def _admit(self, joining: bool) -> list[Sequence]:
+    def _admit(self, joining: bool, prefill_budget: int) -> list[Sequence]:
         lim = self.limits
         min_size = 0
         if joining and self._steps_since_prefill < lim.max_waiting_tokens:
@@ -186,8 +197,9 @@ class Scheduler:
         return self.queue.next_batch(
             min_size=min_size,
             max_size=max_size,
-            prefill_budget=lim.max_batch_prefill_tokens,
+            prefill_budget=prefill_budget,
             token_budget=(self._block_limit() - self._held_blocks()) * self.blocks.block_size,
+            chunk_over=lim.max_batch_prefill_tokens,
         )
 
     def _block_limit(self) -> int:
@@ -198,22 +210,35 @@ class Scheduler:
     def _held_blocks(self) -> int:
         return sum(len(s.blocks) for s in self.running)
 
-    async def _make_room(self) -> None:
-        """Give every running sequence, oldest first, the blocks its next token needs; while they are not
-        there, preempt the newest-admitted running sequence (possibly the one asking)."""
+    async def _make_room(self) -> int:
+        """Give every running sequence, oldest first, the blocks its next token needs, or, if it is
+        prefilling in chunks, its next chunk: as much of the rest of its prefill as the step's prefill
+        budget has left and the blocks allow. While a sequence cannot get even one token's blocks,
+        preempt the newest-admitted running sequence (possibly the one asking). Returns the prefill
+        tokens the continuing chunks take this step."""
         victims: list[Sequence] = []
+        budget = self.limits.max_batch_prefill_tokens
         for seq in sorted(self.running, key=lambda s: s.admission):
             if seq in victims:
                 break  # the rest are newer, so preempted too
-            need = self.blocks.missing(seq.blocks, seq.num_tokens)
-            while need > self._room() and seq not in victims:
+            if seq.prefilling:
+                seq.chunk_end = seq.prefilled + min(seq.num_tokens - seq.prefilled, budget)
+            while seq not in victims:
+                if seq.prefilling:  # a smaller chunk rather than a preemption, while one token fits
+                    fit = (len(seq.blocks) + self._room()) * self.blocks.block_size
+                    if fit > seq.prefilled:
+                        seq.chunk_end = min(seq.chunk_end, fit)
+                target = seq.chunk_end if seq.prefilling else seq.num_tokens
+                if self.blocks.missing(seq.blocks, target) <= self._room():
+                    self.blocks.grow(seq.blocks, target)
+                    budget -= target - seq.prefilled if seq.prefilling else 0
+                    break
                 victim = max(self.running, key=lambda s: s.admission)
                 self._take_back(victim)
                 victims.append(victim)
-            if seq not in victims:
-                self.blocks.grow(seq.blocks, seq.num_tokens)
         if victims:
             await self._preempt(victims)
+        return sum(s.chunk_end - s.prefilled for s in self.running if s.prefilling)
 
     def _room(self) -> int:
         """Blocks the running batch may still take."""
@@ -226,6 +251,7 @@ class Scheduler:
         self.blocks.free(seq.blocks)
         seq.blocks = []
         seq.blocks_sent = 0
+        seq.prefilling, seq.prefilled = False, 0  # a chunked prefill is recomputed from its start
         seq.preemptions += 1
         self.queue.push_front(seq)
         self.metrics.preempted(seq.fair_client[1])
@@ -252,31 +278,35 @@ class Scheduler:
         seq.fail(GenerationError(f"the request needs {seq.num_tokens} tokens of KV cache, which cannot fit"))
         self._free(seq)
 
-    async def _prefill(self, new: list[Sequence]) -> None:
+    async def _prefill(self, chunks: list[Sequence], new: list[Sequence]) -> None:
         self._start(new)
-        await self._prefill_step(new)
+        await self._prefill_step(chunks + new)
 
-    async def _join(self, new: list[Sequence]) -> None:
-        """The newcomers' prefill and the running batch's next token in one Decode call (one forward),
-        so the batch does not pause for a prefill step of their own."""
-        old = list(self.running)
+    async def _join(self, old: list[Sequence], chunks: list[Sequence], new: list[Sequence]) -> None:
+        """The newcomers' prefill (or first chunks), the next chunks of those prefilling in chunks, and
+        the decoding batch `old`'s next token, in one Decode call (one forward), so the batch does not
+        pause for a prefill step of their own."""
         self._start(new)
-        call = self.client.decode([s.id for s in old], joining=[s.to_pb() for s in new], grown=_grown(old))
-        if await self._step("Decode", new + old, call, fail=False):
+        prefills = chunks + new
+        joining = [s.to_pb() for s in prefills]
+        call = self.client.decode([s.id for s in old], joining=joining, grown=_grown(old))
+        if await self._step("Decode", prefills + old, call, fail=False):
             return
         # Redo the step as a prefill and a decode, so that an error fails only the sequences of the call
         # that raised it: one bad newcomer must not fail the running batch. (A worker that is broken
         # fails both calls, and so everybody.)
         log.warning("join step failed; retrying its prefill and decode apart")
-        await self._prefill_step(new)
-        if self.running:
+        await self._prefill_step(prefills)
+        if any(not s.prefilling for s in self.running):
             await self._decode()
 
-    async def _prefill_step(self, new: list[Sequence]) -> None:
-        """The Prefill call of sequences already started (see _start)."""
-        await self._step("Prefill", new, self.client.prefill([s.to_pb() for s in new]))
+    async def _prefill_step(self, prefills: list[Sequence]) -> None:
+        """The Prefill call of sequences already started (see _start): each one's next (or only) chunk."""
+        await self._step("Prefill", prefills, self.client.prefill([s.to_pb() for s in prefills]))
 
     def _start(self, new: list[Sequence]) -> None:
+        if not new:
+            return
         log.debug("prefill %s (running %d)", [s.id for s in new], len(self.running))
         waited = self._steps_since_prefill >= self.limits.max_waiting_tokens
         self.metrics.new_batch(len(new), joining=bool(self.running), waited=waited)
@@ -284,7 +314,7 @@ class Scheduler:
         self._steps_since_prefill = 0
 
     async def _decode(self) -> None:
-        seqs = list(self.running)
+        seqs = [s for s in self.running if not s.prefilling]
         self._steps_since_prefill += 1
         await self._step("Decode", seqs, self.client.decode([s.id for s in seqs], grown=_grown(seqs)))
 
@@ -306,12 +336,17 @@ class Scheduler:
         self.metrics.step(method, time.monotonic() - start, forward_ns=reply.forward_ns)
         for seq in seqs:
             seq.blocks_sent = len(seq.blocks)  # the workers now hold these tables whole
+            if seq.prefilling:  # its chunk is in the workers' cache; only the last one samples
+                seq.prefilled = seq.chunk_end
+                seq.prefilling = seq.chunk_end < seq.num_tokens
         by_id = {g.request_id: g for g in reply.generations}
         done = []
         for seq in seqs:
             gen = by_id.get(seq.id)
             if seq.cancelled:
                 done.append(seq)
+            elif seq.prefilling:
+                continue
             elif gen is None:
                 seq.fail(GenerationError(f"{method} returned no token for request {seq.id}"))
                 done.append(seq)

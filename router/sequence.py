@@ -16,6 +16,10 @@ the stop sequence (kept, as TGI keeps it), and text a token carried past it is c
 A preempted sequence (router/scheduler.py) keeps its tokens, text and stop state here: when it is
 admitted again, `to_pb` sends its prompt plus the tokens it already produced as a recompute, and the
 token that prefill samples is simply its next one, so its events never repeat or skip a token.
+
+A prefill longer than a step's prefill budget is sent in chunks (router/scheduler.py): `prefilled` of
+its tokens are in the workers' cache, the next chunk ends at `chunk_end`, and while `prefilling` it
+gets no token (only the last chunk samples one) and does not decode.
 """
 
 from __future__ import annotations
@@ -143,6 +147,9 @@ class Sequence:
     blocks_sent: int = 0  # how many of `blocks` the workers know (the rest go in the next Decode's `grown`)
     admission: int = 0  # admission order, counting re-admissions: the newest is preempted first
     preemptions: int = 0
+    prefilling: bool = False  # admitted, and its prefill has chunks still to send
+    prefilled: int = 0  # tokens of its prefill (to_pb's token_ids) the workers have cached
+    chunk_end: int = 0  # where its next prefill chunk ends (the whole prefill when unchunked)
     queued_at: float = field(default_factory=time.monotonic)
     admitted_at: float | None = None  # first admission (a re-admission after preemption keeps it)
     lease: AdapterLease | None = None  # the adapter's, released by the scheduler when it frees the sequence
@@ -176,11 +183,15 @@ class Sequence:
         return len(self._tokens)
 
     def to_pb(self) -> pb.NewSequence:
-        """Its prefill: the prompt, or after a preemption the prompt plus what it generated (a recompute)."""
+        """Its prefill's next chunk, [prefilled, chunk_end) of the prompt, or after a preemption of the
+        prompt plus what it generated (a recompute); the whole of it when unchunked."""
         generated = [t.id for t in self._tokens]
+        tokens = [*self.params.input_ids, *generated]
         return pb.NewSequence(
             request_id=self.id,
-            token_ids=[*self.params.input_ids, *generated],
+            token_ids=tokens[self.prefilled : self.chunk_end],
+            num_cached=self.prefilled,
+            more_chunks=self.chunk_end < len(tokens),
             block_table=self.blocks,
             lora_slot=self.params.lora_slot,
             adapter_generation=self.params.adapter_generation,

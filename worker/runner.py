@@ -46,6 +46,10 @@ class PrefillRequest:
     prompt_logprobs: bool = False
     adapter_generation: int = 0  # the load generation expected in lora_slot (0 with slot 0)
     num_generated: int = 0  # a recompute: the last num_generated token_ids are its own earlier output
+    # Chunked prefill: a chunk after the first continues the sequence after its num_cached cached tokens;
+    # every chunk but the last has more_chunks (it samples nothing).
+    num_cached: int = 0
+    more_chunks: bool = False
 
 
 @dataclass
@@ -64,9 +68,19 @@ class _Sequence:
     lora_slot: int
     adapter_generation: int  # of lora_slot at its prefill; checked again on every step
     params: SamplingParams
-    sampling: SequenceSamplingState
+    sampling: SequenceSamplingState | None  # None while its prefill is still coming in chunks
     num_cached: int  # tokens whose K/V are in the cache
     last_token: int  # sampled, not yet in the cache
+    # While prefilling in chunks: the tokens so far (the sampler's state is made from them all at the
+    # last chunk, as from an unchunked prompt), their prompt logprobs, and, with prompt logprobs, the
+    # last chunk row's logits [1, vocab], whose next token comes with the next chunk.
+    prompt_ids: list[int] = field(default_factory=list)
+    prompt_lps: list[float] = field(default_factory=list)
+    pending_logits: torch.Tensor | None = None
+
+    @property
+    def prefilling(self) -> bool:
+        return self.sampling is None
 
 
 @dataclass
@@ -191,10 +205,12 @@ class ModelRunner:
     def step(
         self, new: list[PrefillRequest], request_ids: list[int], grown: dict[int, list[int]] | None = None
     ) -> list[TokenOutput]:
-        """One forward over the whole prompt of each `new` sequence (sampling its first token) and one
+        """One forward over the prompt of each `new` sequence (sampling its first token) and one
         token of each running sequence in `request_ids`. Outputs: the new sequences' in the order given,
-        then the running ones'. `grown`: request id -> the whole new block table of a running sequence
-        whose table grew (the router hands out blocks as sequences grow).
+        then the running ones'. A `new` entry may be one chunk of a chunked prefill (num_cached,
+        more_chunks): every chunk but the last extends the sequence's cache and returns no output.
+        `grown`: request id -> the whole new block table of a running sequence whose table grew (the
+        router hands out blocks as sequences grow).
 
         With both kinds (a join step), newcomers do not pause the running batch for a forward of their
         own: every linear layer reads its weights once for all rows. Everything is checked before any
@@ -234,6 +250,8 @@ class ModelRunner:
             # The router unloads a slot only once no sequence uses it, and the worker refuses to
             # otherwise; should the slot still have changed, the step fails rather than read other weights.
             self.slots.check_row(rid, s.lora_slot, s.adapter_generation, running=True)
+            if s.prefilling:
+                raise RequestError(f"request {rid} cannot decode: its prefill has chunks still to come")
             if s.num_cached // bs >= len(grown.get(rid, s.block_table)):
                 raise RequestError(f"request {rid}: its block table has no room for token {s.num_cached + 1}")
         return running
@@ -257,12 +275,15 @@ class ModelRunner:
         bs = self.kv.block_size
         token_ids, positions, slots, row_slots, logits_rows = [], [], [], [], []
         for r in rows.new:
-            n, start = len(r.token_ids), len(token_ids)
+            n, start, cached = len(r.token_ids), len(token_ids), r.num_cached
             token_ids += r.token_ids
-            positions += range(n)
-            slots += [r.block_table[p // bs] * bs + p % bs for p in range(n)]
+            positions += range(cached, cached + n)
+            slots += [r.block_table[p // bs] * bs + p % bs for p in range(cached, cached + n)]
             row_slots += [r.lora_slot] * n
-            logits_rows += range(start, start + n) if r.prompt_logprobs else [start + n - 1]
+            if r.prompt_logprobs:
+                logits_rows += range(start, start + n)
+            elif not r.more_chunks:  # a chunk that does not end its prompt samples nothing
+                logits_rows.append(start + n - 1)
         num_prefill = len(token_ids)
         for s in rows.running:
             p = s.num_cached
@@ -277,6 +298,8 @@ class ModelRunner:
             positions=self._long(positions),
             slot_mapping=self._long(slots),
             query_lens=[len(r.token_ids) for r in rows.new],
+            prefix_lens=[r.num_cached for r in rows.new],
+            prefix_tables=[self._prefix_table(r) for r in rows.new],
             block_tables=block_tables,
             context_lens=context_lens,
             logits_indices=self._long(logits_rows),
@@ -284,27 +307,65 @@ class ModelRunner:
         )
 
     def _collect(self, rows: _Rows, logits: torch.Tensor) -> list[TokenOutput]:
-        """Sample each sequence's next token from `logits` (the forward's logits rows), start the new
-        sequences and advance the running ones. Outputs in row order."""
-        logits, prompt_lps = self._split_logits(rows.new, logits)
+        """Sample each sequence's next token from `logits` (the forward's logits rows), start or extend
+        the new sequences and advance the running ones. Outputs in row order; none for a chunk that
+        does not end its prompt."""
+        sample_rows, sampled_ids, row = [], [], 0
+        prompt_lps: dict[int, list[float]] = {}
         for r in rows.new:
-            self.sequences[r.request_id] = _Sequence(
-                block_table=list(r.block_table),
-                lora_slot=r.lora_slot,
-                adapter_generation=r.adapter_generation,
-                params=r.params,
-                sampling=SequenceSamplingState(r.params, r.token_ids),
-                num_cached=len(r.token_ids),
-                last_token=-1,
-            )
-            # A recompute: its earlier tokens are counted with the prompt; its generator resumes.
-            self.sequences[r.request_id].sampling.skip_draws(r.num_generated)
-        outputs = self._sample(logits, [r.request_id for r in rows.new] + rows.running_ids)
+            s = self._extend(r)
+            num_rows = len(r.token_ids) if r.prompt_logprobs else int(not r.more_chunks)
+            if r.prompt_logprobs:
+                self._add_prompt_logprobs(s, r, logits[row : row + num_rows])
+            row += num_rows
+            if r.more_chunks:
+                continue
+            s.sampling = SequenceSamplingState(r.params, s.prompt_ids)
+            s.sampling.skip_draws(r.num_generated)  # a recompute: its generator resumes
+            s.prompt_ids = []
+            if r.prompt_logprobs:
+                prompt_lps[r.request_id], s.prompt_lps = s.prompt_lps, []
+            sample_rows.append(row - 1)
+            sampled_ids.append(r.request_id)
+        sample_rows += range(row, logits.shape[0])
+        if len(sample_rows) < logits.shape[0]:  # prompt-logprob rows are not sampled
+            logits = logits[sample_rows]
+        outputs = self._sample(logits, sampled_ids + rows.running_ids) if sample_rows else []
         for out in outputs:
             out.prompt_logprobs = prompt_lps.get(out.request_id)
         for s in rows.running:
             s.num_cached += 1
         return outputs
+
+    def _extend(self, r: PrefillRequest) -> _Sequence:
+        """Start the sequence of a whole prompt or first chunk; extend it with a later chunk."""
+        if r.num_cached:
+            s = self.sequences[r.request_id]
+            s.block_table = list(r.block_table)
+        else:
+            s = _Sequence(
+                block_table=list(r.block_table),
+                lora_slot=r.lora_slot,
+                adapter_generation=r.adapter_generation,
+                params=r.params,
+                sampling=None,
+                num_cached=0,
+                last_token=-1,
+            )
+            self.sequences[r.request_id] = s
+        s.prompt_ids += r.token_ids
+        s.num_cached += len(r.token_ids)
+        return s
+
+    def _add_prompt_logprobs(self, s: _Sequence, r: PrefillRequest, chunk_logits: torch.Tensor) -> None:
+        """Add the logprobs of this chunk's tokens (after the first of the prompt) to `s.prompt_lps`:
+        its rows [len(token_ids), vocab] predict its next tokens, the previous chunk's last row its
+        first one; its own last row waits for the next chunk."""
+        pending = s.pending_logits
+        predicting = chunk_logits if pending is None else torch.cat([pending, chunk_logits])
+        targets = r.token_ids if pending is not None else r.token_ids[1:]
+        s.prompt_lps += prompt_logprobs(predicting[:-1], self._long(targets)).tolist()
+        s.pending_logits = predicting[-1:] if r.more_chunks else None
 
     # ---- helpers --------------------------------------------------------------------------------
 
@@ -316,26 +377,6 @@ class ModelRunner:
         max_blocks = max(len(s.block_table) for s in running)
         padded = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in running]
         return self._long(padded), self._long([s.num_cached + 1 for s in running])
-
-    def _split_logits(
-        self, new: list[PrefillRequest], logits: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[int, list[float]]]:
-        """The logits rows to sample, one per sequence, and the prompt logprobs of the new sequences that
-        asked for them (request id -> logprob of prompt token i + 1 given tokens <= i)."""
-        sample_rows, prompt_lps, row = [], {}, 0
-        for r in new:
-            if r.prompt_logprobs:
-                n = len(r.token_ids)
-                nxt = self._long(r.token_ids[1:])
-                prompt_lps[r.request_id] = prompt_logprobs(logits[row : row + n - 1], nxt).tolist()
-                row += n
-            else:
-                row += 1
-            sample_rows.append(row - 1)
-        sample_rows += range(row, logits.shape[0])
-        if len(sample_rows) < logits.shape[0]:  # prompt-logprob rows are not sampled
-            logits = logits[sample_rows]
-        return logits, prompt_lps
 
     def _sample(self, logits: torch.Tensor, ids: list[int]) -> list[TokenOutput]:
         seqs = [self.sequences[rid] for rid in ids]
@@ -389,21 +430,47 @@ class ModelRunner:
         )
 
     def _check_new(self, r: PrefillRequest) -> None:
-        if r.request_id in self.sequences:
+        if r.num_cached:
+            self._check_chunk(r)
+        elif r.request_id in self.sequences:
             raise RequestError(f"request {r.request_id} is already running")
         if not r.token_ids:
             raise RequestError(f"request {r.request_id} has no input tokens")
-        if not 0 <= r.num_generated < len(r.token_ids):
+        total = r.num_cached + len(r.token_ids)
+        if not r.more_chunks and not 0 <= r.num_generated < total:
             raise RequestError(f"request {r.request_id}: {r.num_generated} generated tokens and no prompt")
-        if len(r.block_table) * self.kv.block_size < len(r.token_ids):
+        if len(r.block_table) * self.kv.block_size < total:
             raise RequestError(
                 f"request {r.request_id}: {len(r.block_table)} blocks of {self.kv.block_size} cannot hold "
-                f"{len(r.token_ids)} tokens"
+                f"{total} tokens"
             )
-        self.slots.check_row(r.request_id, r.lora_slot, r.adapter_generation)
+        self.slots.check_row(r.request_id, r.lora_slot, r.adapter_generation, running=bool(r.num_cached))
         vocab = self.hf_config.vocab_size
         if min(r.token_ids) < 0 or max(r.token_ids) >= vocab:
             raise RequestError(f"request {r.request_id}: token ids must lie in [0, {vocab})")
+
+    def _check_chunk(self, r: PrefillRequest) -> None:
+        """A chunk after the first must continue, in order, a sequence still prefilling in chunks."""
+        s = self.sequences.get(r.request_id)
+        if s is None or not s.prefilling:
+            raise RequestError(f"request {r.request_id}: a continuing chunk for no sequence prefilling")
+        if r.num_cached != s.num_cached:
+            raise RequestError(
+                f"request {r.request_id}: the chunk starts at token {r.num_cached}, {s.num_cached} are cached"
+            )
+        if r.block_table[: len(s.block_table)] != s.block_table:
+            raise RequestError(f"request {r.request_id}: the chunk's block table does not extend its table")
+        if (r.lora_slot, r.adapter_generation) != (s.lora_slot, s.adapter_generation):
+            raise RequestError(f"request {r.request_id}: the chunk's adapter is not its first chunk's")
+
+    def _prefix_table(self, r: PrefillRequest) -> torch.Tensor | None:
+        """[blocks] int64: the blocks holding a continuing chunk's cached tokens and its own."""
+        if not r.num_cached:
+            return None
+        return self._long(r.block_table[: self._blocks_for(r.num_cached + len(r.token_ids))])
+
+    def _blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.kv.block_size)
 
     def _seq(self, rid: int) -> _Sequence:
         try:
@@ -417,4 +484,4 @@ class ModelRunner:
     @staticmethod
     def _in_request_order(outputs: list[TokenOutput], request_ids: list[int]) -> list[TokenOutput]:
         by_id = {o.request_id: o for o in outputs}
-        return [by_id[rid] for rid in request_ids]
+        return [by_id[rid] for rid in request_ids if rid in by_id]

@@ -313,6 +313,8 @@ class WorkerServicer(pb_grpc.TextGenerationServiceServicer):
             prompt_logprobs=seq.prompt_logprobs,
             adapter_generation=seq.adapter_generation,
             num_generated=seq.num_generated,
+            num_cached=seq.num_cached,
+            more_chunks=seq.more_chunks,
         )
 
     def _check_healthy(self) -> None:

@@ -9,8 +9,11 @@ sequences sharing a block, a grown table that does not extend the old one) and f
 rules of proto/generate.proto: LoadAdapter only into an empty slot, with a generation > 0;
 UnloadAdapter only with the slot's generation and while no running sequence uses the slot; a row whose
 `adapter_generation` is not its slot's fails the step loudly. A recompute (`num_generated`) goes on
-with its script where it stopped. It records every request it receives; `load_delay`, `load_gate` and
-`failing_adapters` slow, hold or fail loads.
+with its script where it stopped. A chunked prefill (`num_cached`, `more_chunks`) is checked as the
+real worker checks it: chunks in order, each extending the table, no decode and no token before the
+last one, which starts the script (a recompute's `num_generated` counts over all the chunks). It
+records every request it receives; `load_delay`, `load_gate` and `failing_adapters` slow, hold or fail
+loads.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ class FakeSequence:
     adapter_id: str | None
     params: pb.SamplingParameters
     generated: list[int] = field(default_factory=list)
+    more_chunks: bool = False  # its prefill has chunks still to come: it neither decodes nor samples
 
     @property
     def num_cached(self) -> int:
@@ -238,6 +242,8 @@ class FakeWorker(TextGenerationServiceServicer):
             seq = self.sequences.get(rid)
             if seq is None:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid} is not running")
+            if seq.more_chunks:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid} is still prefilling")
             if seq.num_cached + 1 > len(grown.get(rid, seq.block_table)) * self.block_size:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"request {rid}: out of blocks")
             if self.fail_at_token is not None and len(seq.generated) + 1 == self.fail_at_token:
@@ -254,25 +260,45 @@ class FakeWorker(TextGenerationServiceServicer):
         used = {b for s in self.sequences.values() for b in s.block_table}
         for new in sequences:
             problem = None
-            if new.request_id in self.sequences:
+            old = self.sequences.get(new.request_id)
+            if new.num_cached:
+                problem = self._chunk_problem(new, old)
+                used -= set(old.block_table) if old is not None else set()
+            elif old is not None:
                 problem = f"request {new.request_id} is already running"
-            elif len(new.block_table) * self.block_size < len(new.token_ids):
-                problem = f"request {new.request_id}: block table too small"
-            elif used & set(new.block_table) or len(set(new.block_table)) != len(new.block_table):
-                problem = f"request {new.request_id}: blocks {sorted(new.block_table)} are in use"
-            elif not all(0 <= b < self.num_blocks for b in new.block_table):
-                problem = f"request {new.request_id}: block out of range"
-            elif new.lora_slot and new.lora_slot not in self.slots:
-                problem = f"request {new.request_id}: no adapter in slot {new.lora_slot}"
-            elif new.adapter_generation != (self.slots[new.lora_slot][1] if new.lora_slot else 0):
-                problem = (
-                    f"request {new.request_id}: slot {new.lora_slot} holds generation "
-                    f"{self.slots.get(new.lora_slot, (None, 0))[1]}, the row expects {new.adapter_generation}"
-                )
-                self.mismatches.append(problem)
+            if problem is None:
+                problem = self._row_problem(new, used)
             if problem:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, problem)
             used |= set(new.block_table)
+
+    def _row_problem(self, new, used: set[int]) -> str | None:
+        """What is wrong with a prefill row's blocks or adapter, if anything."""
+        if len(new.block_table) * self.block_size < new.num_cached + len(new.token_ids):
+            return f"request {new.request_id}: block table too small"
+        if used & set(new.block_table) or len(set(new.block_table)) != len(new.block_table):
+            return f"request {new.request_id}: blocks {sorted(new.block_table)} are in use"
+        if not all(0 <= b < self.num_blocks for b in new.block_table):
+            return f"request {new.request_id}: block out of range"
+        if new.lora_slot and new.lora_slot not in self.slots:
+            return f"request {new.request_id}: no adapter in slot {new.lora_slot}"
+        if new.adapter_generation != (self.slots[new.lora_slot][1] if new.lora_slot else 0):
+            problem = (
+                f"request {new.request_id}: slot {new.lora_slot} holds generation "
+                f"{self.slots.get(new.lora_slot, (None, 0))[1]}, the row expects {new.adapter_generation}"
+            )
+            self.mismatches.append(problem)
+            return problem
+        return None
+
+    @staticmethod
+    def _chunk_problem(new, old: FakeSequence | None) -> str | None:
+        """What is wrong with a chunk after the first, if anything."""
+        if old is None or not old.more_chunks or len(old.prompt) != new.num_cached:
+            return f"request {new.request_id}: chunk at {new.num_cached} continues nothing prefilling"
+        if new.block_table[: len(old.block_table)] != old.block_table:
+            return f"request {new.request_id}: the chunk's table does not extend its table"
+        return None
 
     async def _check_grown(self, grown: dict[int, list[int]], context) -> None:
         for rid, table in grown.items():
@@ -287,21 +313,26 @@ class FakeWorker(TextGenerationServiceServicer):
         out = []
         for new in sequences:
             adapter_id = self.slots[new.lora_slot][0] if new.lora_slot else None
+            earlier = self.sequences[new.request_id].prompt if new.num_cached else []
+            tokens = earlier + list(new.token_ids)
             # A recompute (num_generated > 0) goes on with its script where it was preempted.
-            split = len(new.token_ids) - new.num_generated
+            split = len(tokens) - new.num_generated if not new.more_chunks else len(tokens)
             seq = FakeSequence(
                 new.request_id,
-                list(new.token_ids[:split]),
+                tokens[:split],
                 list(new.block_table),
                 new.lora_slot,
                 adapter_id,
                 new.parameters,
-                generated=list(new.token_ids[split:]),
+                generated=tokens[split:],
+                more_chunks=new.more_chunks,
             )
             self.sequences[new.request_id] = seq
+            if new.more_chunks:
+                continue
             gen = self._next(seq)
             if new.prompt_logprobs:
-                gen.prompt_logprobs.extend([-0.5] * (len(new.token_ids) - 1))
+                gen.prompt_logprobs.extend([-0.5] * (len(tokens) - 1))
             out.append(gen)
         return out
 

@@ -87,8 +87,8 @@ def _config(**kw) -> RouterConfig:
 
 def test_limits_derivation():
     lim = Limits.resolve(_config(), num_blocks=1000, block_size=16, max_position=8192)
-    # total = min(capacity 16000, max_position 8192); input = total - 1, capped by the prefill budget.
-    assert (lim.max_total_tokens, lim.max_input_tokens, lim.max_batch_total_tokens) == (8192, 4096, 16000)
+    # total = min(capacity 16000, max_position 8192); input = total - 1 (long prompts are chunked).
+    assert (lim.max_total_tokens, lim.max_input_tokens, lim.max_batch_total_tokens) == (8192, 8191, 16000)
     lim = Limits.resolve(
         _config(max_batch_prefill_tokens=10000), num_blocks=1000, block_size=16, max_position=8192
     )

@@ -154,7 +154,6 @@ async def test_adapter_named_like_base_model(sock_dir, tiny_tokenizer_dir):
         ({"max_batch_total_tokens": 1000}, "exceeds what the workers' KV cache holds"),
         ({"max_total_tokens": 300}, "exceeds max_batch_total_tokens"),
         ({"max_input_tokens": 200, "max_total_tokens": 200}, "must be < max_total_tokens"),
-        ({"max_input_tokens": 100, "max_batch_prefill_tokens": 50}, "must be >= max_input_tokens"),
     ],
 )
 async def test_inconsistent_limits(sock_dir, tiny_tokenizer_dir, overrides, message):

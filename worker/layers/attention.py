@@ -31,30 +31,52 @@ class PagedAttention(nn.Module):
         split = batch.num_prefill_tokens
         parts = []  # [rows, H, D] each
         if split:
-            parts.append(self._prefill(q[:split], k[:split], v[:split], batch.query_lens))
+            parts.append(self._prefill(q[:split], k[:split], v[:split], key_cache, value_cache, batch))
         if split < q.shape[0]:
             parts.append(self._decode(q[split:], key_cache, value_cache, batch))
         out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
-    def _prefill(self, q, k, v, query_lens: list[int]) -> torch.Tensor:
-        # Sequences are prefilled whole (no cached prefix), so each attends to its own new tokens only.
+    def _prefill(self, q, k, v, key_cache, value_cache, batch: ForwardBatch) -> torch.Tensor:
+        """Each new sequence attends causally over its own rows; a continuing chunk also over the K/V
+        its earlier chunks cached (read back from the cache, where this chunk's K/V were just written)."""
         outs, start = [], 0
-        for n in query_lens:
-            qi, ki, vi = (
-                t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (q, k, v)
-            )  # [1, H, n, D]
-            mask = None
-            if self.sliding_window is not None and n > self.sliding_window:
-                pos = torch.arange(n, device=q.device)
-                dist = pos[:, None] - pos[None, :]
-                mask = (dist >= 0) & (dist < self.sliding_window)
+        prefixes = batch.prefix_lens or [0] * len(batch.query_lens)
+        tables = batch.prefix_tables or [None] * len(batch.query_lens)
+        for n, cached, table in zip(batch.query_lens, prefixes, tables, strict=True):
+            qi = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
+            if cached:
+                ki, vi = (self._cached(c, table, cached + n) for c in (key_cache, value_cache))
+            else:
+                ki, vi = (
+                    t[start : start + n].transpose(0, 1).unsqueeze(0) for t in (k, v)
+                )  # [1, H_kv, n, D]
+            mask = self._prefill_mask(n, cached, q.device)
             o = F.scaled_dot_product_attention(
                 qi, ki, vi, attn_mask=mask, is_causal=mask is None, scale=self.scale, enable_gqa=True
             )
             outs.append(o.squeeze(0).transpose(0, 1))  # [n, H, D]
             start += n
         return torch.cat(outs)
+
+    def _cached(self, cache: torch.Tensor, table: torch.Tensor, num_tokens: int) -> torch.Tensor:
+        """The first `num_tokens` cached K (or V) of one sequence: [1, H_kv, num_tokens, D]."""
+        flat = cache.index_select(0, table).view(-1, self.num_kv_heads, self.head_dim)  # [span, H_kv, D]
+        return flat[:num_tokens].transpose(0, 1).unsqueeze(0)
+
+    def _prefill_mask(self, n: int, cached: int, device: torch.device) -> torch.Tensor | None:
+        """[n, cached + n] bool, True where query row i (position cached + i) may attend; None where
+        SDPA's own causal mask is exact (no cached prefix, no sliding window in reach)."""
+        window = self.sliding_window
+        if not cached and (window is None or n <= window):
+            return None
+        q_pos = torch.arange(cached, cached + n, device=device)[:, None]
+        k_pos = torch.arange(cached + n, device=device)[None, :]
+        dist = q_pos - k_pos
+        mask = dist >= 0
+        if window is not None:
+            mask &= dist < window
+        return mask
 
     def _decode(self, q, key_cache, value_cache, batch: ForwardBatch) -> torch.Tensor:
         num_seqs, max_blocks = batch.block_tables.shape
