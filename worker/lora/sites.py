@@ -18,8 +18,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from worker.lora.packed import Key, ModuleFactors
 
 
@@ -51,8 +49,9 @@ class LoraSite:
         """The pool row widths the site needs: its A rows' and each part's B rows'."""
         return {self.h_in, *(p.width for p in self.parts)}
 
-    def factors(self, weights: dict, dtype: torch.dtype) -> dict[Key, ModuleFactors]:
-        """One adapter's factors for this site, sharded, scaled and cast, to be packed for the pool.
+    def factors(self, weights: dict) -> dict[Key, ModuleFactors]:
+        """One adapter's factors for this site, sharded and scaled, in float32 (views where they can be):
+        packing them for the pool (`PackedFactors.pack`) casts each once as it copies it.
         weights: module -> object with `a` [r, h_in], `b` [h_out, r] (full, unsharded) and `scale`;
         modules the adapter does not touch are absent."""
         out = {}
@@ -65,8 +64,7 @@ class LoraSite:
                 a = a[:, part.in_shard[0] : part.in_shard[0] + part.in_shard[1]]
             if part.out_shard is not None:
                 b = b[part.out_shard[0] : part.out_shard[0] + part.out_shard[1]]
-            # The scale is folded into B in float32, then both are cast once to the pool dtype.
-            a = a.to(dtype).contiguous()  # [r, h_in_local]
-            b_t = (b.float() * w.scale).T.to(dtype).contiguous()  # [r, width]
-            out[(self.layer, part.module)] = ModuleFactors(a, b_t)
+            # The scale is folded into B in float32; the pack casts both once to the pool dtype.
+            b_t = (b.float() * w.scale).T  # [r, width], a transposed view
+            out[(self.layer, part.module)] = ModuleFactors(a, b_t)  # a: [r, h_in_local]
         return out

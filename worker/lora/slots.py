@@ -88,7 +88,7 @@ def prepare_adapter(
     for site in sites:
         weights = {p.module: adapter.weights.get((site.layer, p.module)) for p in site.parts}
         weights = {m: w for m, w in weights.items() if w is not None}
-        factors.update(site.factors(weights, dtype))
+        factors.update(site.factors(weights))
     packed = PackedFactors.pack(factors, dtype)
     facts = AdapterFacts(
         name=adapter.name,
