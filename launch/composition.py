@@ -39,6 +39,7 @@ def compose(
 ) -> tuple[list[WorkerConfig], RouterConfig]:
     """One WorkerConfig per rank and the RouterConfig; shared values are written into both here."""
     from worker.config import WorkerConfig
+    from worker.kernels.cpu_native import default_cache_root
 
     largest = max((a.lora_rank for a in adapters), default=0)
     max_lora_rank = settings.max_lora_rank or max(largest, AUTO_MAX_LORA_RANK)
@@ -70,7 +71,7 @@ def compose(
         adapter_host_memory_bytes=adapter_host_memory,
         adapter_load_nice=settings.adapter_load_nice(),
         native_cpu_kernels=settings.native_cpu_kernels,
-        kernel_cache_dir=str(settings.multilora_cache.expanduser() / "cpu_kernels"),
+        kernel_cache_dir=str(default_cache_root(settings.multilora_cache)),
         world_size=settings.num_shard,
         master_addr=settings.master_addr,
         master_port=settings.master_port,

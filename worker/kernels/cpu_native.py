@@ -56,8 +56,9 @@ def compile_flags(march: str) -> list[str]:
     return ["-O3", f"-march={march}", "-fopenmp", "-std=c++17"]
 
 
-def default_cache_root() -> Path:
-    return Path.home() / ".cache" / "multilora" / "cpu_kernels"
+def default_cache_root(multilora_cache: Path | str = "~/.cache/multilora") -> Path:
+    """Where builds go: `cpu_kernels` under multilora's cache (MULTILORA_CACHE)."""
+    return Path(multilora_cache).expanduser() / "cpu_kernels"
 
 
 def build_key(march: str) -> str:
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import os
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
-    default = Path(os.environ.get("MULTILORA_CACHE", "~/.cache/multilora")).expanduser() / "cpu_kernels"
+    default = default_cache_root(os.environ.get("MULTILORA_CACHE", "~/.cache/multilora"))
     parser.add_argument("--cache-root", type=Path, default=default)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
