@@ -124,8 +124,9 @@ class Settings(BaseSettings):
     )
     native_cpu_kernels: bool = Field(
         True,
-        description="On the CPU, apply LoRA with the C++ kernel (csrc/lora_cpu.cpp, compiled on first use "
-        "into MULTILORA_CACHE/cpu_kernels for this CPU); false, or no compiler: the torch path.",
+        description="On the CPU, run LoRA, paged attention and the small fused ops with the C++ kernels "
+        "(csrc/*_cpu.cpp, compiled on first use into MULTILORA_CACHE/cpu_kernels for this CPU); false, or "
+        "no compiler: the torch paths.",
     )
     max_input_tokens: int | None = Field(None, ge=1, description="auto: from the model and KV cache.")
     max_total_tokens: int | None = Field(None, ge=2, description="Prompt + generated tokens per request.")

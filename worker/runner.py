@@ -8,8 +8,8 @@ decode step carries just request ids. All ranks receive the same calls and stay 
 
 from __future__ import annotations
 
+import functools
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -17,12 +17,9 @@ from transformers import AutoConfig
 
 from worker.config import WorkerConfig
 from worker.errors import RequestError
-from worker.forward_batch import ForwardBatch
-from worker.kernels import select_lora_ops
-from worker.kernels.pool_args import StepRows
+from worker.kernels import select_attention_kernel, select_fused_ops, select_lora_ops
 from worker.kv_cache import KVCache
 from worker.lora.adapter import LoraAdapter, ModuleShape
-from worker.lora.batch import LoraBatch, SplitLoraBatch, StepLora
 from worker.lora.pages import page_elems_for
 from worker.lora.pool import AdapterPool
 from worker.lora.reader import ReadSpec
@@ -30,66 +27,15 @@ from worker.lora.sites import LoraSite
 from worker.lora.slots import AdapterSlots, PreparedAdapter, ResidentAdapter, prepare_adapter
 from worker.models.llama import LlamaForCausalLM, head_dim_of
 from worker.parallel import ParallelContext
-from worker.sampler import Sampler, SamplingParams, SequenceSamplingState, prompt_logprobs
+from worker.sampler import Sampler, SequenceSamplingState, prompt_logprobs
+from worker.sequence import PrefillRequest, SequenceState, StepSequences, TokenOutput
+from worker.step_checks import StepChecks
+from worker.step_plan import StepPlanner
 from worker.weights import CheckpointWeights
 
+__all__ = ["ModelRunner", "PrefillRequest", "RequestError", "TokenOutput"]
+
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class PrefillRequest:
-    request_id: int
-    token_ids: list[int]
-    block_table: list[int]
-    params: SamplingParams = field(default_factory=SamplingParams)
-    lora_slot: int = 0
-    prompt_logprobs: bool = False
-    adapter_generation: int = 0  # the load generation expected in lora_slot (0 with slot 0)
-    num_generated: int = 0  # a recompute: the last num_generated token_ids are its own earlier output
-    # Chunked prefill: a chunk after the first continues the sequence after its num_cached cached tokens;
-    # every chunk but the last has more_chunks (it samples nothing).
-    num_cached: int = 0
-    more_chunks: bool = False
-
-
-@dataclass
-class TokenOutput:
-    request_id: int
-    token_id: int
-    logprob: float
-    top_token_ids: list[int]
-    top_logprobs: list[float]
-    prompt_logprobs: list[float] | None = None  # logprob of prompt token i+1 given tokens <= i
-
-
-@dataclass
-class _Sequence:
-    block_table: list[int]
-    lora_slot: int
-    adapter_generation: int  # of lora_slot at its prefill; checked again on every step
-    params: SamplingParams
-    sampling: SequenceSamplingState | None  # None while its prefill is still coming in chunks
-    num_cached: int  # tokens whose K/V are in the cache
-    last_token: int  # sampled, not yet in the cache
-    # While prefilling in chunks: the tokens so far (the sampler's state is made from them all at the
-    # last chunk, as from an unchunked prompt), their prompt logprobs, and, with prompt logprobs, the
-    # last chunk row's logits [1, vocab], whose next token comes with the next chunk.
-    prompt_ids: list[int] = field(default_factory=list)
-    prompt_lps: list[float] = field(default_factory=list)
-    pending_logits: torch.Tensor | None = None
-
-    @property
-    def prefilling(self) -> bool:
-        return self.sampling is None
-
-
-@dataclass
-class _Rows:
-    """A step's sequences in row order: the new ones' prompt rows first, then a row per running one."""
-
-    new: list[PrefillRequest]
-    running_ids: list[int]
-    running: list[_Sequence]
 
 
 class ModelRunner:
@@ -103,12 +49,15 @@ class ModelRunner:
         build_cache = Path(config.kernel_cache_dir) if config.kernel_cache_dir else None
         self.lora_ops = select_lora_ops(self.device, config.native_cpu_kernels, build_cache)
         self.lora_dtype = self.lora_ops.pool_dtype(self.dtype)
+        self.attention_kernel = select_attention_kernel(self.device, config.native_cpu_kernels, build_cache)
+        self.fused_ops = select_fused_ops(self.device, config.native_cpu_kernels, build_cache)
         lora = config.max_adapters > 0
-        self.model = LlamaForCausalLM(hf_config, self.ctx, self.dtype, self.device, lora)
+        self.model = LlamaForCausalLM(
+            hf_config, self.ctx, self.dtype, self.device, lora, self.attention_kernel, self.fused_ops
+        )
         with torch.no_grad():
             self.model.load(CheckpointWeights(config.model_dir, self.dtype, self.device))
         self.lora_sites: list[LoraSite] = [site for layer in self.model.layers for site in layer.lora_sites()]
-        self.lora_keys = [key for site in self.lora_sites for key in site.keys]  # the StepTables' K order
         self.slots = AdapterSlots(config.max_adapters, self._adapter_pool() if lora else None)
         num_kv_heads = hf_config.num_key_value_heads // self.ctx.world_size
         head_dim = head_dim_of(hf_config)
@@ -120,7 +69,9 @@ class ModelRunner:
             num_blocks, num_layers, config.block_size, num_kv_heads, head_dim, self.dtype, self.device
         )
         self.sampler = Sampler()
-        self.sequences: dict[int, _Sequence] = {}
+        self.sequences: dict[int, SequenceState] = {}
+        self.checks = StepChecks(self.sequences, self.slots, config.block_size, hf_config.vocab_size)
+        self.planner = StepPlanner(config.block_size, self.device, self.lora_ops, self.slots, self.lora_sites)
 
     def _adapter_pool(self) -> AdapterPool:
         """The pool of `adapter_memory_bytes`, in pages of rows of every width the sites read."""
@@ -157,8 +108,8 @@ class ModelRunner:
         """slot -> the adapter it holds, with its load generation."""
         return self.slots.resident
 
-    def read_spec(self) -> ReadSpec:
-        """What the adapter reader needs of this rank's model to read an adapter for it."""
+    @functools.cached_property
+    def _read_spec(self) -> ReadSpec:
         return ReadSpec(
             num_layers=self.hf_config.num_hidden_layers,
             module_shapes=self.module_shapes(),
@@ -167,6 +118,11 @@ class ModelRunner:
             max_lora_rank=self.config.max_lora_rank,
             pin=self.device.type == "cuda",  # so that placing it is an asynchronous copy on the step's stream
         )
+
+    def read_spec(self) -> ReadSpec:
+        """What the adapter reader needs of this rank's model to read an adapter for it (fixed once the
+        model is built: made once)."""
+        return self._read_spec
 
     def prepare_adapter(self, adapter: LoraAdapter) -> PreparedAdapter:
         """`adapter` sharded, scaled and cast for this rank's pool. Changes no state (the servicer's
@@ -217,11 +173,11 @@ class ModelRunner:
         state changes, so a bad request fails the call and leaves every sequence as it was.
         """
         grown = grown or {}
-        running = self._check_step(new, request_ids, grown)
+        running = self.checks.step(new, request_ids, grown)
         for rid, table in grown.items():
             self.sequences[rid].block_table = list(table)
         rows = self._order_rows(new, request_ids, running)
-        token_ids, batch = self._build_batch(rows)
+        token_ids, batch = self.planner.plan(rows)
         logits = self.model(token_ids, batch, self.kv)  # [num logits rows, vocab]
         outputs = self._collect(rows, logits)
         return self._in_request_order(outputs, [r.request_id for r in new] + list(request_ids))
@@ -233,80 +189,20 @@ class ModelRunner:
 
     # ---- step phases ----------------------------------------------------------------------------
 
-    def _check_step(
-        self, new: list[PrefillRequest], request_ids: list[int], grown: dict[int, list[int]]
-    ) -> list[_Sequence]:
-        """The running sequences of `request_ids`, once every sequence of the step is known to run."""
-        for r in new:
-            self._check_new(r)
-        running = [self._seq(rid) for rid in request_ids]
-        for rid, table in grown.items():
-            old = self._seq(rid).block_table
-            # The cache already written stays where it is: a grown table may only add blocks.
-            if table[: len(old)] != old:
-                raise RequestError(f"request {rid}: its grown block table does not extend its table")
-        bs = self.kv.block_size
-        for rid, s in zip(request_ids, running, strict=True):
-            # The router unloads a slot only once no sequence uses it, and the worker refuses to
-            # otherwise; should the slot still have changed, the step fails rather than read other weights.
-            self.slots.check_row(rid, s.lora_slot, s.adapter_generation, running=True)
-            if s.prefilling:
-                raise RequestError(f"request {rid} cannot decode: its prefill has chunks still to come")
-            if s.num_cached // bs >= len(grown.get(rid, s.block_table)):
-                raise RequestError(f"request {rid}: its block table has no room for token {s.num_cached + 1}")
-        return running
-
     def _order_rows(
-        self, new: list[PrefillRequest], request_ids: list[int], running: list[_Sequence]
-    ) -> _Rows:
+        self, new: list[PrefillRequest], request_ids: list[int], running: list[SequenceState]
+    ) -> StepSequences:
         """The step's sequences in the order the LoRA ops want their rows in, new and running ones apart."""
         slot_lora_ranks = {slot: adapter.lora_rank for slot, adapter in self.adapters.items()}
         new_order = self.lora_ops.row_order([r.lora_slot for r in new], slot_lora_ranks)
         order = self.lora_ops.row_order([s.lora_slot for s in running], slot_lora_ranks)
-        return _Rows(
+        return StepSequences(
             new=[new[i] for i in new_order],
             running_ids=[request_ids[i] for i in order],
             running=[running[i] for i in order],
         )
 
-    def _build_batch(self, rows: _Rows) -> tuple[torch.Tensor, ForwardBatch]:
-        """The forward's token ids [num_tokens] and metadata: each new sequence's prompt rows, then the
-        last sampled token of each running sequence."""
-        bs = self.kv.block_size
-        token_ids, positions, slots, row_slots, logits_rows = [], [], [], [], []
-        for r in rows.new:
-            n, start, cached = len(r.token_ids), len(token_ids), r.num_cached
-            token_ids += r.token_ids
-            positions += range(cached, cached + n)
-            slots += [r.block_table[p // bs] * bs + p % bs for p in range(cached, cached + n)]
-            row_slots += [r.lora_slot] * n
-            if r.prompt_logprobs:
-                logits_rows += range(start, start + n)
-            elif not r.more_chunks:  # a chunk that does not end its prompt samples nothing
-                logits_rows.append(start + n - 1)
-        num_prefill = len(token_ids)
-        for s in rows.running:
-            p = s.num_cached
-            token_ids.append(s.last_token)
-            positions.append(p)
-            slots.append(s.block_table[p // bs] * bs + p % bs)
-            row_slots.append(s.lora_slot)
-            logits_rows.append(len(token_ids) - 1)
-        block_tables, context_lens = self._decode_tables(rows.running)
-        return self._long(token_ids), ForwardBatch(
-            num_prefill_tokens=num_prefill,
-            positions=self._long(positions),
-            slot_mapping=self._long(slots),
-            query_lens=[len(r.token_ids) for r in rows.new],
-            prefix_lens=[r.num_cached for r in rows.new],
-            prefix_tables=[self._prefix_table(r) for r in rows.new],
-            block_tables=block_tables,
-            context_lens=context_lens,
-            logits_indices=self._long(logits_rows),
-            lora=self._lora_batch(row_slots, num_prefill),
-        )
-
-    def _collect(self, rows: _Rows, logits: torch.Tensor) -> list[TokenOutput]:
+    def _collect(self, rows: StepSequences, logits: torch.Tensor) -> list[TokenOutput]:
         """Sample each sequence's next token from `logits` (the forward's logits rows), start or extend
         the new sequences and advance the running ones. Outputs in row order; none for a chunk that
         does not end its prompt."""
@@ -337,13 +233,13 @@ class ModelRunner:
             s.num_cached += 1
         return outputs
 
-    def _extend(self, r: PrefillRequest) -> _Sequence:
+    def _extend(self, r: PrefillRequest) -> SequenceState:
         """Start the sequence of a whole prompt or first chunk; extend it with a later chunk."""
         if r.num_cached:
             s = self.sequences[r.request_id]
             s.block_table = list(r.block_table)
         else:
-            s = _Sequence(
+            s = SequenceState(
                 block_table=list(r.block_table),
                 lora_slot=r.lora_slot,
                 adapter_generation=r.adapter_generation,
@@ -357,7 +253,7 @@ class ModelRunner:
         s.num_cached += len(r.token_ids)
         return s
 
-    def _add_prompt_logprobs(self, s: _Sequence, r: PrefillRequest, chunk_logits: torch.Tensor) -> None:
+    def _add_prompt_logprobs(self, s: SequenceState, r: PrefillRequest, chunk_logits: torch.Tensor) -> None:
         """Add the logprobs of this chunk's tokens (after the first of the prompt) to `s.prompt_lps`:
         its rows [len(token_ids), vocab] predict its next tokens, the previous chunk's last row its
         first one; its own last row waits for the next chunk."""
@@ -368,15 +264,6 @@ class ModelRunner:
         s.pending_logits = predicting[-1:] if r.more_chunks else None
 
     # ---- helpers --------------------------------------------------------------------------------
-
-    def _decode_tables(self, running: list[_Sequence]) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """The running sequences' block tables padded with block 0 [num_decode, max_blocks] and their
-        context lengths [num_decode], counting the token of this step; None without running sequences."""
-        if not running:
-            return None, None
-        max_blocks = max(len(s.block_table) for s in running)
-        padded = [s.block_table + [0] * (max_blocks - len(s.block_table)) for s in running]
-        return self._long(padded), self._long([s.num_cached + 1 for s in running])
 
     def _sample(self, logits: torch.Tensor, ids: list[int]) -> list[TokenOutput]:
         seqs = [self.sequences[rid] for rid in ids]
@@ -396,87 +283,6 @@ class ModelRunner:
                 TokenOutput(rid, token_ids[i], logprobs[i], [t for t, _ in top], [lp for _, lp in top])
             )
         return results
-
-    def _lora_batch(self, row_slots: list[int], num_prefill: int) -> LoraBatch | SplitLoraBatch | None:
-        """The step's adapters' tables, built once, and its rows' view of them. Prompt rows take segments
-        (sgmv) unless the ops take every kind of row in one call; decode rows the ops' choice. A join
-        step's two kinds of rows are then applied as two batches, so each keeps the path that suits it."""
-        if self.slots.pool is None or not any(row_slots):
-            return None
-        active = sorted({s for s in row_slots if s != 0})
-        g_of = {slot: g for g, slot in enumerate(active)}
-        g_of[0] = -1
-        step = StepLora.build(
-            self.lora_ops, self.slots.pool, [self.slots.rows[s] for s in active], self.lora_keys, self.device
-        )
-
-        def build(slots: list[int], use_segments: bool) -> LoraBatch:
-            rows = StepRows.build([g_of[s] for s in slots], step.adapters, use_segments, self.device)
-            return LoraBatch(step, rows)
-
-        decode_segments = self.lora_ops.decode_uses_segments
-        if self.lora_ops.mixes_prompt_and_decode:
-            return build(row_slots, decode_segments)
-        if num_prefill == 0:
-            return build(row_slots, decode_segments)
-        if num_prefill == len(row_slots):
-            return build(row_slots, True)
-        prompt, decode = row_slots[:num_prefill], row_slots[num_prefill:]
-        return SplitLoraBatch(
-            [
-                (0, num_prefill, build(prompt, True)),
-                (num_prefill, len(row_slots), build(decode, decode_segments)),
-            ]
-        )
-
-    def _check_new(self, r: PrefillRequest) -> None:
-        if r.num_cached:
-            self._check_chunk(r)
-        elif r.request_id in self.sequences:
-            raise RequestError(f"request {r.request_id} is already running")
-        if not r.token_ids:
-            raise RequestError(f"request {r.request_id} has no input tokens")
-        total = r.num_cached + len(r.token_ids)
-        if not r.more_chunks and not 0 <= r.num_generated < total:
-            raise RequestError(f"request {r.request_id}: {r.num_generated} generated tokens and no prompt")
-        if len(r.block_table) * self.kv.block_size < total:
-            raise RequestError(
-                f"request {r.request_id}: {len(r.block_table)} blocks of {self.kv.block_size} cannot hold "
-                f"{total} tokens"
-            )
-        self.slots.check_row(r.request_id, r.lora_slot, r.adapter_generation, running=bool(r.num_cached))
-        vocab = self.hf_config.vocab_size
-        if min(r.token_ids) < 0 or max(r.token_ids) >= vocab:
-            raise RequestError(f"request {r.request_id}: token ids must lie in [0, {vocab})")
-
-    def _check_chunk(self, r: PrefillRequest) -> None:
-        """A chunk after the first must continue, in order, a sequence still prefilling in chunks."""
-        s = self.sequences.get(r.request_id)
-        if s is None or not s.prefilling:
-            raise RequestError(f"request {r.request_id}: a continuing chunk for no sequence prefilling")
-        if r.num_cached != s.num_cached:
-            raise RequestError(
-                f"request {r.request_id}: the chunk starts at token {r.num_cached}, {s.num_cached} are cached"
-            )
-        if r.block_table[: len(s.block_table)] != s.block_table:
-            raise RequestError(f"request {r.request_id}: the chunk's block table does not extend its table")
-        if (r.lora_slot, r.adapter_generation) != (s.lora_slot, s.adapter_generation):
-            raise RequestError(f"request {r.request_id}: the chunk's adapter is not its first chunk's")
-
-    def _prefix_table(self, r: PrefillRequest) -> torch.Tensor | None:
-        """[blocks] int64: the blocks holding a continuing chunk's cached tokens and its own."""
-        if not r.num_cached:
-            return None
-        return self._long(r.block_table[: self._blocks_for(r.num_cached + len(r.token_ids))])
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.kv.block_size)
-
-    def _seq(self, rid: int) -> _Sequence:
-        try:
-            return self.sequences[rid]
-        except KeyError:
-            raise RequestError(f"request {rid} is not running on this worker") from None
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -1,13 +1,27 @@
-"""Mistral (sliding window) and Qwen2 (q/k/v bias) equal transformers + peft; others are refused."""
+"""Mistral (sliding window) and Qwen2 (q/k/v bias) equal transformers + peft, Mistral's window also for a
+prompt prefilled in chunks; others are refused."""
 
 from __future__ import annotations
+
+import math
 
 import pytest
 import torch
 
 from tests.adapter_factory import save_random_adapter, save_random_model
-from tests.worker.engine_scenario import TINY_LENGTHS, TINY_MIX, build_runner, run_scenario, scenario_prompts
+from tests.worker.engine_scenario import (
+    BLOCK_SIZE,
+    TINY_LENGTHS,
+    TINY_MIX,
+    Record,
+    build_runner,
+    generation_of,
+    run_scenario,
+    scenario_prompts,
+)
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
+from worker.runner import PrefillRequest
+from worker.sampler import SamplingParams
 
 COMMON = dict(
     vocab_size=199,
@@ -53,6 +67,41 @@ def test_architecture_equals_peft(arch, tmp_path):
     prompts = scenario_prompts(runner.hf_config.vocab_size, mix, [9, 12, 3, 7, 10, 5])
     records = run_scenario(runner, slots, prompts)
     assert_matches_reference(records, load_peft_model(model_dir, adapters), atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["native", "torch"])
+def test_sliding_window_over_chunks_equals_peft(attention, tmp_path):
+    """A 23-token prompt in chunks of 5, 8 and 10 beside another sequence's decode, with a window of 6:
+    every later chunk's rows see the cached tokens of earlier chunks only within the window."""
+    model_dir = save_random_model(_config("mistral"), tmp_path / "m", seed=5)
+    adapters = {"a": save_random_adapter(model_dir, tmp_path / "a", r=8, alpha=16, seed=6)}
+    runner, slots = build_runner(model_dir, adapters)
+    if attention == "torch":
+        for layer in runner.model.layers:
+            layer.self_attn.attn.kernel = None
+    vocab = runner.hf_config.vocab_size
+    params = SamplingParams(top_n_tokens=vocab)
+    prompt = [(7 * i + 3) % vocab for i in range(23)]
+    blocks = list(range(10, 10 + -(-(len(prompt) + 6) // BLOCK_SIZE)))
+    runner.prefill([PrefillRequest(9, [5, 6, 7, 8, 9], [0, 1, 2, 3])])  # the neighbour decoding beside
+    cached, outputs = 0, []
+    for size in (5, 8, 10):
+        more = cached + size < len(prompt)
+        chunk = PrefillRequest(
+            2, prompt[cached : cached + size], blocks, params, slots["a"],
+            adapter_generation=generation_of(slots["a"]), num_cached=cached, more_chunks=more,
+        )  # fmt: skip
+        outputs += runner.step([chunk], [9])[:-1]
+        cached += size
+    while len(outputs) < 6:
+        outputs += runner.decode([2])
+    rec = Record("a", prompt)
+    for o in outputs:
+        dist = torch.full((vocab,), -math.inf)
+        dist[torch.tensor(o.top_token_ids)] = torch.tensor(o.top_logprobs)
+        rec.tokens.append(o.token_id)
+        rec.logprobs.append(dist)
+    assert_matches_reference({2: rec}, load_peft_model(model_dir, adapters), atol=1e-4)
 
 
 def test_unsupported_architecture_is_refused(tmp_path):

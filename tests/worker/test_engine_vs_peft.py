@@ -19,10 +19,25 @@ from tests.worker.engine_scenario import (
 from tests.worker.peft_reference import assert_matches_reference, load_peft_model
 
 
+def _select_kernels(monkeypatch, native_cpu: bool) -> None:
+    """Runners built next take the native CPU kernels (LoRA and attention) where they build, or the
+    torch paths, whatever their config says."""
+    from worker import kernels
+
+    select_lora, select_attention = kernels.select_lora_ops, kernels.select_attention_kernel
+    monkeypatch.setattr(
+        "worker.runner.select_lora_ops", lambda device, _native, cache: select_lora(device, native_cpu, cache)
+    )
+    monkeypatch.setattr(
+        "worker.runner.select_attention_kernel",
+        lambda device, _native, cache: select_attention(device, native_cpu, cache),
+    )
+
+
 @pytest.mark.parametrize("native_cpu", [True, False], ids=["native", "torch"])
 def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch, native_cpu):
-    """Both CPU LoRA paths: the native kernel (where it builds) and the torch path."""
-    from worker import kernels
+    """Both CPU paths: the native kernels (where they build) and the torch path."""
+    from worker.kernels.cpu_attention import NativeCpuAttention, load_native_attention
     from worker.kernels.cpu_native import NativeCpuLoraOps, load_native
     from worker.kernels.torch_grouped import GroupedLora
 
@@ -31,13 +46,13 @@ def test_mixed_batch_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch, nat
     monkeypatch.setattr(
         GroupedLora, "apply", lambda self, *a, **k: grouped_calls.append(1) or grouped_apply(self, *a, **k)
     )
-    select = kernels.select_lora_ops
-    monkeypatch.setattr(
-        "worker.runner.select_lora_ops", lambda device, _native, cache: select(device, native_cpu, cache)
-    )
+    _select_kernels(monkeypatch, native_cpu)
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
     native = native_cpu and load_native() is not None
     assert isinstance(runner.lora_ops, NativeCpuLoraOps) == native
+    # Where the kernels build, they are the ones in use: in every layer's attention too.
+    attention = {type(layer.self_attn.attn.kernel) for layer in runner.model.layers}
+    assert attention == {NativeCpuAttention if native_cpu and load_native_attention() else type(None)}
     assert [p.module for p in runner.model.layers[0].self_attn.qkv_proj.lora_site.parts] == [
         "q_proj",
         "k_proj",
@@ -56,15 +71,11 @@ def test_join_step_equals_peft(tiny_model_dir, tiny_adapters, monkeypatch, nativ
     """Newcomers prefilled in the same forward as the running batch's decode (prompt rows, then decode
     rows; LoRA applied to both kinds in one call per site by the native kernel, to each kind apart by the
     torch path) give the distributions of transformers + peft."""
-    from worker import kernels
     from worker.kernels.cpu_native import load_native
     from worker.lora.batch import SplitLoraBatch
     from worker.models.llama import LlamaForCausalLM
 
-    select = kernels.select_lora_ops
-    monkeypatch.setattr(
-        "worker.runner.select_lora_ops", lambda device, _native, cache: select(device, native_cpu, cache)
-    )
+    _select_kernels(monkeypatch, native_cpu)
     runner, slots = build_runner(tiny_model_dir, tiny_adapters)
     one_call = native_cpu and load_native() is not None
     kinds = []

@@ -29,9 +29,29 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def runner_slots(tiny_model_dir, tiny_adapters):
-    return build_runner(tiny_model_dir, {"r8_all": tiny_adapters["r8_all"]})
+class _PromptsToSdpa:
+    """The native kernel for decode rows only, as a bf16 model has it (`takes_prompts`)."""
+
+    def __init__(self, kernel):
+        self.paged_attention = kernel.paged_attention
+
+    @staticmethod
+    def takes_prompts(dtype) -> bool:
+        return False
+
+
+@pytest.fixture(scope="module", params=["native", "native-decode", "torch"])
+def runner_slots(request, tiny_model_dir, tiny_adapters):
+    """With the native attention kernel (where it builds) for every row, for decode rows only (prompt
+    rows in SDPA, as in bf16), and with the torch path's."""
+    runner, slots = build_runner(tiny_model_dir, {"r8_all": tiny_adapters["r8_all"]})
+    for layer in runner.model.layers:
+        attn = layer.self_attn.attn
+        if request.param == "torch":
+            attn.kernel = None
+        elif request.param == "native-decode" and attn.kernel is not None:
+            attn.kernel = _PromptsToSdpa(attn.kernel)
+    return runner, slots
 
 
 def _blocks(first: int, num_tokens: int) -> list[int]:

@@ -1,8 +1,9 @@
-"""LoRA gather-matmul ops over the adapter pool: one implementation chosen per device, once.
+"""The model's kernels, one implementation chosen per device, once: LoRA gather-matmul ops over the
+adapter pool, and paged attention.
 
-Every implementation has the semantics of `reference.lora_site_ref` (the spec; arguments in
-`pool_args.py`). The model never branches on the device: it holds the `LoraOps` object returned by
-`select_lora_ops`.
+Every LoRA implementation has the semantics of `reference.lora_site_ref` (the spec; arguments in
+`pool_args.py`); the attention kernel those of `reference.paged_attention_ref`. The model never branches
+on the device: it holds the objects returned by `select_lora_ops` and `select_attention_kernel`.
 """
 
 from __future__ import annotations
@@ -67,3 +68,25 @@ def select_lora_ops(
     from worker.kernels.torch_ops import TorchLoraOps
 
     return TorchLoraOps()
+
+
+def select_attention_kernel(device: torch.device, native_cpu: bool = True, build_cache: Path | None = None):
+    """The native paged attention kernel (`cpu_attention.py`) on the CPU unless `native_cpu` is False or
+    it cannot be built here (logged once); None where the torch path serves (`worker/layers/attention.py`:
+    on a GPU too, until a CUDA kernel joins it)."""
+    if device.type != "cpu" or not native_cpu:
+        return None
+    from worker.kernels.cpu_attention import load_native_attention
+
+    return load_native_attention(cache_root=build_cache)
+
+
+def select_fused_ops(device: torch.device, native_cpu: bool = True, build_cache: Path | None = None):
+    """The native fused small ops of the decoder layer (`cpu_fused.py`: residual add + RMSNorm, SiLU and
+    mul, rotary) on the CPU unless `native_cpu` is False or they cannot be built here (logged once); None
+    where torch's ops serve (`worker/layers/norm.py`, `rotary.py`, `models/llama.py`)."""
+    if device.type != "cpu" or not native_cpu:
+        return None
+    from worker.kernels.cpu_fused import load_native_fused
+
+    return load_native_fused(cache_root=build_cache)

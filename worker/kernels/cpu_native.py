@@ -1,11 +1,13 @@
-"""Native CPU implementation of the LoRA site op over the adapter pool: `csrc/lora_cpu.cpp`, built on use.
+"""Native CPU kernels (`csrc/*.cpp`, built on use) and the LoRA site op over the adapter pool on them.
 
-Semantics are `reference.lora_site_ref` (the spec; arguments in `pool_args.py`); the `.cpp` header
-states the layouts and the kernel design. What this wrapper adds:
+The build serves every C++ source in csrc/ (`lora_cpu`, `attention_cpu`: `cpu_attention.py` wraps
+the latter); each is its own extension with its own build key. The LoRA op: semantics are
+`reference.lora_site_ref` (the spec; arguments in `pool_args.py`); the `.cpp` header states the
+layouts and the kernel design. What this module adds:
 
 - The build: torch.utils.cpp_extension.load (ninja, g++), `-O3 -march=native -fopenmp` (the build
   machine's own instruction set; OpenMP so at::parallel_for uses torch's threads), once per process.
-  The build directory is `<cache root>/lora_cpu-<key>` (cache root: ~/.cache/multilora/cpu_kernels)
+  The build directory is `<cache root>/<source>-<key>` (cache root: ~/.cache/multilora/cpu_kernels)
   with key = a hash of the source, the compile flags, torch's version, the Python ABI and this CPU's
   flags (/proc/cpuinfo), so a build made on one CPU kind (an AVX-512 Xeon) is never loaded on another
   (an AVX2-only EPYC), and later processes only load it.
@@ -35,7 +37,8 @@ from worker.kernels.pool_args import PoolPart, StepRows
 
 log = logging.getLogger(__name__)
 
-SOURCE_PATH = Path(__file__).resolve().parents[2] / "csrc" / "lora_cpu.cpp"
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+SOURCE_PATH = CSRC / "lora_cpu.cpp"  # the LoRA kernel's source (the default of build and build_key)
 POOL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 _ARGS_KEPT = 1024  # sites' argument lists remembered: every site of a step (4 per layer) and then some
 
@@ -61,27 +64,38 @@ def default_cache_root(multilora_cache: Path | str = "~/.cache/multilora") -> Pa
     return Path(multilora_cache).expanduser() / "cpu_kernels"
 
 
-def build_key(march: str) -> str:
+def source_path(source: str = "lora_cpu") -> Path:
+    """csrc/<source>.cpp; ValueError for a name that is not one."""
+    path = CSRC / f"{source}.cpp"
+    if not source.isidentifier() or not path.is_file():
+        raise ValueError(f"no C++ kernel source csrc/{source}.cpp")
+    return path
+
+
+def build_key(march: str, source: str = "lora_cpu") -> str:
     """A hash of what the built module depends on: source, flags, torch and Python, and the CPU it is
     built on."""
-    h = hashlib.sha256(SOURCE_PATH.read_bytes())
+    h = hashlib.sha256(source_path(source).read_bytes())
     for part in (*compile_flags(march), torch.__version__, sys.implementation.cache_tag, cpu_flags()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
 
 
-def build(march: str = "native", cache_root: Path | None = None, verbose: bool = False) -> ModuleType:
-    """Compile (or load the cached build of) the extension for `march` into `cache_root` (default
-    ~/.cache/multilora/cpu_kernels); raises when it cannot. Processes building the same key at once (the
-    ranks of a TP worker) wait on the build directory's lock: one compiles, the others load."""
+def build(
+    march: str = "native", cache_root: Path | None = None, verbose: bool = False, source: str = "lora_cpu"
+) -> ModuleType:
+    """Compile (or load the cached build of) the extension csrc/<source>.cpp for `march` into
+    `cache_root` (default ~/.cache/multilora/cpu_kernels); raises when it cannot. Processes building the
+    same key at once (the ranks of a TP worker) wait on the build directory's lock: one compiles, the
+    others load."""
     from torch.utils.cpp_extension import load
 
-    key = build_key(march)
-    directory = (cache_root or default_cache_root()) / f"lora_cpu-{key}"
+    key = build_key(march, source)
+    directory = (cache_root or default_cache_root()) / f"{source}-{key}"
     directory.mkdir(parents=True, exist_ok=True)
     return load(
-        name=f"lora_cpu_{march.replace('-', '_')}_{key}",  # distinct per build: several may share a process
-        sources=[str(SOURCE_PATH)],
+        name=f"{source}_{march.replace('-', '_')}_{key}",  # distinct per build: several may share a process
+        sources=[str(source_path(source))],
         extra_cflags=compile_flags(march),
         build_directory=str(directory),
         verbose=verbose,
@@ -170,11 +184,14 @@ class NativeCpuLoraOps:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m worker.kernels.cpu_native [--cache-root DIR]`: build the kernel now (make test and make
+    """`python -m worker.kernels.cpu_native [--cache-root DIR]`: build the kernels now (make test and make
     serve do, so that the first worker does not spend its startup compiling). A failed build is reported,
     not an error: the torch path serves."""
     import argparse
     import os
+
+    from worker.kernels.cpu_attention import load_native_attention
+    from worker.kernels.cpu_fused import load_native_fused
 
     parser = argparse.ArgumentParser(description=main.__doc__.splitlines()[0])
     default = default_cache_root(os.environ.get("MULTILORA_CACHE", "~/.cache/multilora"))
@@ -183,6 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     module = load_native(cache_root=args.cache_root)
     print(f"native CPU LoRA kernel: {module.__file__ if module else 'unavailable (the torch path serves)'}")
+    attention = load_native_attention(cache_root=args.cache_root)
+    where = attention.module.__file__ if attention else "unavailable (the torch path serves)"
+    print(f"native CPU attention kernel: {where}")
+    fused = load_native_fused(cache_root=args.cache_root)
+    where = fused.module.__file__ if fused else "unavailable (torch's ops serve)"
+    print(f"native CPU fused ops: {where}")
     return 0
 
 

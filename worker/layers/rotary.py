@@ -1,4 +1,8 @@
-"""Rotary position embeddings (rotate-half convention, as HF Llama), for any rope type HF knows."""
+"""Rotary position embeddings (rotate-half convention, as HF Llama), for any rope type HF knows.
+
+With the native fused ops (`worker/kernels/cpu_fused.py`, chosen once by `select_fused_ops`) the step's
+cos / sin tables and each layer's rotation are one native call each; torch's ops otherwise.
+"""
 
 from __future__ import annotations
 
@@ -18,8 +22,10 @@ def rope_parameters(config) -> dict:
 
 
 class RotaryEmbedding(nn.Module):
-    def __init__(self, config, head_dim: int, device: torch.device):
+    def __init__(self, config, head_dim: int, device: torch.device, fused=None):
+        """fused: the native fused ops (`select_fused_ops`), None for torch's."""
         super().__init__()
+        self.fused = fused
         params = rope_parameters(config)
         rope_type = params.get("rope_type", "default")
         if rope_type == "default":
@@ -36,6 +42,8 @@ class RotaryEmbedding(nn.Module):
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions: [num_tokens] -> cos, sin: [num_tokens, 1, head_dim] in `dtype`."""
+        if self.fused is not None:
+            return self.fused.rotary_cos_sin(positions, self.inv_freq, self.attention_scaling, dtype)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [num_tokens, head_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.attention_scaling).to(dtype)

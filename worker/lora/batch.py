@@ -1,9 +1,10 @@
 """Per-step LoRA state: the step's adapters' row tables, and each site's view of them.
 
-The runner builds one `StepLora` per forward (the tables of the step's G adapters, one transfer) and
-one `LoraBatch` per run of rows (a join step's prompt rows and decode rows are two, sharing the tables);
-every LoRA-capable layer calls `apply` with its site. Each site's `PoolPart`s are made once per step, on
-first use, and reused by the other row run.
+The step planner builds one `StepLora` per set of adapters a step runs (the tables of its G adapters,
+one transfer; reused by the steps after it while the set is the same) and one `LoraBatch` per run of
+rows (a join step's prompt rows and decode rows are two, sharing the tables); every LoRA-capable layer
+calls `apply` with its site. Each site's `PoolPart`s are made with the tables, before any forward
+(`plan_sites`), and shared by both row runs.
 """
 
 from __future__ import annotations
@@ -46,8 +47,13 @@ class StepLora:
             _host_ranks=tables.host_lora_ranks.tolist(),
         )
 
+    def plan_sites(self, sites: list[LoraSite]) -> None:
+        """Make every site's parts now, so that the forward only looks them up."""
+        for site in sites:
+            self.site(site)
+
     def site(self, site: LoraSite) -> tuple[torch.Tensor, tuple[PoolPart, ...]]:
-        """(a_view, the parts some adapter of the step targets) of `site`."""
+        """(a_view, the parts some adapter of the step targets) of `site`; made on first use."""
         cached = self._sites.get(id(site))
         if cached is None:
             parts = []

@@ -47,7 +47,9 @@ def sliding_window_of(config) -> int | None:
 
 
 class Attention(nn.Module):
-    def __init__(self, config, ctx: ParallelContext, dtype, device, lora_layer, qkv_bias: bool):
+    def __init__(
+        self, config, ctx: ParallelContext, dtype, device, lora_layer, qkv_bias: bool, kernel, fused=None
+    ):
         super().__init__()
         head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads // ctx.world_size
@@ -74,20 +76,28 @@ class Attention(nn.Module):
             device,
             lora_layer,
         )
-        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, sliding_window_of(config))
+        window = sliding_window_of(config)
+        self.attn = PagedAttention(self.num_heads, self.num_kv_heads, head_dim, window, kernel)
+        self.rotate = apply_rotary if fused is None else fused.rotary
 
     def forward(self, x, cos, sin, key_cache, value_cache, batch: ForwardBatch):
         qkv = self.qkv_proj(x, batch.lora)  # [num_tokens, (H + 2 * H_kv) * D] on this rank
         heads, kv_heads, d = self.num_heads, self.num_kv_heads, self.head_dim
         qkv = qkv.view(-1, heads + 2 * kv_heads, d)
         # q and k rotated in one go (they are neighbours in qkv): half the rotary ops of a layer.
-        q, k = apply_rotary(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
+        q, k = self.rotate(qkv[:, : heads + kv_heads], cos, sin).split([heads, kv_heads], dim=1)
         out = self.attn(q, k, qkv[:, heads + kv_heads :], key_cache, value_cache, batch)
         return self.o_proj(out, batch.lora)
 
 
+def silu_and_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """[T, 2I] -> silu(gate) * up [T, I]."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    return F.silu(gate) * up
+
+
 class MLP(nn.Module):
-    def __init__(self, config, ctx, dtype, device, lora_layer):
+    def __init__(self, config, ctx, dtype, device, lora_layer, fused=None):
         super().__init__()
         self.gate_up_proj = MergedColumnParallelLinear(
             config.hidden_size, config.intermediate_size, ctx, dtype, device, lora_layer
@@ -95,24 +105,28 @@ class MLP(nn.Module):
         self.down_proj = RowParallelLinear(
             "down_proj", config.intermediate_size, config.hidden_size, False, ctx, dtype, device, lora_layer
         )
+        self.act = silu_and_mul if fused is None else fused.silu_mul
 
     def forward(self, x, lora):
-        gate, up = self.gate_up_proj(x, lora).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up, lora)
+        return self.down_proj(self.act(self.gate_up_proj(x, lora)), lora)
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, ctx, dtype, device, lora_layer, qkv_bias):
+    def __init__(self, config, ctx, dtype, device, lora_layer, qkv_bias, attention_kernel, fused):
         super().__init__()
-        eps = config.rms_norm_eps
-        self.input_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.self_attn = Attention(config, ctx, dtype, device, lora_layer, qkv_bias)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, eps, dtype, device)
-        self.mlp = MLP(config, ctx, dtype, device, lora_layer)
+        eps, hidden = config.rms_norm_eps, config.hidden_size
+        self.input_layernorm = RMSNorm(hidden, eps, dtype, device, fused)
+        self.self_attn = Attention(config, ctx, dtype, device, lora_layer, qkv_bias, attention_kernel, fused)
+        self.post_attention_layernorm = RMSNorm(hidden, eps, dtype, device, fused)
+        self.mlp = MLP(config, ctx, dtype, device, lora_layer, fused)
 
-    def forward(self, x, cos, sin, key_cache, value_cache, batch):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, key_cache, value_cache, batch)
-        return x + self.mlp(self.post_attention_layernorm(x), batch.lora)
+    def forward(self, x, residual, cos, sin, key_cache, value_cache, batch):
+        """The residual stream (HF's hidden states) is x + residual: the previous layer's output and the
+        stream before it (residual None: x, the embeddings). Each norm adds its input into the stream."""
+        h, residual = self.input_layernorm.add(x, residual)
+        x = self.self_attn(h, cos, sin, key_cache, value_cache, batch)
+        h, residual = self.post_attention_layernorm.add(x, residual)
+        return self.mlp(h, batch.lora), residual
 
     def lora_sites(self) -> list[LoraSite]:
         linears = (self.self_attn.qkv_proj, self.self_attn.o_proj, self.mlp.gate_up_proj, self.mlp.down_proj)
@@ -120,18 +134,24 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaForCausalLM(nn.Module):
-    def __init__(self, config, ctx: ParallelContext, dtype, device, lora: bool):
+    def __init__(
+        self, config, ctx: ParallelContext, dtype, device, lora: bool, attention_kernel=None, fused_ops=None
+    ):
+        """attention_kernel: the native paged attention (`select_attention_kernel`), None for torch's.
+        fused_ops: the native fused small ops (`select_fused_ops`: residual add + RMSNorm, SiLU and mul,
+        rotary), None for torch's."""
         super().__init__()
+        fused = fused_ops
         qkv_bias = ARCHITECTURES[check_architecture(config)]
         self.config = config
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, ctx, dtype, device)
         self.layers = nn.ModuleList(
-            DecoderLayer(config, ctx, dtype, device, i if lora else None, qkv_bias)
+            DecoderLayer(config, ctx, dtype, device, i if lora else None, qkv_bias, attention_kernel, fused)
             for i in range(config.num_hidden_layers)
         )
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, device, fused)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, ctx, dtype, device)
-        self.rotary = RotaryEmbedding(config, head_dim_of(config), device)
+        self.rotary = RotaryEmbedding(config, head_dim_of(config), device, fused)
 
     def load(self, weights: CheckpointWeights) -> None:
         self.embed_tokens.load(weights, "model.embed_tokens.weight")
@@ -151,9 +171,10 @@ class LlamaForCausalLM(nn.Module):
 
     def forward(self, token_ids: torch.Tensor, batch: ForwardBatch, kv: KVCache) -> torch.Tensor:
         """token_ids: [num_tokens] -> logits [len(batch.logits_indices), vocab] float32."""
-        x = self.embed_tokens(token_ids)  # [num_tokens, hidden]
+        x, residual = self.embed_tokens(token_ids), None  # [num_tokens, hidden]
         cos, sin = self.rotary.cos_sin(batch.positions, x.dtype)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv.key_caches[i], kv.value_caches[i], batch)
-        x = self.norm(x[batch.logits_indices])
+            x, residual = layer(x, residual, cos, sin, kv.key_caches[i], kv.value_caches[i], batch)
+        rows = batch.logits_indices  # the last residual add, on the logits rows only
+        x, _ = self.norm.add(x[rows], residual[rows])
         return self.lm_head(x)
