@@ -28,7 +28,10 @@ BLOCK_SIZE = 16
 ROUNDS = 3
 
 
-def build(model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int) -> ModelRunner:
+def build(
+    model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int, native: bool = True
+) -> ModelRunner:
+    """A runner with `adapter_dirs` in slots 1, 2, ...; `native`: NATIVE_CPU_KERNELS."""
     config = WorkerConfig(
         model_dir=model_dir,
         dtype=dtype,
@@ -36,6 +39,7 @@ def build(model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int
         num_blocks=num_blocks,
         max_adapters=len(adapter_dirs),
         max_lora_rank=max(RANKS),
+        native_cpu_kernels=native,
     )
     runner = ModelRunner(config)
     for slot, path in enumerate(adapter_dirs, start=1):

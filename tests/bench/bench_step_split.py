@@ -25,17 +25,14 @@ import torch
 from launch.dtype import auto_dtype
 from launch.model_source import DEFAULT_CACHE_DIR, prepare_default_model
 from tests.adapter_factory import save_random_adapter
-from tests.bench.bench_engine import RANKS
-from worker.config import WorkerConfig
+from tests.bench.bench_engine import BLOCK_SIZE, RANKS, build
 from worker.layers.attention import PagedAttention
 from worker.layers.linear_weight import LinearWeight
-from worker.lora.adapter import load_peft_adapter
 from worker.lora.batch import LoraBatch, SplitLoraBatch
 from worker.runner import ModelRunner, PrefillRequest
 from worker.sampler import Sampler
 from worker.step_plan import StepPlanner
 
-BLOCK_SIZE = 16
 ROUNDS = 3
 CATEGORIES = ("linears", "lora", "attention", "sampling", "planning", "other")
 
@@ -79,27 +76,6 @@ class Timers:
         finally:
             for (cls, name), fn in saved.items():
                 setattr(cls, name, fn)
-
-
-def build(
-    model_dir: Path, dtype: str, adapter_dirs: list[Path], num_blocks: int, native: bool
-) -> ModelRunner:
-    config = WorkerConfig(
-        model_dir=model_dir,
-        dtype=dtype,
-        block_size=BLOCK_SIZE,
-        num_blocks=num_blocks,
-        max_adapters=len(adapter_dirs),
-        max_lora_rank=max(RANKS),
-        native_cpu_kernels=native,
-    )
-    runner = ModelRunner(config)
-    for slot, path in enumerate(adapter_dirs, start=1):
-        adapter = load_peft_adapter(
-            f"a{slot}", path, runner.hf_config.num_hidden_layers, runner.module_shapes()
-        )
-        runner.load_adapter(slot, adapter, generation=slot)
-    return runner
 
 
 def start_batch(runner: ModelRunner, slots: list[int], context: int, blocks_per_seq: int) -> list[int]:
