@@ -43,17 +43,15 @@ class ForwardBatch:
     def num_prefill_seqs(self) -> int:
         return len(self.query_lens)
 
+    @property
     def attention_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(block_tables, query_starts, context_lens) of every sequence, as the native kernel reads them."""
         return self.block_tables, self.query_starts, self.context_lens
 
     @functools.cached_property
-    def _decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The same for the decode sequences alone, their rows counted from 0 (made once per step)."""
         first = self.num_prefill_seqs
         num_decode = self.block_tables.shape[0] - first
         starts = torch.arange(num_decode + 1, dtype=torch.int32, device=self.block_tables.device)
         return self.block_tables[first:], starts, self.context_lens[first:]
-
-    def decode_tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The same for the decode sequences alone, their rows counted from 0 (made once per step)."""
-        return self._decode_tables

@@ -61,11 +61,11 @@ class PagedAttention(nn.Module):
         if self.kernel is None:
             out = self._torch(q, k, v, key_cache, value_cache, batch)
         elif not split or self.kernel.takes_prompts(q.dtype):
-            out = self._native(q, key_cache, value_cache, *batch.attention_tables())
+            out = self._native(q, key_cache, value_cache, *batch.attention_tables)
         else:  # prompt rows to SDPA, decode rows to the kernel
             parts = [self._prefill(q[:split], k[:split], v[:split], key_cache, value_cache, batch)]
             if split < q.shape[0]:
-                parts.append(self._native(q[split:], key_cache, value_cache, *batch.decode_tables()))
+                parts.append(self._native(q[split:], key_cache, value_cache, *batch.decode_tables))
             out = parts[0] if len(parts) == 1 else torch.cat(parts)
         return out.reshape(q.shape[0], self.num_heads * self.head_dim)
 
