@@ -56,17 +56,15 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "cpu_vectors.h"
 
 namespace {
 
+using namespace cpu_vectors;
+
 #if defined(__AVX512F__)
-constexpr int W = 16;  // float lanes per vector
 constexpr int DB = 8;  // tile P.V: rows of OT per register block (KT P vectors + DB accumulators)
 #else
-constexpr int W = 8;
 constexpr int DB = 4;
 #endif
 constexpr int KT = W;                      // tile: keys per softmax block (one QK^T accumulator each)
@@ -77,54 +75,6 @@ constexpr int64_t MIN_SPLIT_KEYS = 256;    // decode split-K: no share smaller t
 constexpr int64_t SERIAL_COST = 1 << 15;   // below this (about 10 us of work) a call runs unforked
 constexpr float NEG_INF = -std::numeric_limits<float>::infinity();
 
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef int32_t vi __attribute__((vector_size(W * 4)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(c10::Half v) { return static_cast<float>(v); }
-
-template <class T>
-inline T from_float(float v) { return static_cast<T>(v); }  // c10's casts round to nearest even
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// bf16 is the top half of a float: zero-extend and shift.
-inline vf load(const c10::BFloat16* p) {
-#if defined(__AVX512F__)
-  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return (vf)_mm512_slli_epi32(u, 16);
-#elif defined(__AVX2__)
-  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return (vf)_mm256_slli_epi32(u, 16);
-#else
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-#endif
-}
-
-inline vf load(const c10::Half* p) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  vf v;
-  for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-#endif
-}
-
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-
-inline vf broadcast(float s) { return vf{} + s; }
 inline vi broadcast_i(int32_t s) { return vi{} + s; }
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }
 

@@ -35,18 +35,16 @@
 #include <cstring>
 #include <vector>
 
-#if defined(__AVX2__) || defined(__F16C__)
-#include <immintrin.h>
-#endif
+#include "cpu_vectors.h"
 
 namespace {
 
+using namespace cpu_vectors;
+
 #if defined(__AVX512F__)
-constexpr int W = 16;  // float lanes per vector
 constexpr int JB = 4;  // shrink: A rows per register block (RB * JB accumulators of 32 registers)
 constexpr int NV = 4;  // expand: column vectors per register block
 #else
-constexpr int W = 8;
 constexpr int JB = 2;  // 16 registers: 4 x 2 accumulators, 4 x and one A vector
 constexpr int NV = 2;
 #endif
@@ -55,82 +53,6 @@ constexpr int64_t ROW_CHUNK = 16;  // rows per work item: its A / B chunk stays 
 constexpr int64_t A_CHUNK = 16;    // A rows per shrink work item (a multiple of JB)
 constexpr int64_t COL_CHUNK = 128;  // columns per expand work item (a multiple of NV * W)
 constexpr int64_t SERIAL_FLOPS = 1 << 18;  // below this a call runs on the calling thread
-
-typedef float vf __attribute__((vector_size(W * 4)));
-typedef uint32_t vu __attribute__((vector_size(W * 4)));
-typedef uint16_t vh __attribute__((vector_size(W * 2)));
-
-inline float to_float(float v) { return v; }
-inline float to_float(c10::BFloat16 v) { return static_cast<float>(v); }
-inline float to_float(c10::Half v) { return static_cast<float>(v); }
-
-template <class T>
-inline T from_float(float v) { return static_cast<T>(v); }  // c10's casts round to nearest even
-
-inline vf load(const float* p) {
-  vf v;
-  std::memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// bf16 is the top half of a float: zero-extend and shift (GCC would split the generic widening into
-// 128-bit halves, hence the intrinsics where the ISA has them).
-inline vf load(const c10::BFloat16* p) {
-#if defined(__AVX512F__)
-  __m512i u = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return (vf)_mm512_slli_epi32(u, 16);
-#elif defined(__AVX2__)
-  __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return (vf)_mm256_slli_epi32(u, 16);
-#else
-  vh h;
-  std::memcpy(&h, p, sizeof h);
-  return (vf)(__builtin_convertvector(h, vu) << 16);
-#endif
-}
-
-inline vf load(const c10::Half* p) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-#elif defined(__F16C__)
-  return (vf)_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-#else
-  vf v;
-  for (int i = 0; i < W; ++i) v[i] = static_cast<float>(p[i]);
-  return v;
-#endif
-}
-
-inline void store(float* p, vf v) { std::memcpy(p, &v, sizeof v); }
-
-inline void store(c10::BFloat16* p, vf v) {
-  // Round to nearest even, NaN kept quiet: what c10::BFloat16(float) does, one lane at a time.
-  vu u = (vu)v;
-  vu rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  vu nan = (vu)(v != v);
-  vh h = __builtin_convertvector((rounded & ~nan) | (0x7fc0u & nan), vh);
-  std::memcpy(p, &h, sizeof h);
-}
-
-inline void store(c10::Half* p, vf v) {
-#if defined(__AVX512F__)
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph((__m512)v, _MM_FROUND_TO_NEAREST_INT));
-#elif defined(__F16C__)
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph((__m256)v, _MM_FROUND_TO_NEAREST_INT));
-#else
-  for (int i = 0; i < W; ++i) p[i] = static_cast<c10::Half>(v[i]);
-#endif
-}
-
-inline vf broadcast(float s) {
-#if defined(__AVX512F__)
-  return (vf)_mm512_set1_ps(s);
-#elif defined(__AVX2__)
-  return (vf)_mm256_set1_ps(s);
-#else
-  return vf{} + s;  // 0 + s: a -0.0 becomes +0.0, harmless in a sum
-#endif
-}
 
 inline float hsum(vf v) {
   float s = 0.f;

@@ -6,6 +6,7 @@ directory and composes; `compose` writes the values both sides share into both, 
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -65,6 +66,8 @@ def compose(
         device=device,
         block_size=settings.block_size,
         kv_cache_bytes=settings.resolved_kv_cache_bytes(device),
+        memory_fraction=settings.cuda_memory_fraction,
+        profile_tokens=settings.max_batch_prefill_tokens,
         max_lora_rank=max_lora_rank,
         max_adapters=slots,
         adapter_memory_bytes=adapter_memory,
@@ -149,6 +152,20 @@ def make_uds_paths(shard_uds_path: Path | None, num_shard: int) -> tuple[Path, l
     return directory, paths
 
 
+def check_head_layout(model_dir: Path, num_shard: int) -> None:
+    """Refuse a NUM_SHARD the model's attention heads cannot be laid out over, before any rank starts."""
+    from worker.parallel import check_head_split
+
+    config = json.loads((model_dir / "config.json").read_text())
+    num_heads = config.get("num_attention_heads")
+    if num_heads is None:
+        return  # not an attention config the worker knows: it refuses the architecture itself
+    try:
+        check_head_split(num_heads, config.get("num_key_value_heads") or num_heads, num_shard)
+    except ValueError as exc:
+        raise SettingsError(f"NUM_SHARD ({num_shard}): {exc}") from None
+
+
 def prepare(settings: Settings) -> tuple[list[WorkerConfig], RouterConfig, Path]:
     """Resolve the model and adapters and compose the configs; returns them and the socket dir."""
     specs = parse_lora_adapters(settings.lora_adapters)
@@ -176,6 +193,7 @@ def prepare(settings: Settings) -> tuple[list[WorkerConfig], RouterConfig, Path]
         )
     except ModelSourceError as exc:
         raise SettingsError(f"MODEL_ID ({settings.model_id!r}): {exc}") from None
+    check_head_layout(model_dir, settings.num_shard)
     adapters = resolve_adapters(specs, hf_cache)
     for adapter in adapters:
         logger.info("adapter %r: %s (LoRA rank %d)", adapter.spec.id, adapter.path, adapter.lora_rank)

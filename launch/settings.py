@@ -21,7 +21,6 @@ from launch.model_source import DEFAULT_CACHE_DIR, DEFAULT_MODEL_ID
 from router.config import DEFAULT_TENANT, RouterConfig
 
 CPU_KV_CACHE_MEMORY = 1 << 30
-CUDA_KV_CACHE_MEMORY = 8 << 30
 # MAX_LORA_ADAPTERS auto: the LORA_ADAPTERS plus this many slots for adapters loaded at runtime (a slot
 # is a number, not memory: ADAPTER_MEMORY bounds what is resident).
 RUNTIME_ADAPTER_SLOTS = 1024
@@ -209,7 +208,17 @@ class Settings(BaseSettings):
         description="A step's deadline above the floor: this x its tokens x the slowest recent time/token.",
     )
     kv_cache_memory: ByteSize | None = Field(
-        None, gt=0, description="KV cache per rank, bytes or e.g. `1GiB` (auto: 1GiB on CPU, 8GiB on CUDA)."
+        None,
+        gt=0,
+        description="KV cache per rank, bytes or e.g. `1GiB` (auto: 1GiB on CPU; on CUDA what "
+        "CUDA_MEMORY_FRACTION leaves after a profiled step).",
+    )
+    cuda_memory_fraction: float = Field(
+        0.9,
+        gt=0,
+        le=1,
+        description="Share of each GPU this server may use. Without KV_CACHE_MEMORY, the KV cache gets what "
+        "weights, ADAPTER_MEMORY and a step of MAX_BATCH_PREFILL_TOKENS leave of it.",
     )
     block_size: int = Field(16, ge=1, description="Tokens per KV cache block.")
     shard_uds_path: Path | None = Field(
@@ -351,10 +360,11 @@ class Settings(BaseSettings):
             host = int(self.adapter_host_memory)
         return pool, host
 
-    def resolved_kv_cache_bytes(self, device: str) -> int:
+    def resolved_kv_cache_bytes(self, device: str) -> int | None:
+        """KV_CACHE_MEMORY in bytes; None on CUDA without it: each rank plans it from its device."""
         if self.kv_cache_memory is not None:
             return int(self.kv_cache_memory)
-        return CUDA_KV_CACHE_MEMORY if device == "cuda" else CPU_KV_CACHE_MEMORY
+        return None if device == "cuda" else CPU_KV_CACHE_MEMORY
 
 
 def _pairs(text: str) -> dict[str, str]:

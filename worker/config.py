@@ -18,6 +18,7 @@ _JSON_TYPES = {
     "str | None": (str, type(None)),
     "int": (int,),
     "int | None": (int, type(None)),
+    "float": (float, int),
     "bool": (bool,),
 }
 DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -29,9 +30,12 @@ class WorkerConfig:
     dtype: str = "bfloat16"
     device: str = "cpu"
     block_size: int = 16
-    # KV cache size: an explicit block count wins; otherwise as many blocks as fit kv_cache_bytes.
+    # KV cache size: an explicit block count wins; otherwise as many blocks as fit kv_cache_bytes; with
+    # neither (CUDA only), what a profiled step of profile_tokens leaves of memory_fraction of the device.
     num_blocks: int | None = None
-    kv_cache_bytes: int = 1 << 30
+    kv_cache_bytes: int | None = 1 << 30
+    memory_fraction: float = 0.9
+    profile_tokens: int = 4096  # the router's MAX_BATCH_PREFILL_TOKENS: the most prompt rows of a step
     max_lora_rank: int = 256  # the largest LoRA rank an adapter may have (a cap, not a reservation)
     max_adapters: int = 0  # resident adapter slots besides slot 0 ("no adapter"); 0 disables LoRA
     adapter_memory_bytes: int = 1 << 30  # the adapter pool the LoRA ops read (device memory)
@@ -49,6 +53,8 @@ class WorkerConfig:
             raise ValueError(f"dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if self.block_size < 1 or self.max_lora_rank < 1 or self.max_adapters < 0:
             raise ValueError("block_size and max_lora_rank must be >= 1, max_adapters >= 0")
+        if not 0 < self.memory_fraction <= 1 or self.profile_tokens < 1:
+            raise ValueError("memory_fraction must be in (0, 1], profile_tokens >= 1")
         if self.adapter_memory_bytes < 0 or self.adapter_host_memory_bytes < 0:
             raise ValueError("adapter_memory_bytes and adapter_host_memory_bytes must be >= 0")
         if self.adapter_load_nice is not None and not 0 <= self.adapter_load_nice <= 19:

@@ -25,6 +25,42 @@ def shard_range(size: int, rank: int, world_size: int) -> tuple[int, int]:
     return start, length
 
 
+def check_head_split(num_heads: int, num_kv_heads: int, world_size: int) -> None:
+    """Raise ValueError unless the attention heads can be laid out over `world_size` ranks.
+
+    Query heads split evenly, so they must divide. Key/value heads either split evenly too, or, with
+    more ranks than KV heads, each is replicated on `world_size // num_kv_heads` ranks (`kv_head_shard`),
+    so the world size must then be a multiple of the KV head count.
+    """
+    if num_heads % world_size:
+        raise ValueError(
+            f"{num_heads} attention heads do not divide across {world_size} tensor-parallel ranks"
+        )
+    if num_kv_heads >= world_size and num_kv_heads % world_size:
+        raise ValueError(
+            f"{num_kv_heads} key/value heads do not divide across {world_size} tensor-parallel ranks"
+        )
+    if num_kv_heads < world_size and world_size % num_kv_heads:
+        raise ValueError(
+            f"{world_size} tensor-parallel ranks are not a multiple of the {num_kv_heads} key/value heads "
+            "(with more ranks than KV heads, each KV head is replicated on an equal number of ranks)"
+        )
+
+
+def kv_head_shard(num_kv_heads: int, rank: int, world_size: int) -> tuple[int, int]:
+    """(first, count) of the key/value heads `rank` holds (`check_head_split` must have passed).
+
+    With at least as many KV heads as ranks they split evenly. With more ranks (Llama-3-70B's 8 KV heads
+    over 16 ranks) each rank holds one head, the one its query heads read: query heads split evenly, so
+    rank r's queries all fall in KV group r // (world_size // num_kv_heads). Its k/v weights, LoRA rows
+    and KV cache are then copies of its neighbours' (vLLM does the same).
+    """
+    if num_kv_heads >= world_size:
+        count = num_kv_heads // world_size
+        return rank * count, count
+    return rank // (world_size // num_kv_heads), 1
+
+
 @dataclass(frozen=True)
 class ParallelContext:
     rank: int = 0
@@ -34,11 +70,23 @@ class ParallelContext:
     def shard(self, size: int) -> tuple[int, int]:
         return shard_range(size, self.rank, self.world_size)
 
+    def kv_heads(self, num_kv_heads: int) -> tuple[int, int]:
+        """(first, count) of the key/value heads this rank holds (`kv_head_shard`)."""
+        return kv_head_shard(num_kv_heads, self.rank, self.world_size)
+
     def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         """Sum `t` over ranks in place (no-op on one rank)."""
         if self.world_size > 1:
             dist.all_reduce(t, group=self.group)
         return t
+
+    def min_over_ranks(self, value: int, device: torch.device) -> int:
+        """The smallest of every rank's `value` (on `device`: nccl reduces CUDA tensors only)."""
+        if self.world_size == 1:
+            return value
+        t = torch.tensor([value], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MIN, group=self.group)
+        return int(t.item())
 
     def all_gather_last_dim(self, t: torch.Tensor, full_size: int) -> torch.Tensor:
         """Concatenate each rank's `t` along the last dim; parts may differ in size by one row.

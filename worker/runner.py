@@ -18,13 +18,14 @@ from transformers import AutoConfig
 from worker.config import WorkerConfig
 from worker.errors import RequestError
 from worker.kernels import select_attention_kernel, select_fused_ops, select_lora_ops
-from worker.kv_cache import KVCache
+from worker.kv_cache import KVCache, bytes_per_block
 from worker.lora.adapter import LoraAdapter, ModuleShape
 from worker.lora.pages import page_elems_for
 from worker.lora.pool import AdapterPool
 from worker.lora.reader import ReadSpec
 from worker.lora.sites import LoraSite
 from worker.lora.slots import AdapterSlots, PreparedAdapter, ResidentAdapter, prepare_adapter
+from worker.memory_plan import CudaMemoryMeter, kv_cache_budget, memory_meter_for
 from worker.models.llama import LlamaForCausalLM, head_dim_of
 from worker.parallel import ParallelContext
 from worker.sampler import Sampler, SequenceSamplingState, prompt_logprobs
@@ -39,7 +40,12 @@ log = logging.getLogger(__name__)
 
 
 class ModelRunner:
-    def __init__(self, config: WorkerConfig, ctx: ParallelContext | None = None):
+    def __init__(
+        self,
+        config: WorkerConfig,
+        ctx: ParallelContext | None = None,
+        memory_meter: CudaMemoryMeter | None = None,
+    ):
         self.config = config
         self.ctx = ctx or ParallelContext()
         self.device = config.torch_device
@@ -59,19 +65,55 @@ class ModelRunner:
             self.model.load(CheckpointWeights(config.model_dir, self.dtype, self.device))
         self.lora_sites: list[LoraSite] = [site for layer in self.model.layers for site in layer.lora_sites()]
         self.slots = AdapterSlots(config.max_adapters, self._adapter_pool() if lora else None)
-        num_kv_heads = hf_config.num_key_value_heads // self.ctx.world_size
-        head_dim = head_dim_of(hf_config)
-        num_layers = hf_config.num_hidden_layers
-        num_blocks = config.num_blocks or KVCache.blocks_for_budget(
-            config.kv_cache_bytes, num_layers, config.block_size, num_kv_heads, head_dim, self.dtype
-        )
-        self.kv = KVCache.allocate(
-            num_blocks, num_layers, config.block_size, num_kv_heads, head_dim, self.dtype, self.device
-        )
         self.sampler = Sampler()
         self.sequences: dict[int, SequenceState] = {}
         self.checks = StepChecks(self.sequences, self.slots, config.block_size, hf_config.vocab_size)
         self.planner = StepPlanner(config.block_size, self.device, self.lora_ops, self.slots, self.lora_sites)
+        self.kv = self._allocate_kv_cache(memory_meter)
+
+    @functools.cached_property
+    def _block_shape(self) -> tuple[int, int, int, int, torch.dtype]:
+        """(layers, block size, KV heads on this rank, head dim, dtype) of one KV cache block."""
+        c = self.hf_config
+        num_kv_heads = self.ctx.kv_heads(c.num_key_value_heads)[1]
+        return c.num_hidden_layers, self.config.block_size, num_kv_heads, head_dim_of(c), self.dtype
+
+    def _kv_cache(self, num_blocks: int) -> KVCache:
+        return KVCache.allocate(num_blocks, *self._block_shape, self.device)
+
+    def _allocate_kv_cache(self, meter: CudaMemoryMeter | None) -> KVCache:
+        """The KV cache of `num_blocks`, or of as many blocks as fit `kv_cache_bytes`, or, with neither,
+        of what the profiled step leaves of `memory_fraction` of the device (`worker/memory_plan.py`)."""
+        config, block_shape = self.config, self._block_shape
+        if config.num_blocks:
+            return self._kv_cache(config.num_blocks)
+        if config.kv_cache_bytes is not None:
+            return self._kv_cache(KVCache.blocks_for_budget(config.kv_cache_bytes, *block_shape))
+        meter = meter or memory_meter_for(self.device)
+        profile_blocks = self._profile_step(meter)
+        budget = kv_cache_budget(
+            meter.read(), config.memory_fraction, profile_blocks * bytes_per_block(*block_shape)
+        )
+        # Ranks measure apart; the router hands out one set of block numbers, so all take the fewest.
+        num_blocks = self.ctx.min_over_ranks(KVCache.blocks_for_budget(budget, *block_shape), self.device)
+        log.info("KV cache: %d blocks planned from device memory (%.2f GiB)", num_blocks, budget / (1 << 30))
+        return self._kv_cache(num_blocks)
+
+    def _profile_step(self, meter: CudaMemoryMeter) -> int:
+        """Run the step that holds the most activation memory the router may send: `profile_tokens`
+        prompt rows, all with prompt logprobs (logits for every row), on a KV cache just big enough,
+        then free it all; returns that cache's blocks. Rotary tables and kernel workspaces the step
+        creates stay, as they would after any first step."""
+        tokens = min(self.config.profile_tokens, self.hf_config.max_position_embeddings)
+        num_blocks = -(-tokens // self.config.block_size)
+        meter.reset_peak()
+        self.kv = self._kv_cache(num_blocks)
+        profile = PrefillRequest(-1, [0] * tokens, list(range(num_blocks)), prompt_logprobs=True)
+        self.step([profile], [])
+        self.release([profile.request_id])
+        del self.kv
+        meter.release_cached()
+        return num_blocks
 
     def _adapter_pool(self) -> AdapterPool:
         """The pool of `adapter_memory_bytes`, in pages of rows of every width the sites read."""

@@ -12,6 +12,7 @@ import torch
 from worker.forward_batch import ForwardBatch
 from worker.kernels import LoraOps
 from worker.kernels.pool_args import StepRows
+from worker.kv_cache import blocks_for
 from worker.lora.batch import LoraBatch, SplitLoraBatch, StepLora
 from worker.lora.pool import AdapterRows
 from worker.lora.sites import LoraSite
@@ -52,7 +53,7 @@ class StepPlanner:
                 logits_rows += range(start, start + n)
             elif not r.more_chunks:  # a chunk that does not end its prompt samples nothing
                 logits_rows.append(start + n - 1)
-            tables.append(r.block_table[: self._blocks_for(cached + n)])
+            tables.append(r.block_table[: blocks_for(cached + n, bs)])
             context_lens.append(cached + n)
             query_starts.append(len(token_ids))
         num_prefill = len(token_ids)
@@ -63,7 +64,7 @@ class StepPlanner:
             slots.append(s.block_table[p // bs] * bs + p % bs)
             row_slots.append(s.lora_slot)
             logits_rows.append(len(token_ids) - 1)
-            tables.append(s.block_table[: self._blocks_for(p + 1)])
+            tables.append(s.block_table[: blocks_for(p + 1, bs)])
             context_lens.append(p + 1)
             query_starts.append(len(token_ids))
         max_blocks = max(map(len, tables))
@@ -121,9 +122,6 @@ class StepPlanner:
             step.plan_sites(self.lora_sites)
             self._last_lora = step
         return self._last_lora
-
-    def _blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
 
     def _long(self, values) -> torch.Tensor:
         return torch.tensor(values, dtype=torch.long, device=self.device)

@@ -321,3 +321,13 @@ def test_cache_key_depends_on_cpu_and_flags(monkeypatch):
     assert cpu_native.build_key("haswell") != key
     monkeypatch.setattr(cpu_native, "cpu_flags", lambda: "fpu sse2 avx2 fma")
     assert cpu_native.build_key("native") != key
+
+
+def test_cache_key_depends_on_the_shared_header(monkeypatch, tmp_path):
+    for name in ("lora_cpu.cpp", "cpu_vectors.h"):
+        (tmp_path / name).write_bytes((cpu_native.CSRC / name).read_bytes())
+    monkeypatch.setattr(cpu_native, "CSRC", tmp_path)
+    key = cpu_native.build_key("native")
+    with open(tmp_path / "cpu_vectors.h", "a") as header:
+        header.write("// edited\n")
+    assert cpu_native.build_key("native") != key

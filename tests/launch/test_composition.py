@@ -43,6 +43,8 @@ def test_compose_writes_shared_values_into_both(tmp_path):
     assert (router.port, router.model_dir, router.shutdown_timeout_s) == (1234, str(tmp_path), 90.0)
     assert (router.api_key, router.payload_limit, router.grpc_port) == (None, 2_000_000, None)
     assert (router.adapter_roots, router.adapter_download, router.hf_cache_dir) == ([], False, None)
+    cuda, _ = compose(load_settings(["--cuda-memory-fraction", "0.8"]), tmp_path, [], ["/s"], "cuda")
+    assert (cuda[0].kv_cache_bytes, cuda[0].memory_fraction, cuda[0].profile_tokens) == (None, 0.8, 4096)
     _, router = compose(load_settings(["--api-key", "k", "--grpc-port", "0"]), tmp_path, [], ["/s"], "cpu")
     assert (router.api_key, router.grpc_port) == ("k", 0)
     assert RouterConfig.model_validate_json(router.model_dump_json()) == router
@@ -125,3 +127,18 @@ def test_prepare_logs_what_dtype_auto_chose_once(tiny_model_dir, monkeypatch, ca
     )
     shutil.rmtree(uds_dir)
     assert workers[0].dtype == "bfloat16" and "DTYPE auto" not in caplog.text
+
+
+def test_prepare_refuses_a_num_shard_the_heads_cannot_take(tiny_model_dir):
+    # The tiny model has 8 attention heads and 4 KV heads: 8 ranks hold each KV head twice; 3 and 16 fail.
+    for num_shard, message in [
+        (3, "8 attention heads do not divide across 3"),
+        (16, "do not divide across 16"),
+    ]:
+        with pytest.raises(SettingsError, match=rf"NUM_SHARD \({num_shard}\): {message}"):
+            prepare(load_settings(["--model-id", str(tiny_model_dir), "--num-shard", str(num_shard)]))
+    workers, _, uds_dir = prepare(
+        load_settings(["--model-id", str(tiny_model_dir), "--device", "cpu", "--num-shard", "8"])
+    )
+    shutil.rmtree(uds_dir)
+    assert [w.rank for w in workers] == list(range(8))

@@ -26,6 +26,9 @@ def test_defaults():
     # auto: per machine (tests/launch/test_dtype.py drives both CPU branches)
     assert s.dtype is None and s.resolved_dtype("cpu") == auto_dtype("cpu").dtype
     assert s.resolved_kv_cache_bytes("cpu") == 1 << 30
+    # CUDA: none given, so each rank plans it from its device (tests/worker/test_memory_plan.py)
+    assert s.resolved_kv_cache_bytes("cuda") is None and s.cuda_memory_fraction == 0.9
+    assert load_settings(["--kv-cache-memory", "2GiB"]).resolved_kv_cache_bytes("cuda") == 2 << 30
 
 
 def test_env_and_cli_names(monkeypatch):

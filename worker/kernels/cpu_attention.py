@@ -53,19 +53,11 @@ class NativeCpuAttention:
         sliding_window: int,
         out: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Semantics: row i of sequence s (rows [query_starts[s], query_starts[s + 1]) of q, n_s of them)
-        is at position p = context_lens[s] - n_s + i; out[row, h] = softmax(scale * q[row, h] . K^T) V over
-        the keys k <= p with k > p - sliding_window (0: no window), K[k] = key_cache[block_tables[s,
-        k // block_size], k % block_size, h // (H // H_kv)] and V alike (`reference.paged_attention_ref`).
-
-        q: [T, H, D] float32 / bfloat16 / float16, heads contiguous (any row and head stride), D a
-        multiple of 8. key_cache, value_cache: [num_blocks, block_size, H_kv, D] q's dtype, contiguous,
-        this step's K/V already written. block_tables: [S, max_blocks] int32 (rows contiguous; entries
-        past the keys read are padding, never read). query_starts: [S + 1] int32, non-decreasing from 0
-        to T. context_lens: [S] int32 >= n_s, counting this step's rows. out: optional preallocated
-        [T, H, D] of q's dtype (heads contiguous), written in place and returned; otherwise allocated.
-        Float32 softmax and accumulation, rounded once. Raises ValueError naming a bad argument; no
-        block is read before every block id that will be read is checked.
+        """`reference.paged_attention_ref` (the spec: semantics and shapes), with what the kernel adds:
+        q's heads contiguous (any row and head stride) and D a multiple of 8; the caches contiguous;
+        block_tables' rows contiguous; `out`, optional, a preallocated [T, H, D] of q's dtype (heads
+        contiguous) written in place and returned. Raises ValueError naming a bad argument; no block is
+        read before every block id that will be read is checked.
         """
         return self._call(
             q, key_cache, value_cache, block_tables, query_starts, context_lens, scale, sliding_window, out

@@ -73,9 +73,11 @@ def source_path(source: str = "lora_cpu") -> Path:
 
 
 def build_key(march: str, source: str = "lora_cpu") -> str:
-    """A hash of what the built module depends on: source, flags, torch and Python, and the CPU it is
-    built on."""
+    """A hash of what the built module depends on: source and the headers beside it, flags, torch and
+    Python, and the CPU it is built on."""
     h = hashlib.sha256(source_path(source).read_bytes())
+    for header in sorted(CSRC.glob("*.h")):
+        h.update(b"\0" + header.read_bytes())
     for part in (*compile_flags(march), torch.__version__, sys.implementation.cache_tag, cpu_flags()):
         h.update(b"\0" + part.encode())
     return h.hexdigest()[:16]
@@ -97,6 +99,7 @@ def build(
         name=f"{source}_{march.replace('-', '_')}_{key}",  # distinct per build: several may share a process
         sources=[str(source_path(source))],
         extra_cflags=compile_flags(march),
+        extra_include_paths=[str(CSRC)],
         build_directory=str(directory),
         verbose=verbose,
     )

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from worker.forward_batch import ForwardBatch
+from worker.kv_cache import blocks_for
 
 
 class AttentionKernel(Protocol):
@@ -91,7 +92,7 @@ class PagedAttention(nn.Module):
         for i, (n, cached) in enumerate(zip(batch.query_lens, batch.prefix_lens, strict=True)):
             qi = q[start : start + n].transpose(0, 1).unsqueeze(0)  # [1, H, n, D]
             if cached:
-                blocks = batch.block_tables[i, : -(-(cached + n) // key_cache.shape[1])]
+                blocks = batch.block_tables[i, : blocks_for(cached + n, key_cache.shape[1])]
                 ki, vi = (self._cached(c, blocks, cached + n) for c in (key_cache, value_cache))
             else:
                 ki, vi = (

@@ -15,17 +15,18 @@ from torch import nn
 from worker.layers.linear_weight import LinearWeight
 from worker.lora.batch import LoraBatch, SplitLoraBatch
 from worker.lora.sites import LoraPart, LoraSite
-from worker.parallel import ParallelContext
+from worker.parallel import ParallelContext, check_head_split
 from worker.weights import CheckpointWeights
 
 
 class ColumnParallelLinear(nn.Module):
-    """y[:, local outputs] = x @ W_local.T (+ b_local) for the sub-modules `out_sizes` (name -> full size)."""
+    """y[:, local outputs] = x @ W_local.T (+ b_local) for the sub-modules of `shards`: name -> (start,
+    length) of the rows this rank holds of that checkpoint tensor (`ctx.shard(size)` for an even split)."""
 
     def __init__(
         self,
         h_in: int,
-        out_sizes: dict[str, int],
+        shards: dict[str, tuple[int, int]],
         bias: bool,
         ctx: ParallelContext,
         dtype: torch.dtype,
@@ -35,7 +36,7 @@ class ColumnParallelLinear(nn.Module):
     ):
         super().__init__()
         self.h_in = h_in
-        self.shards = {name: ctx.shard(size) for name, size in out_sizes.items()}  # name -> (start, len)
+        self.shards = shards
         h_out_local = sum(length for _, length in self.shards.values())
         self.weight = nn.Parameter(
             torch.empty(h_out_local, h_in, dtype=dtype, device=device), requires_grad=False
@@ -73,28 +74,25 @@ class ColumnParallelLinear(nn.Module):
 
 
 class QKVParallelLinear(ColumnParallelLinear):
-    """Fused q/k/v projection; whole heads per rank, so the head counts must divide by the world size."""
+    """Fused q/k/v projection in whole heads per rank: query heads split evenly, key/value heads split
+    evenly or, with more ranks than KV heads, are replicated (`worker.parallel.kv_head_shard`)."""
 
     def __init__(
         self, hidden_size, head_dim, num_heads, num_kv_heads, bias, ctx, dtype, device, lora_layer=None
     ):
-        for what, n in (("attention heads", num_heads), ("key/value heads", num_kv_heads)):
-            if n % ctx.world_size:
-                raise ValueError(f"{n} {what} do not divide across {ctx.world_size} tensor-parallel ranks")
-        sizes = {
-            "q_proj": num_heads * head_dim,
-            "k_proj": num_kv_heads * head_dim,
-            "v_proj": num_kv_heads * head_dim,
-        }
-        super().__init__(hidden_size, sizes, bias, ctx, dtype, device, lora_layer, tuple(sizes))
+        check_head_split(num_heads, num_kv_heads, ctx.world_size)
+        first_kv, kv_count = ctx.kv_heads(num_kv_heads)
+        kv_rows = (first_kv * head_dim, kv_count * head_dim)
+        shards = {"q_proj": ctx.shard(num_heads * head_dim), "k_proj": kv_rows, "v_proj": kv_rows}
+        super().__init__(hidden_size, shards, bias, ctx, dtype, device, lora_layer, tuple(shards))
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
     """Fused gate/up projection of the MLP."""
 
     def __init__(self, hidden_size, intermediate_size, ctx, dtype, device, lora_layer=None):
-        sizes = {"gate_proj": intermediate_size, "up_proj": intermediate_size}
-        super().__init__(hidden_size, sizes, False, ctx, dtype, device, lora_layer, tuple(sizes))
+        shards = {"gate_proj": ctx.shard(intermediate_size), "up_proj": ctx.shard(intermediate_size)}
+        super().__init__(hidden_size, shards, False, ctx, dtype, device, lora_layer, tuple(shards))
 
 
 class RowParallelLinear(nn.Module):

@@ -1,7 +1,7 @@
 """Llama-family decoder (Llama, Mistral, Qwen2) composed from tensor-parallel layers.
 
-The model never mentions ranks: the parallel layers own their sharding, and it only divides the head
-counts by the world size. Checkpoint names map to modules in `load`.
+The model never mentions ranks: the parallel layers own their sharding, and it only asks the context
+how many heads this rank holds. Checkpoint names map to modules in `load`.
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ class Attention(nn.Module):
         super().__init__()
         head_dim = head_dim_of(config)
         self.num_heads = config.num_attention_heads // ctx.world_size
-        self.num_kv_heads = config.num_key_value_heads // ctx.world_size
+        self.num_kv_heads = ctx.kv_heads(config.num_key_value_heads)[1]
         self.head_dim = head_dim
         self.qkv_proj = QKVParallelLinear(
             config.hidden_size,
