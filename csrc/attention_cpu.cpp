@@ -70,6 +70,7 @@ constexpr int DB = 4;
 constexpr int KT = W;                      // tile: keys per softmax block (one QK^T accumulator each)
 constexpr int NT = 4;  // tiles per prompt item: a block of keys is widened once for all, hot in L1
 constexpr int KD = 16;  // decode: keys per softmax block (a multiple of W): its widened K/V stay in L1
+static_assert(KD % W == 0, "qk_decode sums W keys at a time");
 constexpr int AHEAD = 64;  // decode: keys prefetched ahead (into L2: L1's few fill buffers would stall)
 constexpr int64_t MIN_SPLIT_KEYS = 256;    // decode split-K: no share smaller than this
 constexpr int64_t SERIAL_COST = 1 << 15;   // below this (about 10 us of work) a call runs unforked
@@ -172,7 +173,7 @@ struct Plan {
 };
 
 struct Scratch {  // one per thread, grown to the largest call and reused
-  std::vector<float> a, b, c, d, e, f, zero;
+  std::vector<float> a, b, c, d, e, f, zero, qb;  // qb: decode q rows kept in bf16
   float* grow(std::vector<float>& v, size_t n) {
     if (v.size() < n) v.resize(n);
     return v.data();
@@ -186,7 +187,37 @@ Scratch& scratch() {
 
 // ---- decode rows: lanes over D ----
 
-// s[g * KD + j] = qf_g . k_j[off :] for the gc query heads (rows of dp floats) and nk keys.
+// Lane j of the result = the sum of the lanes of v[j], for W vectors: a transposing reduction tree
+// (log2 W levels, each halving the partial sums a key has and doubling the keys a vector holds, in an
+// order that ends with key j in lane j), about a third of the work of W separate horizontal sums.
+inline vf sum_lanes(vf* v) {
+#if defined(__AVX512F__)
+  for (int j = 0; j < 8; ++j)
+    v[j] = __builtin_shufflevector(v[j], v[j + 8], 0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23) +
+           __builtin_shufflevector(v[j], v[j + 8], 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31);
+  for (int j = 0; j < 4; ++j)
+    v[j] = __builtin_shufflevector(v[j], v[j + 4], 0, 1, 2, 3, 16, 17, 18, 19, 8, 9, 10, 11, 24, 25, 26, 27) +
+           __builtin_shufflevector(v[j], v[j + 4], 4, 5, 6, 7, 20, 21, 22, 23, 12, 13, 14, 15, 28, 29, 30, 31);
+  for (int j = 0; j < 2; ++j)
+    v[j] = __builtin_shufflevector(v[j], v[j + 2], 0, 1, 16, 17, 4, 5, 20, 21, 8, 9, 24, 25, 12, 13, 28, 29) +
+           __builtin_shufflevector(v[j], v[j + 2], 2, 3, 18, 19, 6, 7, 22, 23, 10, 11, 26, 27, 14, 15, 30, 31);
+  return __builtin_shufflevector(v[0], v[1], 0, 16, 2, 18, 4, 20, 6, 22, 8, 24, 10, 26, 12, 28, 14, 30) +
+         __builtin_shufflevector(v[0], v[1], 1, 17, 3, 19, 5, 21, 7, 23, 9, 25, 11, 27, 13, 29, 15, 31);
+#else
+  for (int j = 0; j < 4; ++j)
+    v[j] = __builtin_shufflevector(v[j], v[j + 4], 0, 1, 2, 3, 8, 9, 10, 11) +
+           __builtin_shufflevector(v[j], v[j + 4], 4, 5, 6, 7, 12, 13, 14, 15);
+  for (int j = 0; j < 2; ++j)
+    v[j] = __builtin_shufflevector(v[j], v[j + 2], 0, 1, 8, 9, 4, 5, 12, 13) +
+           __builtin_shufflevector(v[j], v[j + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+  return __builtin_shufflevector(v[0], v[1], 0, 8, 2, 10, 4, 12, 6, 14) +
+         __builtin_shufflevector(v[0], v[1], 1, 9, 3, 11, 5, 13, 7, 15);
+#endif
+}
+
+// s[g * KD + j] = qf_g . k_j[off :] for the gc query heads (rows of dp floats) and nk keys; with NV
+// fixed, W keys at a time, their W dot products summed across lanes together (`sum_lanes`). Entries
+// past nk (up to the next multiple of W) are written too (zero); the softmax overwrites them.
 template <int NV>
 void qk_decode(const float* qf, int gc, int64_t dp, const float* const* kp, int64_t off, int nk, float* s) {
   const int64_t nv = NV ? NV : dp / W;
@@ -196,11 +227,18 @@ void qk_decode(const float* qf, int gc, int64_t dp, const float* const* kp, int6
     if constexpr (NV > 0) {
       vf qv[NV];
       for (int v = 0; v < NV; ++v) qv[v] = load(qg + v * W);
-      for (int j = 0; j < nk; ++j) {
-        const float* k = kp[j] + off;
-        vf acc = qv[0] * load(k);
-        for (int v = 1; v < NV; ++v) acc += qv[v] * load(k + v * W);
-        sg[j] = hsum(acc);
+      for (int j0 = 0; j0 < nk; j0 += W) {
+        vf acc[W];
+        for (int j = 0; j < W; ++j) {
+          if (j0 + j >= nk) {
+            acc[j] = vf{};
+            continue;
+          }
+          const float* k = kp[j0 + j] + off;
+          acc[j] = qv[0] * load(k);
+          for (int v = 1; v < NV; ++v) acc[j] += qv[v] * load(k + v * W);
+        }
+        store(sg + j0, sum_lanes(acc));
       }
     } else {
       for (int j = 0; j < nk; ++j) {
@@ -211,6 +249,35 @@ void qk_decode(const float* qf, int gc, int64_t dp, const float* const* kp, int6
     }
   }
 }
+
+#if defined(__AVX512BF16__)
+// qk_decode for bf16 q and cache rows on avx512_bf16: vdpbf16ps straight on the cache rows (no widening of
+// K; exact products, float32 sums), q unscaled (scaling first would round it) and the scores scaled
+// after. qb: the gc heads' q rows of D bf16 (D a multiple of 32), kp: the keys' cache rows.
+template <int NB>
+void qk_decode_bf16(const c10::BFloat16* qb, int gc, int64_t D, const c10::BFloat16* const* kp, int64_t off,
+                    int nk, float scale, float* s) {
+  const int64_t nb = NB ? NB : D / 32;
+  for (int g = 0; g < gc; ++g) {
+    const c10::BFloat16* qg = qb + g * D;
+    float* sg = s + g * KD;
+    for (int j0 = 0; j0 < nk; j0 += W) {
+      vf acc[W];
+      for (int j = 0; j < W; ++j) {
+        __m512 a = _mm512_setzero_ps();
+        if (j0 + j < nk) {
+          const c10::BFloat16* k = kp[j0 + j] + off;
+          for (int64_t v = 0; v < nb; ++v)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg + v * 32),
+                                 (__m512bh)_mm512_loadu_si512(k + v * 32));
+        }
+        acc[j] = (vf)a;
+      }
+      store(sg + j0, sum_lanes(acc) * scale);
+    }
+  }
+}
+#endif
 
 // acc_g = acc_g * alpha_g + sum_j p[g * KD + j] * v_j[off :] for the gc heads.
 template <int NV>
@@ -311,6 +378,18 @@ void decode_item(const Args& a, const Item& it, float* partials) {
       std::fill(vb + r * dp + D, vb + (r + 1) * dp, 0.f);
     }
   const auto [qk, pv] = pick_decode(dp / W);
+#if defined(__AVX512BF16__)
+  // bf16 with D a multiple of 32: QK^T by vdpbf16ps on the cache rows (qk_decode_bf16), K not widened.
+  constexpr bool dp16 = std::is_same_v<X, c10::BFloat16>;
+  const bool raw_k = dp16 && D % 32 == 0;
+  c10::BFloat16* qb = reinterpret_cast<c10::BFloat16*>(sc.grow(sc.qb, (H * D + 1) / 2));
+  if (raw_k)
+    for (int64_t h = 0; h < H; ++h)
+      std::memcpy(qb + h * D, static_cast<const X*>(a.q) + row * a.q_s0 + h * a.q_s1, D * sizeof(X));
+  const c10::BFloat16* kr[KD];
+#else
+  constexpr bool raw_k = false;
+#endif
   const X* kc = static_cast<const X*>(a.kc);
   const X* vc = static_cast<const X*>(a.vc);
   const int64_t row_bytes = a.row_stride * sizeof(X);
@@ -336,14 +415,26 @@ void decode_item(const Args& a, const Item& it, float* partials) {
           continue;
         }
       }
+#if defined(__AVX512BF16__)
+      if constexpr (dp16) kr[j] = reinterpret_cast<const c10::BFloat16*>(kc + off);
+#endif
       for (int64_t hk = 0; hk < Hkv; ++hk) {
-        widen(kc + off + hk * D, kb + j * rp + hk * dp, D);
+        if (!raw_k) widen(kc + off + hk * D, kb + j * rp + hk * dp, D);
         widen(vc + off + hk * D, vb + j * rp + hk * dp, D);
       }
       kp[j] = kb + j * rp;
       vp[j] = vb + j * rp;
     }
-    for (int64_t hk = 0; hk < Hkv; ++hk) qk(qf + hk * G * dp, G, dp, kp, hk * dp, nk, s + hk * G * KD);
+#if defined(__AVX512BF16__)
+    if (raw_k) {
+      for (int64_t hk = 0; hk < Hkv; ++hk) {
+        float* sk = s + hk * G * KD;
+        if (D == 64) qk_decode_bf16<2>(qb + hk * G * D, G, D, kr, hk * D, nk, a.scale, sk);
+        else qk_decode_bf16<0>(qb + hk * G * D, G, D, kr, hk * D, nk, a.scale, sk);
+      }
+    } else
+#endif
+      for (int64_t hk = 0; hk < Hkv; ++hk) qk(qf + hk * G * dp, G, dp, kp, hk * dp, nk, s + hk * G * KD);
     softmax_block(s, H, nk, m, l, alpha);
     for (int64_t hk = 0; hk < Hkv; ++hk)
       pv(s + hk * G * KD, G, dp, vp, hk * dp, nk, acc + hk * G * dp, alpha + hk * G);
