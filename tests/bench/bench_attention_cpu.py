@@ -8,13 +8,17 @@ SmolLM2-135M shapes: H 9, H_kv 3, D 64, block size 16; bf16 and float32. The cac
 (tables are a random permutation of the blocks, as after churn). The torch path's decode mask is made
 once outside the timing, as a step shares it across its 30 layers. The two paths' outputs are compared
 once before timing. Threads: torch.get_num_threads(), as the server runs (--threads to change).
+`--layers N` gives each case N caches of its own, called in turn as a step's layers are: with N = 30 a
+call finds its K/V no longer in the caches the previous calls filled, as in a real step (N = 1, the
+default, times one cache over and over: the kernel's own speed, its K/V warm).
 Run: .venv/bin/python tests/bench/bench_attention_cpu.py [--case NAME]... [--dtype bf16|fp32]
-     [--threads N] [--min-time 0.5]
+     [--threads N] [--min-time 0.5] [--layers 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import random
 import sys
 import time
@@ -158,6 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", action="append", choices=list(DTYPES))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--min-time", type=float, default=0.5, help="seconds per path and case")
+    parser.add_argument("--layers", type=int, default=1, help="caches per case, called in turn")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -170,17 +175,27 @@ def main(argv: list[str] | None = None) -> int:
     for dtype_name in args.dtype or list(DTYPES):
         dtype = DTYPES[dtype_name]
         for name in args.case or list(CASES):
-            q, *rest = make_inputs(CASES[name], dtype, torch.Generator().manual_seed(0))
-            baseline = TorchPath(q, *rest)
+            g = torch.Generator().manual_seed(0)
+            layers = [make_inputs(CASES[name], dtype, g) for _ in range(args.layers)]
+            q, *rest = layers[0]
+            baselines = [TorchPath(*inputs) for inputs in layers]
             out = torch.empty_like(q)
-            expected, got = baseline(q), native.paged_attention(q, *rest, SCALE, 0, out=out)
+            expected, got = baselines[0](q), native.paged_attention(q, *rest, SCALE, 0, out=out)
             tol = 3e-2 if dtype == torch.bfloat16 else 1e-4
             torch.testing.assert_close(got.float(), expected.float(), rtol=tol, atol=tol)
-            t_torch = time_ms(lambda q=q, b=baseline: b(q), args.min_time)
-            t_native = time_ms(
-                lambda q=q, rest=rest, out=out: native.paged_attention(q, *rest, SCALE, 0, out=out),
-                args.min_time,
-            )
+            torch_calls = itertools.cycle([(b, inp[0]) for b, inp in zip(baselines, layers, strict=True)])
+            native_calls = itertools.cycle(layers)
+
+            def call_torch(calls=torch_calls):
+                baseline, q = next(calls)
+                baseline(q)
+
+            def call_native(calls=native_calls, out=out):
+                q, *rest = next(calls)
+                native.paged_attention(q, *rest, SCALE, 0, out=out)
+
+            t_torch = time_ms(call_torch, args.min_time)
+            t_native = time_ms(call_native, args.min_time)
             print(f"{name:<26}{dtype_name:>6}{t_torch:>10.3f}{t_native:>10.3f}{t_torch / t_native:>8.2f}x")
     return 0
 

@@ -133,7 +133,7 @@ def test_prepare_refuses_a_num_shard_the_heads_cannot_take(tiny_model_dir):
     # The tiny model has 8 attention heads and 4 KV heads: 8 ranks hold each KV head twice; 3 and 16 fail.
     for num_shard, message in [
         (3, "8 attention heads do not divide across 3"),
-        (16, "do not divide across 16"),
+        (16, "8 attention heads do not divide across 16"),
     ]:
         with pytest.raises(SettingsError, match=rf"NUM_SHARD \({num_shard}\): {message}"):
             prepare(load_settings(["--model-id", str(tiny_model_dir), "--num-shard", str(num_shard)]))
