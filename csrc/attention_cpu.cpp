@@ -94,10 +94,19 @@ inline float hsum(vf v) {
 #endif
 }
 
-inline float hmax(vf v) {
+inline float hmax(vf v) {  // lanes hold no NaN (scores of finite q and K; -inf past a block's keys)
+#if defined(__AVX512F__)
+  return _mm512_reduce_max_ps((__m512)v);
+#elif defined(__AVX__)
+  __m128 m = _mm_max_ps(_mm256_castps256_ps128((__m256)v), _mm256_extractf128_ps((__m256)v, 1));
+  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+  m = _mm_max_ss(m, _mm_movehdup_ps(m));
+  return _mm_cvtss_f32(m);
+#else
   float m = v[0];
   for (int i = 1; i < W; ++i) m = std::max(m, v[i]);
   return m;
+#endif
 }
 
 // e^x in float32 lanes (relative error about 2e-7): 2^n * e^r with n = round(x / ln 2), |r| <= ln2 / 2,
