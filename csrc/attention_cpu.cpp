@@ -288,10 +288,40 @@ void qk_decode_bf16(const c10::BFloat16* qb, int gc, int64_t D, const c10::BFloa
 }
 #endif
 
+constexpr int VECTOR_REGISTERS = W == 16 ? 32 : 16;  // zmm0-31 with AVX-512, ymm0-15 with AVX2
+constexpr bool fits_group(int nv, int gc) { return (gc + 1) * nv + 1 <= VECTOR_REGISTERS; }
+
+// pv_decode for GC heads and NV vectors at compile time: each V row is loaded once for all GC heads
+// (their accumulators, GC * NV vectors, stay in registers across the block's keys).
+template <int NV, int GC>
+void pv_decode_group(const float* p, const float* const* vp, int64_t off, int nk, float* acc,
+                     const float* alpha, int64_t dp) {
+  vf a[GC][NV];
+  for (int g = 0; g < GC; ++g)
+    for (int v = 0; v < NV; ++v) a[g][v] = load(acc + g * dp + v * W) * alpha[g];
+  for (int j = 0; j < nk; ++j) {
+    const float* vr = vp[j] + off;
+    vf vv[NV];
+    for (int v = 0; v < NV; ++v) vv[v] = load(vr + v * W);
+    for (int g = 0; g < GC; ++g) {
+      const vf pj = broadcast(p[g * KD + j]);
+      for (int v = 0; v < NV; ++v) a[g][v] += pj * vv[v];
+    }
+  }
+  for (int g = 0; g < GC; ++g)
+    for (int v = 0; v < NV; ++v) store(acc + g * dp + v * W, a[g][v]);
+}
+
 // acc_g = acc_g * alpha_g + sum_j p[g * KD + j] * v_j[off :] for the gc heads.
 template <int NV>
 void pv_decode(const float* p, int gc, int64_t dp, const float* const* vp, int64_t off, int nk, float* acc,
                const float* alpha) {
+  // Groups of 2-4 heads whose accumulators fit the vector registers with a V row and a broadcast.
+  if constexpr (NV > 0) {
+    if (gc == 2 && fits_group(NV, 2)) return pv_decode_group<NV, 2>(p, vp, off, nk, acc, alpha, dp);
+    if (gc == 3 && fits_group(NV, 3)) return pv_decode_group<NV, 3>(p, vp, off, nk, acc, alpha, dp);
+    if (gc == 4 && fits_group(NV, 4)) return pv_decode_group<NV, 4>(p, vp, off, nk, acc, alpha, dp);
+  }
   const int64_t nv = NV ? NV : dp / W;
   for (int g = 0; g < gc; ++g) {
     float* ag = acc + g * dp;

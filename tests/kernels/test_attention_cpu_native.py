@@ -119,7 +119,7 @@ def variant(request):
 
 @pytest.mark.parametrize("block_size", [16, 1, 5])
 @pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 3, 4])
+@pytest.mark.parametrize("group", [1, 2, 3, 4])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_matches_ref(native, dtype, group, head_dim, block_size):
     g = seed("ref", dtype, group, head_dim, block_size)
