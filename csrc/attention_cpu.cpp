@@ -404,9 +404,23 @@ void decode_item(const Args& a, const Item& it, float* partials) {
   float *m = stat, *l = stat + H, *alpha = stat + 2 * H;
   const int64_t row = a.qs[it.s];
   const X* q = static_cast<const X*>(a.q);
+#if defined(__AVX512BF16__)
+  // bf16 with D a multiple of 32: QK^T by vdpbf16ps on q as it is (unscaled, in qb) and on the cache
+  // rows (qk_decode_bf16), K not widened.
+  const bool raw_k = std::is_same_v<X, c10::BFloat16> && D % 32 == 0;
+  c10::BFloat16* qb = reinterpret_cast<c10::BFloat16*>(sc.grow(sc.qb, (H * D + 1) / 2));  // [H][D]
+  const c10::BFloat16* kr[KD];
+#else
+  constexpr bool raw_k = false;
+#endif
   for (int64_t h = 0; h < H; ++h) {
     const X* qr = q + row * a.q_s0 + h * a.q_s1;
-    for (int64_t d = 0; d < dp; ++d) qf[h * dp + d] = d < D ? to_float(qr[d]) * a.scale : 0.f;
+#if defined(__AVX512BF16__)
+    if (raw_k)
+      std::memcpy(qb + h * D, qr, D * sizeof(X));
+    else
+#endif
+      for (int64_t d = 0; d < dp; ++d) qf[h * dp + d] = d < D ? to_float(qr[d]) * a.scale : 0.f;
     m[h] = NEG_INF;
     l[h] = 0.f;
   }
@@ -417,18 +431,6 @@ void decode_item(const Args& a, const Item& it, float* partials) {
       std::fill(vb + r * dp + D, vb + (r + 1) * dp, 0.f);
     }
   const auto [qk, pv] = pick_decode(dp / W);
-#if defined(__AVX512BF16__)
-  // bf16 with D a multiple of 32: QK^T by vdpbf16ps on the cache rows (qk_decode_bf16), K not widened.
-  constexpr bool dp16 = std::is_same_v<X, c10::BFloat16>;
-  const bool raw_k = dp16 && D % 32 == 0;
-  c10::BFloat16* qb = reinterpret_cast<c10::BFloat16*>(sc.grow(sc.qb, (H * D + 1) / 2));
-  if (raw_k)
-    for (int64_t h = 0; h < H; ++h)
-      std::memcpy(qb + h * D, static_cast<const X*>(a.q) + row * a.q_s0 + h * a.q_s1, D * sizeof(X));
-  const c10::BFloat16* kr[KD];
-#else
-  constexpr bool raw_k = false;
-#endif
   const X* kc = static_cast<const X*>(a.kc);
   const X* vc = static_cast<const X*>(a.vc);
   const int64_t row_bytes = a.row_stride * sizeof(X);
@@ -466,7 +468,7 @@ void decode_item(const Args& a, const Item& it, float* partials) {
         }
       }
 #if defined(__AVX512BF16__)
-      if constexpr (dp16) kr[j] = reinterpret_cast<const c10::BFloat16*>(kc + off);
+      if (raw_k) kr[j] = reinterpret_cast<const c10::BFloat16*>(kc + off);
 #endif
       for (int64_t hk = 0; hk < Hkv; ++hk) {
         if (!raw_k) widen(kc + off + hk * D, kb + j * rp + hk * dp, D);

@@ -18,14 +18,14 @@ from transformers import AutoConfig
 from worker.config import WorkerConfig
 from worker.errors import RequestError
 from worker.kernels import select_attention_kernel, select_fused_ops, select_lora_ops
-from worker.kv_cache import KVCache, bytes_per_block
+from worker.kv_cache import KVCache, blocks_for, bytes_per_block
 from worker.lora.adapter import LoraAdapter, ModuleShape
 from worker.lora.pages import page_elems_for
 from worker.lora.pool import AdapterPool
 from worker.lora.reader import ReadSpec
 from worker.lora.sites import LoraSite
 from worker.lora.slots import AdapterSlots, PreparedAdapter, ResidentAdapter, prepare_adapter
-from worker.memory_plan import CudaMemoryMeter, kv_cache_budget, memory_meter_for
+from worker.memory_plan import GIB, CudaMemoryMeter, kv_cache_budget, memory_meter_for
 from worker.models.llama import LlamaForCausalLM, head_dim_of
 from worker.parallel import ParallelContext
 from worker.sampler import Sampler, SequenceSamplingState, prompt_logprobs
@@ -96,7 +96,7 @@ class ModelRunner:
         )
         # Ranks measure apart; the router hands out one set of block numbers, so all take the fewest.
         num_blocks = self.ctx.min_over_ranks(KVCache.blocks_for_budget(budget, *block_shape), self.device)
-        log.info("KV cache: %d blocks planned from device memory (%.2f GiB)", num_blocks, budget / (1 << 30))
+        log.info("KV cache: %d blocks planned from device memory (%.2f GiB)", num_blocks, budget / GIB)
         return self._kv_cache(num_blocks)
 
     def _profile_step(self, meter: CudaMemoryMeter) -> int:
@@ -105,7 +105,7 @@ class ModelRunner:
         then free it all; returns that cache's blocks. Rotary tables and kernel workspaces the step
         creates stay, as they would after any first step."""
         tokens = min(self.config.profile_tokens, self.hf_config.max_position_embeddings)
-        num_blocks = -(-tokens // self.config.block_size)
+        num_blocks = blocks_for(tokens, self.config.block_size)
         meter.reset_peak()
         self.kv = self._kv_cache(num_blocks)
         profile = PrefillRequest(-1, [0] * tokens, list(range(num_blocks)), prompt_logprobs=True)
